@@ -1,0 +1,187 @@
+"""The TFDS dataset "lits": LiTS-format cases as per-slice examples with context and tumour parts.
+
+Prepared once from a LiTS folder (the manual download dir); one case is in memory at a time. The
+builder config's name encodes the preprocessing parameters and a fingerprint of the folder's files
+(names and sizes), so preparing the same config on the same folder again reuses the dataset, and a
+different folder or parameter set gets its own. TFDS writes into an `incomplete` temporary folder
+and renames it at the end, so an interrupted prepare never looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from typing import Any, Callable, Optional
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from data_pipelines import lits, slices, synthetic
+
+VERSION = "1.0.0"
+_KEY_STRIDE = 100_000  # example key = case_number * stride + slice index
+
+_INSTRUCTIONS = """\
+LiTS 2017 cannot be downloaded automatically (licence CC BY-NC-SA). Download the training batches
+from the LiTS challenge (or the Medical Segmentation Decathlon mirror), unpack every
+`volume-N.nii` and `segmentation-N.nii` into one folder, and set `config.data.lits_dir` to it.
+"""
+
+
+class LitsConfig(tfds.core.BuilderConfig):
+  """Preprocessing parameters of one prepared LiTS dataset."""
+
+  def __init__(self, *, context_slices: int, image_size: int, val_fraction: float,
+               test_fraction: float, split_seed: int, fingerprint: str):
+    params = dict(context_slices=context_slices, image_size=image_size,
+                  val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed,
+                  fingerprint=fingerprint)
+    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    super().__init__(name=f"ctx{context_slices}_s{image_size}_{digest}", version=VERSION,
+                     description=json.dumps(params, sort_keys=True))
+    self.context_slices = context_slices
+    self.image_size = image_size
+    self.val_fraction = val_fraction
+    self.test_fraction = test_fraction
+    self.split_seed = split_seed
+
+
+class Lits(tfds.core.GeneratorBasedBuilder):
+  """LiTS 2017 (or LiTS-format synthetic) CT slices with tumour components, split by case."""
+
+  VERSION = tfds.core.Version(VERSION)
+  MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
+  BUILDER_CONFIGS = [LitsConfig(context_slices=3, image_size=256, val_fraction=0.2,
+                                test_fraction=0.0, split_seed=0, fingerprint="")]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    s, c = self.builder_config.image_size, self.builder_config.context_slices
+    f = tfds.features
+    return self.dataset_info_from_configs(
+        features=f.FeaturesDict({
+            "image": f.Tensor(shape=(s, s, c), dtype=np.int16, doc="HU; channel c//2 is the slice"),
+            "label": f.Tensor(shape=(s, s), dtype=np.uint8, encoding=f.Encoding.ZLIB,
+                              doc="0 background, 1 liver, 2 tumour"),
+            "case_number": f.Scalar(dtype=np.int32, doc="N of volume-N"),
+            "slice_index": f.Scalar(dtype=np.int32),
+            "num_slices": f.Scalar(dtype=np.int32),
+            "spacing": f.Tensor(shape=(3,), dtype=np.float32, doc="mm per stored axis"),
+            "liver_z_range": f.Tensor(shape=(2,), dtype=np.int32, doc="(-1, -1) without liver"),
+            "tumours": f.Sequence({
+                "component": f.Scalar(dtype=np.int32),
+                "bbox": f.Tensor(shape=(4,), dtype=np.float32),
+                "centre": f.Tensor(shape=(2,), dtype=np.float32),
+                "area_mm2": f.Scalar(dtype=np.float32),
+                "diameter_mm": f.Scalar(dtype=np.float32),
+                "num_voxels": f.Scalar(dtype=np.int32),
+            }),
+        }),
+        disable_shuffling=True,  # examples stay in (case, slice) order: pipelines shuffle
+        metadata=tfds.core.MetadataDict(),
+        homepage="https://competitions.codalab.org/competitions/17094",
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    cases = lits.find_cases(dl_manager.manual_dir)
+    cfg = self.builder_config
+    splits = assign_splits(sorted(cases), cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+    self.info.metadata["splits"] = {k: [int(n) for n in v] for k, v in splits.items()}
+    self.info.metadata["lits_dir"] = os.fspath(dl_manager.manual_dir)
+    return {name: self._generate_examples({n: cases[n] for n in numbers})
+            for name, numbers in splits.items() if numbers}
+
+  def _generate_examples(self, cases: dict[int, tuple[epath.Path, epath.Path]]):
+    cfg = self.builder_config
+    for number, (volume, segmentation) in cases.items():
+      case = lits.load_case(volume, segmentation)
+      logging.info("prepare: case %d %s", number, case.image.shape)
+      yield from slices.case_examples(case.image, case.labels, case.spacing, number,
+                                      cfg.context_slices, cfg.image_size)
+
+
+def assign_splits(numbers: list[int], val_fraction: float, test_fraction: float,
+                  seed: int) -> dict[str, list[int]]:
+  """Deterministic case-level split: slices of one patient never land in two splits."""
+  if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+    raise ValueError(f"data.val_fraction ({val_fraction}) and data.test_fraction "
+                     f"({test_fraction}) must be in [0, 1) and sum to less than 1")
+  n = len(numbers)
+  order = np.random.default_rng(seed).permutation(np.array(sorted(numbers)))
+  n_val = 0 if val_fraction == 0 else max(1, round(val_fraction * n))
+  n_test = 0 if test_fraction == 0 else max(1, round(test_fraction * n))
+  if n - n_val - n_test < 1:
+    raise ValueError(f"{n} cases are too few for data.val_fraction={val_fraction} and "
+                     f"data.test_fraction={test_fraction}: no training case would be left")
+  return {"train": sorted(order[n_val + n_test:].tolist()),
+          "validation": sorted(order[:n_val].tolist()),
+          "test": sorted(order[n_val:n_val + n_test].tolist())}
+
+
+def folder_fingerprint(lits_dir: str) -> str:
+  """A digest of a LiTS folder's case file names and sizes (cheap on local disks and gs://)."""
+  cases = lits.find_cases(lits_dir)
+  listing = [(n, v.name, v.stat().length, s.name, s.stat().length) for n, (v, s) in cases.items()]
+  return hashlib.sha1(json.dumps(listing).encode()).hexdigest()[:16]
+
+
+def builder_for(data_cfg, fingerprint: Optional[str] = None) -> Lits:
+  """The (prepared or not) builder that `config.data` names."""
+  if fingerprint is None:
+    fingerprint = folder_fingerprint(os.fspath(data_cfg.lits_dir))
+  config = LitsConfig(context_slices=int(data_cfg.context_slices),
+                      image_size=int(data_cfg.image_size),
+                      val_fraction=float(data_cfg.val_fraction),
+                      test_fraction=float(data_cfg.test_fraction),
+                      split_seed=int(data_cfg.split_seed), fingerprint=fingerprint)
+  return Lits(data_dir=os.fspath(data_cfg.tfds_dir), config=config,
+              file_format=data_cfg.file_format)
+
+
+def synth_config(data_cfg) -> synthetic.SynthConfig:
+  s = data_cfg.synthetic
+  return synthetic.SynthConfig(size=int(s.size), slices=int(s.slices),
+                               max_tumours=int(s.max_tumours),
+                               storage_variants=bool(s.storage_variants))
+
+
+def prepare(data_cfg, log: Callable[[str], Any] = print) -> Lits:
+  """Builds the dataset `config.data` names unless it exists; synthesises data first if asked.
+
+  Returns the prepared builder. Raises `lits.CaseError` naming the file for bad input, leaving
+  no dataset that looks complete.
+  """
+  lits_dir = os.fspath(data_cfg.lits_dir)
+  if data_cfg.synthetic.enabled:
+    s = data_cfg.synthetic
+    manifest = synthetic.read_manifest(lits_dir)
+    if manifest is None:
+      log(f"synthesising {s.num_cases} LiTS-format cases into {lits_dir}")
+    manifest = synthetic.ensure_synthetic(
+        lits_dir, int(s.num_cases), int(s.seed), synth_config(data_cfg),
+        progress=lambda r: log(f"  volume-{r['case']}.nii.gz {tuple(r['shape'])} "
+                               f"{r['num_tumours']} tumours"))
+    sizes = [t["diameter_mm"] for c in manifest["cases"] for t in c["tumours"]]
+    log(f"synthetic data: {len(manifest['cases'])} cases, {len(sizes)} tumours "
+        f"({sum(d < 10 for d in sizes)} under 10 mm) in {lits_dir}")
+  builder = builder_for(data_cfg)
+  if builder.is_prepared():
+    log(f"dataset reused: {builder.data_dir}")
+    return builder
+  log(f"preparing dataset lits/{builder.builder_config.name} in {data_cfg.tfds_dir}")
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=lits_dir),
+      file_format=data_cfg.file_format)
+  return builder
+
+
+def describe(builder: Lits) -> str:
+  """A few lines on a prepared dataset: splits, examples, cases."""
+  info = builder.info
+  lines = [f"dataset {builder.data_dir}"]
+  for name, split in sorted(info.splits.items()):
+    cases = info.metadata.get("splits", {}).get(name, [])
+    lines.append(f"  {name}: {split.num_examples} slices from {len(cases)} cases")
+  return "\n".join(lines)

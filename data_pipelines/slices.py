@@ -1,0 +1,135 @@
+"""Turning a canonical 3-D case into per-slice model inputs: context stacks, in-plane resampling,
+and the tumour components each slice cuts.
+
+The dataset builder and whole-volume inference both use these functions, so training slices and
+inference slices are made the same way. Coordinates follow the half-pixel convention: stored pixel
+i covers [i, i + 1) in edge coordinates and has its centre at i; resampling maps original centre
+r to (r + 0.5) * size / n - 0.5.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import numpy as np
+from scipy import ndimage
+
+_CHUNK = 64  # slices resampled at a time, bounding float copies
+_SIX_CONNECTED = ndimage.generate_binary_structure(3, 1)
+
+
+def context_indices(num_slices: int, context_slices: int) -> np.ndarray:
+  """Indices [num_slices, context_slices] of each slice's neighbours, clamped at the ends."""
+  if context_slices < 1 or context_slices % 2 == 0:
+    raise ValueError(f"data.context_slices must be a positive odd number, got {context_slices}")
+  half = context_slices // 2
+  offsets = np.arange(-half, half + 1)
+  return np.clip(np.arange(num_slices)[:, None] + offsets[None, :], 0, num_slices - 1)
+
+
+def resample_image(volume: np.ndarray, size: int) -> np.ndarray:
+  """Resamples an (X, Y, Z) int16 HU volume in-plane to (size, size, Z), antialiased bilinear."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  x, y, z = volume.shape
+  if (x, y) == (size, size):
+    return volume
+  out = np.empty((size, size, z), dtype=np.int16)
+  for k in range(0, z, _CHUNK):
+    chunk = np.moveaxis(volume[:, :, k:k + _CHUNK], 2, 0)[..., None].astype(np.float32)
+    res = tf.image.resize(chunk, (size, size), method="bilinear", antialias=True).numpy()
+    out[:, :, k:k + _CHUNK] = np.moveaxis(np.rint(res[..., 0]), 0, 2).clip(-32768, 32767)
+  return out
+
+
+def resample_labels(labels: np.ndarray, size: int, num_classes: int = 3) -> np.ndarray:
+  """Resamples (X, Y, Z) labels in-plane: linear interpolation of each class, then argmax."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  x, y, z = labels.shape
+  if (x, y) == (size, size):
+    return labels
+  out = np.empty((size, size, z), dtype=np.uint8)
+  for k in range(0, z, _CHUNK):
+    chunk = np.moveaxis(labels[:, :, k:k + _CHUNK], 2, 0)
+    onehot = (chunk[..., None] == np.arange(num_classes)).astype(np.float32)
+    res = tf.image.resize(onehot, (size, size), method="bilinear", antialias=True).numpy()
+    out[:, :, k:k + _CHUNK] = np.moveaxis(res.argmax(-1).astype(np.uint8), 0, 2)
+  return out
+
+
+def resample_probabilities_back(probs: np.ndarray, shape_xy: tuple[int, int]) -> np.ndarray:
+  """Resamples [Z, size, size, K] per-slice probabilities back to [Z, X, Y, K] (bilinear)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if probs.shape[1:3] == tuple(shape_xy):
+    return probs
+  return tf.image.resize(probs, shape_xy, method="bilinear").numpy()
+
+
+def liver_z_range(labels: np.ndarray) -> tuple[int, int]:
+  """First and last slice holding liver (label >= 1), or (-1, -1)."""
+  zs = np.flatnonzero((labels >= 1).any(axis=(0, 1)))
+  return (int(zs[0]), int(zs[-1])) if len(zs) else (-1, -1)
+
+
+def tumour_components(labels: np.ndarray, spacing, size: int) -> list[list[dict]]:
+  """For each slice, the 3-D tumour components (6-connected) it cuts, in stored-pixel terms.
+
+  Returns a list over slices of records: `component` (1-based id in the case), `bbox`
+  (row_min, col_min, row_max, col_max in stored edge coordinates, max exclusive), `centre`
+  (row, col centre of mass of the component's part in this slice, stored pixel coordinates),
+  `area_mm2` (that part's area), `diameter_mm` (the 3-D component's equivalent-sphere diameter)
+  and `num_voxels` (the 3-D component's voxel count).
+  """
+  x, y, z = labels.shape
+  per_slice: list[list[dict]] = [[] for _ in range(z)]
+  comps, n = ndimage.label(labels == 2, structure=_SIX_CONNECTED)
+  if n == 0:
+    return per_slice
+  sr, sc = size / x, size / y
+  voxel_mm3 = float(np.prod(spacing))
+  pixel_mm2 = float(spacing[0] * spacing[1])
+  for cid, box in enumerate(ndimage.find_objects(comps), start=1):
+    part = comps[box] == cid
+    voxels = int(part.sum())
+    diameter = (6.0 * voxels * voxel_mm3 / math.pi) ** (1.0 / 3.0)
+    for kz in range(part.shape[2]):
+      plane = part[:, :, kz]
+      count = int(plane.sum())
+      if count == 0:
+        continue
+      rows, cols = np.nonzero(plane)
+      rows = rows + box[0].start
+      cols = cols + box[1].start
+      per_slice[box[2].start + kz].append(dict(
+          component=cid,
+          bbox=np.array([rows.min() * sr, cols.min() * sc, (rows.max() + 1) * sr,
+                         (cols.max() + 1) * sc], np.float32),
+          centre=np.array([(rows.mean() + 0.5) * sr - 0.5, (cols.mean() + 0.5) * sc - 0.5],
+                          np.float32),
+          area_mm2=np.float32(count * pixel_mm2),
+          diameter_mm=np.float32(diameter),
+          num_voxels=np.int32(voxels)))
+  return per_slice
+
+
+def case_examples(image: np.ndarray, labels: np.ndarray, spacing, case_number: int,
+                  context_slices: int, size: int) -> Iterator[tuple[int, dict]]:
+  """Yields (key, example) per axial slice of a canonical case, as the TFDS builder stores them."""
+  z = image.shape[2]
+  stored_spacing = np.array([spacing[0] * image.shape[0] / size,
+                             spacing[1] * image.shape[1] / size, spacing[2]], np.float32)
+  components = tumour_components(labels, spacing, size)
+  liver_range = np.array(liver_z_range(labels), np.int32)
+  image_r = resample_image(image, size)
+  labels_r = resample_labels(labels, size)
+  neighbours = context_indices(z, context_slices)
+  for k in range(z):
+    yield case_number * 100_000 + k, dict(
+        image=np.ascontiguousarray(image_r[:, :, neighbours[k]]),
+        label=np.ascontiguousarray(labels_r[:, :, k]),
+        case_number=np.int32(case_number),
+        slice_index=np.int32(k),
+        num_slices=np.int32(z),
+        spacing=stored_spacing,
+        liver_z_range=liver_range,
+        tumours=components[k])
