@@ -90,16 +90,37 @@ class Lits(tfds.core.GeneratorBasedBuilder):
     splits = assign_splits(sorted(cases), cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
     self.info.metadata["splits"] = {k: [int(n) for n in v] for k, v in splits.items()}
     self.info.metadata["lits_dir"] = os.fspath(dl_manager.manual_dir)
-    return {name: self._generate_examples({n: cases[n] for n in numbers})
+    self.info.metadata["index"] = {}
+    return {name: self._generate_examples(name, {n: cases[n] for n in numbers})
             for name, numbers in splits.items() if numbers}
 
-  def _generate_examples(self, cases: dict[int, tuple[epath.Path, epath.Path]]):
+  def _generate_examples(self, split: str, cases: dict[int, tuple[epath.Path, epath.Path]]):
+    """Yields a split's slices in (case, slice) order and records its index in the metadata.
+
+    With shuffling disabled, an example's position in the split is its rank in that order, so
+    the index below gives random-access positions: `cases` rows are [case_number, first example,
+    num_slices, liver_z_lo, liver_z_hi]; `tumours` rows are [example, component, centre_row,
+    centre_col, diameter_mm, area_mm2], one per tumour component part in a slice.
+    """
     cfg = self.builder_config
-    for number, (volume, segmentation) in cases.items():
+    index = {"cases": [], "tumours": []}
+    self.info.metadata["index"][split] = index
+    position = 0
+    for number, (volume, segmentation) in sorted(cases.items()):
       case = lits.load_case(volume, segmentation)
       logging.info("prepare: case %d %s", number, case.image.shape)
-      yield from slices.case_examples(case.image, case.labels, case.spacing, number,
-                                      cfg.context_slices, cfg.image_size)
+      first = position
+      for key, example in slices.case_examples(case.image, case.labels, case.spacing, number,
+                                               cfg.context_slices, cfg.image_size):
+        for t in example["tumours"]:
+          index["tumours"].append([position, int(t["component"]), round(float(t["centre"][0]), 3),
+                                   round(float(t["centre"][1]), 3),
+                                   round(float(t["diameter_mm"]), 3),
+                                   round(float(t["area_mm2"]), 3)])
+        position += 1
+        yield key, example
+      lo, hi = example["liver_z_range"].tolist()
+      index["cases"].append([int(number), first, position - first, lo, hi])
 
 
 def assign_splits(numbers: list[int], val_fraction: float, test_fraction: float,
