@@ -10,7 +10,8 @@ several orientations and CT/label data types. Case i depends only on (seed, i), 
 
 The field of view follows LiTS: in-plane spacing is drawn from LiTS's 0.56-1.0 mm range for a
 512-pixel grid and scaled by 512 / size, so smaller grids show the same anatomy coarser; slice
-thickness is chosen so the scan covers 160-400 mm, clipped to LiTS's 0.45-6.0 mm.
+thickness is drawn so the scan covers 160-400 mm where the slice count allows, within LiTS's
+0.45-6.0 mm.
 """
 
 from __future__ import annotations
@@ -87,8 +88,11 @@ class _Painter:
     self.cfg = cfg
     n, nz = cfg.size, cfg.slices
     inplane = rng.uniform(*cfg.lits_spacing_range) * 512.0 / n
-    coverage = rng.uniform(*cfg.coverage_range_mm)
-    dz = float(np.clip(coverage / nz, 0.45, 6.0))
+    # Thickness covering 160-400 mm, within LiTS's 0.45-6 mm; few slices cannot cover that
+    # much, so their range widens downwards (the scan then shows part of the abdomen).
+    dz_hi = float(np.clip(cfg.coverage_range_mm[1] / nz, 0.45, 6.0))
+    dz_lo = min(float(np.clip(cfg.coverage_range_mm[0] / nz, 0.45, 6.0)), 0.6 * dz_hi)
+    dz = float(rng.uniform(dz_lo, dz_hi))
     self.spacing = (float(inplane), float(inplane), dz)
     self.shape = (n, n, nz)
     self.xs = (np.arange(n) - (n - 1) / 2) * inplane
@@ -410,6 +414,7 @@ def synthesise(out_dir: str, num_cases: int, seed: int, cfg: SynthConfig = Synth
       progress(records[-1])
   manifest = dict(generator_version=GENERATOR_VERSION, seed=seed, num_cases=num_cases,
                   config=dataclasses.asdict(cfg), cases=records)
+  manifest = json.loads(json.dumps(manifest))  # return exactly what the file holds
   fd, tmp = tempfile.mkstemp(suffix=".json", dir=out_dir)
   with os.fdopen(fd, "w") as f:
     json.dump(manifest, f, indent=1)

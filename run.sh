@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The two commands of the README. Each sets up .venv (Python >= 3.11 and pip are all it needs)
+# and then runs:
+#   ./run.sh demo   the main job on the embedded default (configs/synthetic.py)
+#   ./run.sh test   the test suite
+# Extra arguments after the command go to curriculum-seg (demo) or pytest (test).
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+
+setup() {
+  local target=$1 stamp="$VENV/.installed-${2}"
+  if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
+  fi
+  # Reinstall when pyproject.toml changed since the last install of this target.
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    "$VENV/bin/python" -m pip install --quiet -e "$target"
+    touch "$stamp"
+  fi
+}
+
+command=${1:-}
+[ $# -gt 0 ] && shift
+case "$command" in
+  demo)
+    setup . base
+    export TF_CPP_MIN_LOG_LEVEL=2
+    exec "$VENV/bin/curriculum-seg" prepare --config configs/synthetic.py "$@"
+    ;;
+  test)
+    setup ".[test]" test
+    exec "$VENV/bin/python" -m pytest -q "$@"
+    ;;
+  *)
+    echo "usage: ./run.sh demo|test [args...]" >&2
+    exit 2
+    ;;
+esac
