@@ -62,7 +62,8 @@ class Lits(tfds.core.GeneratorBasedBuilder):
     f = tfds.features
     return self.dataset_info_from_configs(
         features=f.FeaturesDict({
-            "image": f.Tensor(shape=(s, s, c), dtype=np.int16, doc="HU; channel c//2 is the slice"),
+            "image": f.Tensor(shape=(s, s, c), dtype=np.int16, encoding=f.Encoding.BYTES,
+                              doc="HU; channel c//2 is the slice"),
             "label": f.Tensor(shape=(s, s), dtype=np.uint8, encoding=f.Encoding.ZLIB,
                               doc="0 background, 1 liver, 2 tumour"),
             "case_number": f.Scalar(dtype=np.int32, doc="N of volume-N"),

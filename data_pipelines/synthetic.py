@@ -55,6 +55,7 @@ class SynthConfig:
   small_limit_mm: float = 10.0
   noise_hu_range: tuple[float, float] = (6.0, 18.0)
   storage_variants: bool = True      # vary orientation and data types as LiTS files do
+  compress: bool = True              # .nii.gz (False: .nii, as the LiTS downloads are)
 
   def __post_init__(self):
     if self.size < 32 or self.slices < 8:
@@ -369,10 +370,10 @@ def to_nifti(image: np.ndarray, spacing, axcodes=("R", "A", "S"), storage: str =
 
 def _save(img: nib.Nifti1Image, path: str) -> None:
   """Writes via a temporary file in the same folder, so a file is never half-written."""
-  fd, tmp = tempfile.mkstemp(suffix=".nii.gz", dir=os.path.dirname(path))
+  fd, tmp = tempfile.mkstemp(suffix=".nii.gz" if path.endswith(".gz") else ".nii",
+                             dir=os.path.dirname(path))
   os.close(fd)
   try:
-    # Keep the slope/intercept we set: nibabel would otherwise recompute them for floats.
     nib.save(img, tmp)
     os.replace(tmp, path)
   finally:
@@ -385,13 +386,14 @@ def write_case(out_dir: str, seed: int, index: int, cfg: SynthConfig = SynthConf
   case = generate_case(seed, index, cfg)
   rng = np.random.default_rng([seed, index, 1])
   axcodes, ct_storage, label_storage = _storage(rng, cfg)
+  ext = ".nii.gz" if cfg.compress else ".nii"
   _save(to_nifti(case["image"], case["spacing"], axcodes, ct_storage),
-        os.path.join(out_dir, f"volume-{index}.nii.gz"))
+        os.path.join(out_dir, f"volume-{index}{ext}"))
   _save(to_nifti(case["labels"], case["spacing"], axcodes, label_storage, is_label=True),
-        os.path.join(out_dir, f"segmentation-{index}.nii.gz"))
+        os.path.join(out_dir, f"segmentation-{index}{ext}"))
   liver = case["labels"] >= 1
   return dict(
-      case=index, volume=f"volume-{index}.nii.gz", segmentation=f"segmentation-{index}.nii.gz",
+      case=index, volume=f"volume-{index}{ext}", segmentation=f"segmentation-{index}{ext}",
       shape=list(case["image"].shape), spacing=[round(s, 6) for s in case["spacing"]],
       orientation="".join(axcodes), ct_storage=ct_storage, label_storage=label_storage,
       noise_hu=case["noise_hu"], liver_voxels=int(liver.sum()),
