@@ -6,6 +6,8 @@ any field on the command line, e.g. `--config.data.synthetic.num_cases=20`.
 
 import ml_collections
 
+from configs import common
+
 
 def get_config(arg=None):
   """The embedded default config. `arg` is unused (kept for the `file.py:arg` convention)."""
@@ -32,4 +34,21 @@ def get_config(arg=None):
   config.data.synthetic.slices = 48
   config.data.synthetic.max_tumours = 8
   config.data.synthetic.storage_variants = True
+
+  config.model = common.model(depth=3, base_width=8, norm="instance", block="residual",
+                              task="tumour")
+  config.loss = common.loss("dice")
+  config.eval = ml_collections.ConfigDict(dict(batch_size=32))
+
+  # The paper's curriculum: whole slices, tumour patches, whole slices again; each stage starts
+  # from the previous stage's best checkpoint (by validation tumour Dice).
+  config.curriculum = ("whole1", "patch", "whole2")
+  config.stages = ml_collections.ConfigDict()
+  config.stages.whole1 = common.stage("whole", steps=200, batch_size=16, learning_rate=1e-3,
+                                      init="scratch", eval_every=50, checkpoint_every=50)
+  config.stages.patch = common.stage("patch", steps=200, batch_size=32, learning_rate=3e-4,
+                                     patch_size=64, positive_fraction=0.7, eval_every=50,
+                                     checkpoint_every=50)
+  config.stages.whole2 = common.stage("whole", steps=200, batch_size=16, learning_rate=1e-3,
+                                      eval_every=50, checkpoint_every=50)
   return config

@@ -1,0 +1,61 @@
+"""Building blocks shared by the experiment configs: a stage, a model, the data section.
+
+A curriculum is `config.curriculum` (stage names in order) plus `config.stages.<name>`, each a
+ConfigDict of the fields below, so every field of every stage can be overridden on the command
+line, e.g. `--config.stages.patch.steps=500 --config.stages.patch.optimizer.learning_rate=1e-4`.
+"""
+
+import ml_collections
+
+
+def stage(pipeline, steps, batch_size, learning_rate, *, init="best", carry_optimizer=False,
+          optimizer="adam", weight_decay=1e-4, schedule="constant", warmup_steps=0,
+          patch_size=64, positive_fraction=0.7, component_sampling="component", patch_jitter=8,
+          log_every=10, eval_every=50, checkpoint_every=50):
+  """One stage of a curriculum.
+
+  Args:
+    pipeline: 'whole' (whole slices) or 'patch' (tumour-centred patches).
+    steps: optimiser steps in this stage.
+    batch_size: global batch size (divisible by the number of processes).
+    learning_rate: peak learning rate of the stage's schedule.
+    init: how the stage starts: 'scratch', or from the previous stage's 'best' (by validation
+      tumour Dice) or 'last' checkpoint. The first stage always starts from scratch.
+    carry_optimizer: keep the previous stage's optimiser state (moments) instead of a fresh one;
+      needs the same optimiser type. The schedule always restarts.
+    eval_every, checkpoint_every, log_every: intervals in steps (0 = only at the stage's end).
+  """
+  s = ml_collections.ConfigDict()
+  s.pipeline = pipeline
+  s.steps = steps
+  s.batch_size = batch_size
+  s.init = init
+  s.carry_optimizer = carry_optimizer
+  s.optimizer = ml_collections.ConfigDict(dict(
+      name=optimizer, learning_rate=learning_rate, weight_decay=weight_decay, b1=0.9, b2=0.999,
+      eps=1e-8, momentum=0.9, nesterov=True, grad_clip_norm=1.0))
+  s.schedule = ml_collections.ConfigDict(dict(
+      name=schedule, warmup_steps=warmup_steps, end_factor=0.0, power=0.9))
+  s.patch_size = patch_size
+  s.positive_fraction = positive_fraction
+  s.component_sampling = component_sampling
+  s.patch_jitter = patch_jitter
+  s.log_every = log_every
+  s.eval_every = eval_every
+  s.checkpoint_every = checkpoint_every
+  return s
+
+
+def model(depth=4, base_width=16, width_multiplier=2.0, norm="instance", block="residual",
+          dropout=0.0, task="tumour", compute_dtype="float32"):
+  """A 2-D U-Net (the paper's authors: residual blocks, instance norm, widths 8..128 in 3-D)."""
+  return ml_collections.ConfigDict(dict(
+      name="unet", depth=depth, base_width=base_width, width_multiplier=width_multiplier,
+      norm=norm, group_norm_groups=8, dropout=dropout, block=block, task=task,
+      compute_dtype=compute_dtype))
+
+
+def loss(name="dice", dice_smooth=1.0, class_weights=None):
+  """The paper's loss: soft Dice of tumour vs everything else."""
+  return ml_collections.ConfigDict(dict(name=name, dice_smooth=dice_smooth,
+                                        class_weights=class_weights))

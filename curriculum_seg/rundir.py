@@ -1,0 +1,175 @@
+"""The run directory (`--workdir`): its lock, its saved config, and its metrics log.
+
+Layout (DESIGN.md): `config.json` (the resolved config), `metrics.jsonl` (one JSON object per
+logged step), `checkpoints/`, `tensorboard/`, `eval/`. Paths may be local or `gs://` (etils.epath);
+the lock is an OS file lock where the workdir is local, which the kernel releases when the owner
+dies (kill -9 included), so a crashed run never blocks its own restart.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from typing import Any, Iterable, Optional
+
+import ml_collections
+from etils import epath
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".lock"
+# Keys whose values may change between a run and its resumption: how long stages run and how
+# often they log, evaluate and checkpoint. Everything else must match the saved config.
+RUN_LENGTH_FIELDS = ("steps", "log_every", "eval_every", "checkpoint_every")
+
+
+class RunDirError(RuntimeError):
+  """A workdir that cannot be used: locked by another run, or holding another config."""
+
+
+def _is_local(path: epath.Path) -> bool:
+  return "://" not in os.fspath(path)
+
+
+class RunLock:
+  """An exclusive lock on a workdir, held for the life of a run.
+
+  Local workdirs use fcntl.flock on `.lock` (released by the kernel when the process dies).
+  Remote workdirs (gs://) cannot be flocked: there only process 0 writes, and the lock file is
+  advisory, recording who holds it.
+  """
+
+  def __init__(self, workdir: epath.Path):
+    self.path = workdir / LOCK_FILE
+    self._fd: Optional[int] = None
+
+  def acquire(self) -> None:
+    owner = json.dumps(dict(host=socket.gethostname(), pid=os.getpid(), since=time.time()))
+    if not _is_local(self.path):
+      self.path.write_text(owner)
+      return
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+      os.close(fd)
+      raise RunDirError(f"{self.path.parent}: workdir is in use by another run ({holder})")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, owner.encode(), 0)
+    self._fd = fd
+
+  def release(self) -> None:
+    if self._fd is not None:
+      fcntl.flock(self._fd, fcntl.LOCK_UN)
+      os.close(self._fd)
+      self._fd = None
+
+  def __enter__(self):
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(value, dict):
+    out = {}
+    for k, v in value.items():
+      out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+  if isinstance(value, (list, tuple)):
+    value = list(value)
+  return {prefix[:-1]: value}
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+  """Dotted keys whose values differ, ignoring run-length fields (steps, intervals)."""
+  a, b = _flatten(saved), _flatten(current)
+  keys = sorted(set(a) | set(b))
+  return [k for k in keys
+          if k.rsplit(".", 1)[-1] not in RUN_LENGTH_FIELDS and a.get(k, "<absent>") != b.get(
+              k, "<absent>")]
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> dict:
+  """A JSON-able dict of the resolved config (tuples become lists)."""
+  return json.loads(config.to_json())
+
+
+def check_or_save_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> bool:
+  """Writes `config.json` for a new run; for an existing one refuses a different config.
+
+  Returns True when the workdir already held a run (this is a resumption).
+  """
+  path = workdir / CONFIG_FILE
+  current = config_to_json(config)
+  if path.exists():
+    saved = json.loads(path.read_text())
+    diff = config_differences(saved, current)
+    if diff:
+      raise RunDirError(f"{workdir}: config differs from the run's saved config.json in "
+                        f"{', '.join(diff[:12])}{' ...' if len(diff) > 12 else ''}; use a new "
+                        "--workdir, or change only run lengths (steps, intervals)")
+    _write_atomically(path, json.dumps(current, indent=1, sort_keys=True))
+    return True
+  _write_atomically(path, json.dumps(current, indent=1, sort_keys=True))
+  return False
+
+
+def _write_atomically(path: epath.Path, text: str) -> None:
+  tmp = path.parent / f".{path.name}.tmp"
+  tmp.write_text(text)
+  tmp.rename(path) if not _is_local(path) else os.replace(tmp, path)
+
+
+class MetricsLog:
+  """`metrics.jsonl`: one JSON object per logged step, appended and flushed as it goes.
+
+  On resume, `truncate_after(global_step)` drops lines logged after the restored checkpoint, so
+  the log of a resumed run equals an uninterrupted run's.
+  """
+
+  def __init__(self, workdir: epath.Path):
+    self.path = workdir / METRICS_FILE
+
+  def read(self) -> list[dict]:
+    if not self.path.exists():
+      return []
+    rows = []
+    for line in self.path.read_text().splitlines():
+      if line.strip():
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError:
+          break  # a line cut short by a kill: everything before it is good
+    return rows
+
+  def truncate_after(self, global_step: int) -> None:
+    rows = [r for r in self.read() if r.get("global_step", 0) <= global_step]
+    _write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+
+  def append(self, rows: Iterable[dict]) -> None:
+    text = "".join(json.dumps(_jsonable(r)) + "\n" for r in rows)
+    if _is_local(self.path):
+      with open(self.path, "a") as f:
+        f.write(text)
+        f.flush()
+    else:  # object stores cannot append: rewrite (logs are small)
+      old = self.path.read_text() if self.path.exists() else ""
+      self.path.write_text(old + text)
+
+
+def _jsonable(row: dict) -> dict:
+  out = {}
+  for k, v in row.items():
+    if hasattr(v, "item"):
+      v = v.item()
+    if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
+      v = str(v)
+    out[k] = v
+  return out
