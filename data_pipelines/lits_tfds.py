@@ -9,6 +9,8 @@ and renames it at the end, so an interrupted prepare never looks finished.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import hashlib
 import json
 import logging
@@ -107,21 +109,35 @@ class Lits(tfds.core.GeneratorBasedBuilder):
     index = {"cases": [], "tumours": []}
     self.info.metadata["index"][split] = index
     position = 0
-    for number, (volume, segmentation) in sorted(cases.items()):
+
+    def load(number):
+      volume, segmentation = cases[number]
       case = lits.load_case(volume, segmentation)
       logging.info("prepare: case %d %s", number, case.image.shape)
-      first = position
-      for key, example in slices.case_examples(case.image, case.labels, case.spacing, number,
-                                               cfg.context_slices, cfg.image_size):
-        for t in example["tumours"]:
-          index["tumours"].append([position, int(t["component"]), round(float(t["centre"][0]), 3),
-                                   round(float(t["centre"][1]), 3),
-                                   round(float(t["diameter_mm"]), 3),
-                                   round(float(t["area_mm2"]), 3)])
-        position += 1
-        yield key, example
-      lo, hi = example["liver_z_range"].tolist()
-      index["cases"].append([int(number), first, position - first, lo, hi])
+      return slices.case_examples(case.image, case.labels, case.spacing, number,
+                                  cfg.context_slices, cfg.image_size)
+
+    # The next case is read and resampled in a background thread while this one is written:
+    # at most two cases are in memory.
+    numbers = sorted(cases)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+      upcoming = pool.submit(load, numbers[0])
+      for i, number in enumerate(numbers):
+        examples = upcoming.result()
+        if i + 1 < len(numbers):
+          upcoming = pool.submit(load, numbers[i + 1])
+        first = position
+        for key, example in examples:
+          for t in example["tumours"]:
+            index["tumours"].append([position, int(t["component"]),
+                                     round(float(t["centre"][0]), 3),
+                                     round(float(t["centre"][1]), 3),
+                                     round(float(t["diameter_mm"]), 3),
+                                     round(float(t["area_mm2"]), 3)])
+          position += 1
+          yield key, example
+        lo, hi = example["liver_z_range"].tolist()
+        index["cases"].append([int(number), first, position - first, lo, hi])
 
 
 def assign_splits(numbers: list[int], val_fraction: float, test_fraction: float,
@@ -193,10 +209,28 @@ def prepare(data_cfg, log: Callable[[str], Any] = print) -> Lits:
     log(f"dataset reused: {builder.data_dir}")
     return builder
   log(f"preparing dataset lits/{builder.builder_config.name} in {data_cfg.tfds_dir}")
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=lits_dir),
-      file_format=data_cfg.file_format)
+  with _writer_buffer_limit(_WRITER_BUFFER_BYTES):
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=lits_dir),
+        file_format=data_cfg.file_format)
   return builder
+
+
+# TFDS's writer keeps up to 1 GB of serialised examples in memory before spilling them to disk
+# (even with shuffling disabled). LiTS slices are large, so prepare lowers that to keep its peak
+# memory near a few volumes; the constant is read at each add, so patching it takes effect.
+_WRITER_BUFFER_BYTES = 256 << 20
+
+
+@contextlib.contextmanager
+def _writer_buffer_limit(limit: int):
+  from tensorflow_datasets.core import shuffle  # pylint: disable=g-import-not-at-top
+  previous = shuffle.MAX_MEM_BUFFER_SIZE
+  shuffle.MAX_MEM_BUFFER_SIZE = min(previous, limit)
+  try:
+    yield
+  finally:
+    shuffle.MAX_MEM_BUFFER_SIZE = previous
 
 
 def describe(builder: Lits) -> str:

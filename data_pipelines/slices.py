@@ -123,7 +123,11 @@ def tumour_components(labels: np.ndarray, spacing, size: int) -> list[list[dict]
 
 def case_examples(image: np.ndarray, labels: np.ndarray, spacing, case_number: int,
                   context_slices: int, size: int) -> Iterator[tuple[int, dict]]:
-  """Yields (key, example) per axial slice of a canonical case, as the TFDS builder stores them."""
+  """(key, example) per axial slice of a canonical case, as the TFDS builder stores them.
+
+  The heavy work (resampling, components) happens in this call, not lazily, so a caller can do it
+  for the next case in a background thread while it writes the current one.
+  """
   z = image.shape[2]
   stored_spacing = np.array([spacing[0] * image.shape[0] / size,
                              spacing[1] * image.shape[1] / size, spacing[2]], np.float32)
@@ -132,8 +136,7 @@ def case_examples(image: np.ndarray, labels: np.ndarray, spacing, case_number: i
   image_r = resample_image(image, size)
   labels_r = resample_labels(labels, size)
   neighbours = context_indices(z, context_slices)
-  for k in range(z):
-    yield case_number * 100_000 + k, dict(
+  return ((case_number * 100_000 + k, dict(
         image=np.ascontiguousarray(image_r[:, :, neighbours[k]]),
         label=np.ascontiguousarray(labels_r[:, :, k]),
         case_number=np.int32(case_number),
@@ -141,4 +144,4 @@ def case_examples(image: np.ndarray, labels: np.ndarray, spacing, case_number: i
         num_slices=np.int32(z),
         spacing=stored_spacing,
         liver_z_range=liver_range,
-        tumours=components[k])
+        tumours=components[k])) for k in range(z))
