@@ -24,7 +24,21 @@ from etils import epath
 from data_pipelines import lits, slices, synthetic
 
 VERSION = "1.0.0"
-_KEY_STRIDE = 100_000  # example key = case_number * stride + slice index
+_MAX_SLICES = 1 << 16
+_KEY_SPACE = 1 << 128  # TFDS's key space (128-bit hashes)
+
+
+def example_key(rank: int, slice_index: int, num_cases: int) -> int:
+  """An integer key that sorts as (case rank, slice) and spreads the cases evenly over TFDS's
+  128-bit key space.
+
+  With shuffling disabled TFDS orders examples by key and spills them into 1000 buckets by key
+  range, reading each bucket whole to sort it. Small keys would all land in bucket 0, so memory
+  would grow with the dataset; spread keys put about one case in each bucket.
+  """
+  if not 0 <= slice_index < _MAX_SLICES:
+    raise ValueError(f"slice index {slice_index} outside [0, {_MAX_SLICES})")
+  return (rank * _MAX_SLICES + slice_index) * (_KEY_SPACE // (num_cases * _MAX_SLICES))
 
 _INSTRUCTIONS = """\
 LiTS 2017 cannot be downloaded automatically (licence CC BY-NC-SA). Download the training batches
@@ -127,7 +141,8 @@ class Lits(tfds.core.GeneratorBasedBuilder):
         if i + 1 < len(numbers):
           upcoming = pool.submit(load, numbers[i + 1])
         first = position
-        for key, example in examples:
+        for k, example in examples:
+          key = example_key(i, k, len(numbers))
           for t in example["tumours"]:
             index["tumours"].append([position, int(t["component"]),
                                      round(float(t["centre"][0]), 3),

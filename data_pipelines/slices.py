@@ -123,7 +123,7 @@ def tumour_components(labels: np.ndarray, spacing, size: int) -> list[list[dict]
 
 def case_examples(image: np.ndarray, labels: np.ndarray, spacing, case_number: int,
                   context_slices: int, size: int) -> Iterator[tuple[int, dict]]:
-  """(key, example) per axial slice of a canonical case, as the TFDS builder stores them.
+  """(slice index, example) per axial slice of a canonical case, as the TFDS builder stores them.
 
   The heavy work (resampling, components) happens in this call, not lazily, so a caller can do it
   for the next case in a background thread while it writes the current one.
@@ -136,7 +136,7 @@ def case_examples(image: np.ndarray, labels: np.ndarray, spacing, case_number: i
   image_r = resample_image(image, size)
   labels_r = resample_labels(labels, size)
   neighbours = context_indices(z, context_slices)
-  return ((case_number * 100_000 + k, dict(
+  return ((k, dict(
         image=np.ascontiguousarray(image_r[:, :, neighbours[k]]),
         label=np.ascontiguousarray(labels_r[:, :, k]),
         case_number=np.int32(case_number),
