@@ -59,3 +59,12 @@ def loss(name="dice", dice_smooth=1.0, class_weights=None):
   """The paper's loss: soft Dice of tumour vs everything else."""
   return ml_collections.ConfigDict(dict(name=name, dice_smooth=dice_smooth,
                                         class_weights=class_weights))
+
+
+def augment(enabled=True, flip_lr=0.5, flip_ud=0.5, rotate_deg=15.0, scale_range=(0.85, 1.15),
+            intensity_shift=0.05, intensity_scale=0.05, on_device=True):
+  """Joint image/label augmentation (nnU-Net-like magnitudes); intensities in window units."""
+  return ml_collections.ConfigDict(dict(
+      enabled=enabled, flip_lr=flip_lr, flip_ud=flip_ud, rotate_deg=rotate_deg,
+      scale_range=scale_range, intensity_shift=intensity_shift,
+      intensity_scale=intensity_scale, on_device=on_device))

@@ -65,7 +65,9 @@ class SplitIndex:
   """A split's case and tumour-part tables (from the builder's metadata) as arrays.
 
   `cases` rows: [case_number, first_example, num_slices, liver_z_lo, liver_z_hi];
-  `tumours` rows: [example, component, centre_row, centre_col, diameter_mm, area_mm2].
+  `tumours` rows: [example, component, centre_row, centre_col, diameter_mm, area_mm2,
+  stored_pixels], keeping only parts whose tumour survived resampling into the stored label
+  (stored_pixels > 0): a patch centred on a lost part would hold no tumour label.
   """
 
   split: str
@@ -80,7 +82,8 @@ class SplitIndex:
       raise ValueError(f"split {split!r} is not in the prepared dataset (it has "
                        f"{sorted(index)}); prepare it again or choose another split")
     cases = np.asarray(index[split]["cases"], dtype=np.int64).reshape(-1, 5)
-    tumours = np.asarray(index[split]["tumours"], dtype=np.float64).reshape(-1, 6)
+    tumours = np.asarray(index[split]["tumours"], dtype=np.float64).reshape(-1, 7)
+    tumours = tumours[tumours[:, 6] > 0]
     return cls(split=split, cases=cases, tumours=tumours,
                num_examples=int(cases[:, 2].sum()) if len(cases) else 0)
 

@@ -87,7 +87,8 @@ def tumour_components(labels: np.ndarray, spacing, size: int) -> list[list[dict]
   (row_min, col_min, row_max, col_max in stored edge coordinates, max exclusive), `centre`
   (row, col centre of mass of the component's part in this slice, stored pixel coordinates),
   `area_mm2` (that part's area), `diameter_mm` (the 3-D component's equivalent-sphere diameter)
-  and `num_voxels` (the 3-D component's voxel count).
+  and `num_voxels` (the 3-D component's voxel count). `case_examples` adds `stored_pixels`: the
+  tumour pixels of the stored (resampled) label inside the part's box, 0 when resampling lost it.
   """
   x, y, z = labels.shape
   per_slice: list[list[dict]] = [[] for _ in range(z)]
@@ -135,6 +136,11 @@ def case_examples(image: np.ndarray, labels: np.ndarray, spacing, case_number: i
   liver_range = np.array(liver_z_range(labels), np.int32)
   image_r = resample_image(image, size)
   labels_r = resample_labels(labels, size)
+  for k, parts in enumerate(components):
+    for part in parts:  # tumour pixels the stored (resampled) label keeps of this part
+      r0, c0 = np.floor(part["bbox"][:2]).astype(int)
+      r1, c1 = np.ceil(part["bbox"][2:]).astype(int)
+      part["stored_pixels"] = np.int32(np.count_nonzero(labels_r[r0:r1, c0:c1, k] == 2))
   neighbours = context_indices(z, context_slices)
   return ((k, dict(
         image=np.ascontiguousarray(image_r[:, :, neighbours[k]]),

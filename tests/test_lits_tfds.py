@@ -203,3 +203,31 @@ def test_prepare_that_spills_to_disk_keeps_case_slice_order(tmp_path, monkeypatc
     keys = [(int(e["case_number"]), int(e["slice_index"])) for e in _all(builder, split)]
     cases = builder.info.metadata["splits"][split]
     assert keys == [(c, k) for c in cases for k in range(12)]
+
+
+def test_shards_are_written_with_the_configured_compression(prepared, tmp_path):
+  from array_record.python import array_record_module
+  config, builder = prepared
+  shards = [os.path.join(builder.data_dir, f) for f in os.listdir(builder.data_dir)
+            if ".array_record-" in f]
+  assert shards
+  for shard in shards:
+    reader = array_record_module.ArrayRecordReader(shard)
+    assert "uncompressed" in reader.writer_options_string()
+    reader.close()
+  bad = config_loading.apply_overrides(config, [("data.record_compression", "lz4"),
+                                                ("data.tfds_dir", str(tmp_path))])
+  with pytest.raises(ValueError, match="data.record_compression"):
+    lits_tfds.prepare(bad.data, log=lambda s: None)
+
+
+def test_index_records_the_stored_pixels_of_each_tumour_part(prepared):
+  config, builder = prepared
+  source = builder.as_data_source("train")
+  for position, component, *_, stored in builder.info.metadata["index"]["train"]["tumours"]:
+    e = source[position]
+    i = [int(c) for c in e["tumours"]["component"]].index(component)
+    assert int(e["tumours"]["stored_pixels"][i]) == stored
+    r0, c0, r1, c1 = e["tumours"]["bbox"][i]
+    box = e["label"][int(np.floor(r0)):int(np.ceil(r1)), int(np.floor(c0)):int(np.ceil(c1))]
+    assert stored == int((box == 2).sum())

@@ -1,0 +1,68 @@
+"""The paper's three-stage curriculum on LiTS 2017, sized for a Cloud TPU (v4-8 / v5e-8).
+
+whole slices -> tumour-centred patches -> whole slices, each stage starting from the previous
+stage's best checkpoint by validation tumour Dice (Li et al., arXiv 1910.07895).
+
+Deviations from the authors' code, which trains a 3-D residual U-Net on 64x256x256 blocks with
+Adam at lr 1e-5 (whole) and 1e-6 (patches): this is the 2-D version the project's design asks for
+(3 adjacent slices as channels), so it keeps the authors' 10:1 whole/patch learning-rate ratio at
+magnitudes that train a 2-D U-Net from scratch in tens of thousands of steps. To use the authors'
+rates: --config.stages.whole1.optimizer.learning_rate=1e-5 (and likewise for the other stages).
+
+  curriculum-seg train --config configs/lits_three_stage.py \
+      --config.data.lits_dir=gs://BUCKET/lits --config.data.tfds_dir=gs://BUCKET/tfds \
+      --workdir gs://BUCKET/runs/three_stage
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg=None):
+  """`arg` is unused (kept for the `file.py:arg` convention)."""
+  del arg
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  config.data.lits_dir = "gs://YOUR_BUCKET/lits"      # volume-N.nii + segmentation-N.nii
+  config.data.tfds_dir = "gs://YOUR_BUCKET/tfds"
+  config.data.file_format = "array_record"
+  config.data.record_compression = "uncompressed"  # fast reads; "zstd:1" halves the disk
+  config.data.context_slices = 3
+  config.data.image_size = 512                        # LiTS's own in-plane size: no resampling
+  config.data.val_fraction = 0.15                     # 20 of 131 cases
+  config.data.test_fraction = 0.0
+  config.data.split_seed = 0
+  config.data.synthetic = ml_collections.ConfigDict(dict(
+      enabled=False, num_cases=0, seed=0, size=512, slices=128, max_tumours=8,
+      storage_variants=True))
+
+  config.data.hu_window = (-60.0, 140.0)           # the paper's window, scaled to [0, 1]
+  config.data.slice_selection = "liver"            # liver z-range +- margin ("all": every slice)
+  config.data.liver_margin = 10                    # slices, as the paper
+  config.data.host_threads = 0                     # 0: one per core
+  config.data.prefetch_batches = 0                 # 0: automatic
+
+  # Joint image/label augmentation, drawn on the host and applied on the device.
+  config.augment = common.augment()
+
+  config.model = common.model(depth=5, base_width=32, norm="instance", block="residual",
+                              task="tumour", compute_dtype="bfloat16")
+  config.loss = common.loss("dice")
+  config.eval = ml_collections.ConfigDict(dict(batch_size=64))
+
+  config.curriculum = ("whole1", "patch", "whole2")
+  config.stages = ml_collections.ConfigDict()
+  config.stages.whole1 = common.stage("whole", steps=20_000, batch_size=64, learning_rate=1e-4,
+                                      init="scratch", schedule="cosine", warmup_steps=500,
+                                      log_every=100, eval_every=1_000, checkpoint_every=1_000)
+  config.stages.patch = common.stage("patch", steps=20_000, batch_size=256, learning_rate=1e-5,
+                                     patch_size=128, positive_fraction=0.7, patch_jitter=16,
+                                     schedule="cosine", log_every=100, eval_every=1_000,
+                                     checkpoint_every=1_000)
+  config.stages.whole2 = common.stage("whole", steps=20_000, batch_size=64, learning_rate=1e-4,
+                                      schedule="cosine", warmup_steps=500, log_every=100,
+                                      eval_every=1_000, checkpoint_every=1_000)
+  return config

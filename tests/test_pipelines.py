@@ -1,0 +1,378 @@
+"""Whole-slice and tumour-patch pipelines: sharding, determinism, resume, sampling, errors."""
+
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import synthetic as synthetic_config
+from data_pipelines import lits_tfds, pipelines
+
+AUGMENT = dict(enabled=True, flip_lr=0.5, flip_ud=0.5, rotate_deg=15.0, scale_range=(0.9, 1.1),
+               intensity_shift=0.05, intensity_scale=0.05, on_device=False)
+
+
+def prepare_tiny(tmp_path_factory, name, **synth):
+  """A tiny synthetic dataset under pytest's base temp (reused by later calls in a session).
+
+  Slices are stored at the generator's size (no resampling), so every tumour part in the index
+  is in the stored labels.
+  """
+  root = tmp_path_factory.getbasetemp() / name
+  cfg = synthetic_config.get_config()
+  cfg.data.lits_dir = str(root / "lits")
+  cfg.data.tfds_dir = str(root / "tfds")
+  cfg.data.image_size = 32
+  cfg.data.synthetic.update(dict(num_cases=4, size=32, slices=16, storage_variants=False))
+  cfg.data.synthetic.update(synth)
+  with cfg.data.unlocked():
+    cfg.data.hu_window = (-60.0, 140.0)
+    cfg.data.slice_selection = "all"
+    cfg.data.liver_margin = 2
+    cfg.data.host_threads = 2
+  return lits_tfds.prepare(cfg.data, log=lambda _: None), cfg.data
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+  return prepare_tiny(tmp_path_factory, "pipelines_tumours")
+
+
+@pytest.fixture(scope="session")
+def tumour_free(tmp_path_factory):
+  return prepare_tiny(tmp_path_factory, "pipelines_no_tumours", num_cases=2, max_tumours=0)
+
+
+def stage(**kw):
+  base = dict(pipeline="whole", batch_size=8, patch_size=16, positive_fraction=0.25,
+              component_sampling="component", patch_jitter=3)
+  base.update(kw)
+  return ml_collections.ConfigDict(base)
+
+
+def augment_cfg(**kw):
+  return ml_collections.ConfigDict(dict(AUGMENT, **kw))
+
+
+def take(stream, n):
+  out = [next(stream) for _ in range(n)]
+  stream.close()
+  return out
+
+
+def assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+@pytest.mark.parametrize("pipeline", ["whole", "patch"])
+def test_process_shards_are_disjoint_cover_the_data_and_form_the_same_global_batches(
+    data, pipeline):
+  builder, data_cfg = data
+  num_examples = pipelines.SplitIndex.from_builder(builder, "train").num_examples
+  reference = None
+  for count in (1, 2, 4):
+    streams = [pipelines.make_train_pipeline(builder, data_cfg, augment_cfg(), stage(
+        pipeline=pipeline), 0, p, count) for p in range(count)]
+    positions, examples = [], []
+    for s in streams:
+      rows = [s.plan(b) for b in range(12)]
+      positions.append(np.concatenate([r["position"] for r in rows]))
+      examples.append(np.concatenate([r["example"] for r in rows]))
+    # Disjoint shares that together are every position of the first 12 global batches.
+    every = np.concatenate(positions)
+    assert len(set(every.tolist())) == len(every) == 12 * 8
+    assert sorted(every.tolist()) == list(range(12 * 8))
+    if pipeline == "whole":  # every slice once per epoch
+      by_position = np.empty(12 * 8, np.int64)
+      by_position[every] = np.concatenate(examples)
+      assert sorted(by_position[:num_examples].tolist()) == list(range(num_examples))
+    # The processes' batches, concatenated in process order, are the one-process batches.
+    batches = [take(s, 2) for s in streams]
+    merged = [{k: np.concatenate([b[i][k] for b in batches]) for k in batches[0][i]}
+              for i in range(2)]
+    assert merged[0]["image"].shape[0] == 8
+    if reference is None:
+      reference = merged
+    else:
+      assert_batches_equal(merged, reference)
+
+
+def test_eval_shards_cover_each_slice_once_with_a_padded_last_batch(data):
+  builder, data_cfg = data
+  index = pipelines.SplitIndex.from_builder(builder, "validation")
+  expected = {(int(c), k) for c, _, n, _, _ in index.cases for k in range(n)}
+  for count in (1, 2, 4):
+    seen, lengths, padding = [], set(), 0
+    for p in range(count):
+      stream = pipelines.make_eval_pipeline(builder, data_cfg, "validation", 12, p, count)
+      batches = list(stream)
+      lengths.add(len(batches))
+      for b in batches:
+        real = b["mask"] == 1
+        padding += int((~real).sum())
+        assert (b["case_number"][~real] == -1).all() and (b["image"][~real] == 0).all()
+        seen += list(zip(b["case_number"][real].tolist(), b["slice_index"][real].tolist()))
+        assert b["image"].dtype == np.float32 and b["label"].dtype == np.int32
+        assert 0 <= b["image"].min() and b["image"].max() <= 1
+    assert len(lengths) == 1  # every process runs the same number of steps
+    assert len(seen) == len(set(seen)) and set(seen) == expected
+    assert padding == 12 * lengths.pop() - len(expected) > 0
+
+
+def test_eval_batches_hold_the_stored_slices(data):
+  builder, data_cfg = data
+  source = builder.as_data_source("validation")
+  batch = next(pipelines.make_eval_pipeline(builder, data_cfg, "validation", 4, 0, 1))
+  for k in range(4):
+    example = source[k]
+    assert (example["case_number"], example["slice_index"]) == (
+        batch["case_number"][k], batch["slice_index"][k])
+    np.testing.assert_array_equal(batch["label"][k], example["label"])
+    np.testing.assert_allclose(batch["image"][k], np.clip((example["image"] + 60.0) / 200, 0, 1),
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("pipeline", ["whole", "patch"])
+def test_same_seed_same_batches_other_seed_other_batches(data, pipeline):
+  builder, data_cfg = data
+  make = lambda seed: pipelines.make_train_pipeline(  # noqa: E731
+      builder, data_cfg, augment_cfg(), stage(pipeline=pipeline), seed, 0, 1)
+  first = take(make(7), 3)
+  assert_batches_equal(first, take(make(7), 3))
+  other = take(make(8), 3)
+  assert not np.array_equal(first[0]["image"], other[0]["image"])
+  size = 32 if pipeline == "whole" else 16
+  assert first[0]["image"].shape == (8, size, size, 3) and first[0]["label"].shape == (8, size,
+                                                                                      size)
+  assert first[0]["image"].dtype == np.float32 and first[0]["label"].dtype == np.int32
+  assert set(np.unique(first[0]["label"])) <= {0, 1, 2} and (first[0]["mask"] == 1).all()
+
+
+def test_threads_do_not_change_the_batches(data):
+  builder, data_cfg = data
+  results = []
+  for threads in (1, 3):
+    cfg = ml_collections.ConfigDict(data_cfg.to_dict())
+    cfg.host_threads = threads
+    results.append(take(pipelines.make_train_pipeline(
+        builder, cfg, augment_cfg(), stage(pipeline="patch"), 0, 0, 1), 4))
+  assert_batches_equal(*results)
+
+
+@pytest.mark.parametrize("pipeline", ["whole", "patch"])
+def test_resumed_stream_equals_the_uninterrupted_one(data, pipeline):
+  builder, data_cfg = data
+  make = lambda start=0: pipelines.make_train_pipeline(  # noqa: E731
+      builder, data_cfg, augment_cfg(), stage(pipeline=pipeline, batch_size=4), 3, 0, 1,
+      start=start)
+  uninterrupted = take(make(), 9)  # crosses an epoch boundary of the 48 training slices
+  interrupted = make()
+  for _ in range(5):
+    next(interrupted)
+  saved = interrupted.position
+  interrupted.close()
+  assert saved == 5
+  resumed = make(start=saved)
+  assert resumed.position == 5
+  assert_batches_equal(take(resumed, 4), uninterrupted[5:])
+
+
+def test_patch_batches_hold_tumour_at_the_configured_fraction(data):
+  builder, data_cfg = data
+  stream = pipelines.make_train_pipeline(
+      builder, data_cfg, augment_cfg(enabled=False), stage(
+          pipeline="patch", batch_size=16, positive_fraction=0.25), 0, 0, 1)
+  for b in range(6):
+    plan = stream.plan(b)
+    batch = next(stream)
+    has_tumour = (batch["label"] == 2).any(axis=(1, 2))
+    assert plan["positive"].sum() == 4
+    np.testing.assert_array_equal(has_tumour, plan["positive"])
+  stream.close()
+
+
+@pytest.mark.parametrize("fraction,expected", [(0.0, 0), (0.3, 2), (1.0, 8)])
+def test_positive_count_per_global_batch(data, fraction, expected):
+  builder, data_cfg = data
+  stream = pipelines.make_train_pipeline(builder, data_cfg, augment_cfg(), stage(
+      pipeline="patch", positive_fraction=fraction), 0, 0, 1)
+  assert all(stream.plan(b)["positive"].sum() == expected for b in range(20))
+
+
+def test_patches_are_centred_on_components_within_the_jitter(data):
+  builder, data_cfg = data
+  jitter = 3
+  stream = pipelines.make_train_pipeline(
+      builder, data_cfg, augment_cfg(enabled=False), stage(
+          pipeline="patch", batch_size=16, positive_fraction=0.5, patch_jitter=jitter), 0, 0, 1)
+  index = pipelines.SplitIndex.from_builder(builder, "train")
+  source = builder.as_data_source("train")
+  offsets = []
+  for b in range(4):
+    plan, batch = stream.plan(b), next(stream)
+    for k in np.flatnonzero(plan["positive"]):
+      part = index.tumours[plan["part"][k]]
+      assert part[0] == plan["example"][k]
+      offset = plan["centre"][k] - part[2:4]
+      assert np.abs(offset).max() <= jitter + 0.5
+      offsets.append(offset)
+      # The patch is the slice around that centre (pixel 8 of 16 is the centre).
+      r, c = plan["centre"][k]
+      label = np.pad(source[int(plan["example"][k])]["label"], 16)
+      np.testing.assert_array_equal(batch["label"][k], label[r + 8:r + 24, c + 8:c + 24])
+  offsets = np.array(offsets)
+  assert np.abs(offsets).max() > 1.5  # the jitter is used, not zero
+  stream.close()
+
+
+def test_patches_crossing_the_border_are_padded_with_air(data):
+  builder, data_cfg = data
+  stream = pipelines.make_train_pipeline(
+      builder, data_cfg, augment_cfg(enabled=False), stage(
+          pipeline="patch", batch_size=16, patch_size=32, positive_fraction=1.0,
+          patch_jitter=0), 0, 0, 1)
+  batch, plan = next(stream), stream.plan(0)
+  stream.close()
+  for k in range(16):
+    r, c = plan["centre"][k]
+    outside = np.zeros((32, 32), bool)
+    rows, cols = np.arange(32) + r - 16, np.arange(32) + c - 16
+    outside[(rows < 0) | (rows >= 32)] = True
+    outside[:, (cols < 0) | (cols >= 32)] = True
+    assert outside.any()  # a 32-pixel patch of a 32-pixel slice always crosses the border
+    assert (batch["image"][k][outside] == 0).all() and (batch["label"][k][outside] == 0).all()
+
+
+@pytest.mark.parametrize("mode", ["component", "voxel"])
+def test_component_sampling_modes(data, mode):
+  builder, data_cfg = data
+  stream = pipelines.make_train_pipeline(builder, data_cfg, augment_cfg(), stage(
+      pipeline="patch", batch_size=32, positive_fraction=1.0, component_sampling=mode), 0, 0, 1)
+  index = pipelines.SplitIndex.from_builder(builder, "train")
+  parts = np.concatenate([stream.plan(b)["part"] for b in range(150)])
+  keys = index.case_rows(index.tumours[:, 0].astype(int)) * 1000 + index.tumours[:, 1]
+  components, inverse = np.unique(keys, return_inverse=True)
+  assert len(components) >= 3
+  share = np.bincount(inverse[parts], minlength=len(components)) / len(parts)
+  if mode == "component":
+    expected = np.full(len(components), 1 / len(components))
+  else:
+    area = np.bincount(inverse, weights=index.tumours[:, 5], minlength=len(components))
+    expected = area / area.sum()
+  np.testing.assert_allclose(share, expected, atol=0.03)
+
+
+def test_negative_centre_avoids_tumour_and_falls_back():
+  index = pipelines.SplitIndex(split="train", cases=np.array([[0, 0, 1, 0, 0]]),
+                               tumours=np.array([[0, 1, 5.0, 5.0, 5.0, 1.0]]), num_examples=1)
+  sampler = pipelines.PatchSampler(index, 0, 4, 0.5, "component", 0, patch_size=8)
+  label = np.zeros((24, 24), np.uint8)
+  label[2:22, 2:22] = 1
+  label[4:7, 4:7] = 2
+  for u in np.linspace(0, 0.999, 25):
+    r, c = sampler.negative_centre(label, True, u)
+    assert label[r, c] == 1 and not (label[max(r - 4, 0):r + 4, max(c - 4, 0):c + 4] == 2).any()
+  label[2:22, 2:22] = 2
+  label[12, 12] = 1  # only one liver pixel, next to tumour: the fallback picks it
+  assert sampler.negative_centre(label, True, 0.5) == (12, 12)
+  assert sampler.negative_centre(np.zeros((24, 24), np.uint8), False, 0.5) == (12, 12)
+
+
+def test_slice_selection_liver_range_with_margin():
+  index = pipelines.SplitIndex(split="train", cases=np.array(
+      [[0, 0, 20, 5, 10], [3, 20, 10, -1, -1], [7, 30, 10, 0, 9]]), tumours=np.zeros((0, 6)),
+      num_examples=40)
+  np.testing.assert_array_equal(index.select("liver", 2),
+                                np.r_[3:13, 30:40])
+  np.testing.assert_array_equal(index.select("all", 2), np.arange(40))
+  cases, slices_ = index.case_and_slice([0, 25, 39])
+  np.testing.assert_array_equal(cases, [0, 3, 7])
+  np.testing.assert_array_equal(slices_, [0, 5, 9])
+
+
+def test_whole_pipeline_uses_the_selected_slices(data):
+  builder, data_cfg = data
+  cfg = ml_collections.ConfigDict(data_cfg.to_dict())
+  cfg.slice_selection, cfg.liver_margin = "liver", 0
+  index = pipelines.SplitIndex.from_builder(builder, "train")
+  stream = pipelines.make_train_pipeline(builder, cfg, augment_cfg(), stage(), 0, 0, 1)
+  selected = set(index.liver_range_slices(0).tolist())
+  assert stream.info["examples"] == len(selected)
+  assert {int(e) for b in range(10) for e in stream.plan(b)["example"]} <= selected
+
+
+def test_patch_pipeline_over_tumour_free_data_is_a_clear_error(tumour_free):
+  builder, data_cfg = tumour_free
+  assert pipelines.SplitIndex.from_builder(builder, "train").tumours.shape == (0, 7)
+  with pytest.raises(ValueError, match="no tumour.*positive_fraction"):
+    pipelines.make_train_pipeline(builder, data_cfg, augment_cfg(), stage(pipeline="patch"),
+                                  0, 0, 1)
+  # Negatives only is a valid request.
+  batch = take(pipelines.make_train_pipeline(builder, data_cfg, augment_cfg(), stage(
+      pipeline="patch", positive_fraction=0.0), 0, 0, 1), 1)[0]
+  assert not (batch["label"] == 2).any()
+
+
+@pytest.mark.parametrize("override,where,key", [
+    (dict(pipeline="blocks"), "stage", "stage.pipeline"),
+    (dict(batch_size=6), "stage", "stage.batch_size"),
+    (dict(pipeline="patch", patch_size=64), "stage", "stage.patch_size"),
+    (dict(pipeline="patch", patch_jitter=8), "stage", "stage.patch_jitter"),
+    (dict(pipeline="patch", positive_fraction=1.5), "stage", "stage.positive_fraction"),
+    (dict(pipeline="patch", component_sampling="lesion"), "stage", "stage.component_sampling"),
+    (dict(hu_window=(140.0, -60.0)), "data", "data.hu_window"),
+    (dict(slice_selection="tumour"), "data", "data.slice_selection"),
+    (dict(liver_margin=-1), "data", "data.liver_margin"),
+    (dict(flip_lr=2.0), "augment", "augment.flip_lr"),
+])
+def test_bad_configs_name_their_key(data, override, where, key):
+  builder, data_cfg = data
+  data_cfg = ml_collections.ConfigDict(data_cfg.to_dict())
+  aug, st = augment_cfg(), stage()
+  {"stage": st, "data": data_cfg, "augment": aug}[where].update(override)
+  with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+    pipelines.make_train_pipeline(builder, data_cfg, aug, st, 0, 0, 4)
+
+
+def test_eval_batch_not_divisible_by_processes(data):
+  builder, data_cfg = data
+  with pytest.raises(ValueError, match="divisible"):
+    pipelines.make_eval_pipeline(builder, data_cfg, "validation", 6, 0, 4)
+
+
+def _example(features):
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  def feature(v):
+    if isinstance(v, bytes):
+      return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=v))
+  return tf.train.Example(features=tf.train.Features(
+      feature={k: feature(v) for k, v in features.items()})).SerializeToString()
+
+
+def test_example_decoder_handles_decoys_and_the_legacy_int64_encoding():
+  import zlib  # pylint: disable=import-outside-toplevel
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  f = tfds.features
+  rng = np.random.default_rng(0)
+  image = rng.integers(-1024, 2000, (6, 6, 3)).astype(np.int16)
+  label = rng.integers(0, 3, (6, 6)).astype(np.uint8)
+  decoder = pipelines.ExampleDecoder(
+      f.Tensor(shape=(6, 6, 3), dtype=np.int16, encoding=f.Encoding.BYTES),
+      f.Tensor(shape=(6, 6), dtype=np.uint8, encoding=f.Encoding.ZLIB), 6, 3)
+  zlabel = zlib.compress(label.tobytes())
+  decoy = b"\x0a\x05image\x12\x04\x0a\x02\x0a\x00" + b"\x0a\x05label\x12\x03\x0a\x01\x0a"
+  records = [
+      _example(dict(image=image.tobytes(), label=zlabel, case_number=[3])),
+      _example(dict(aaa=decoy, image=image.tobytes(), label=zlabel, zzz=decoy)),
+      _example(dict(image=image.ravel().astype(np.int64).tolist(), label=zlabel)),
+  ]
+  for record in records:
+    got_image, got_label = decoder(record)
+    np.testing.assert_array_equal(got_image, image)
+    np.testing.assert_array_equal(got_label, label)
+  with pytest.raises(ValueError, match="lacks"):
+    decoder(_example(dict(image=image.tobytes())))
