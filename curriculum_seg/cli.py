@@ -20,6 +20,7 @@ usage: curriculum-seg COMMAND [options]
 commands:
   synth    --out_dir DIR --num_cases N --seed S   write synthetic LiTS-format cases
   prepare  --config FILE [--config.key=value ...] build the TFDS dataset the config names
+  train    --config FILE --workdir DIR [...]      run or resume the config's curriculum
 
 `curriculum-seg COMMAND --help` describes a command's options.
 """
@@ -98,9 +99,40 @@ def cmd_prepare(argv: list[str]) -> int:
   return 0
 
 
+def cmd_train(argv: list[str]) -> int:
+  argv, overrides = config_loading.split_override_args(argv)
+  parser = _Parser(prog="curriculum-seg train",
+                   description="Run (or resume) every stage of the config's curriculum.")
+  parser.add_argument("--config", help="config file, e.g. configs/synthetic.py")
+  parser.add_argument("--workdir", required=True, help="run directory (local or gs://)")
+  args = parser.parse_args(argv)
+  config = _load_config(args, overrides)
+  _quiet_tensorflow()
+  from curriculum_seg import rundir, stages  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  try:
+    results = stages.train(config, args.workdir, log=lambda m: print(m, flush=True))
+  except (stages.StageError, rundir.RunDirError) as e:
+    raise UsageError(str(e)) from e
+  except stages.Preempted as e:
+    print(f"curriculum-seg train: {e}", file=sys.stderr)
+    return 143
+  except stages.NonFiniteLossError as e:
+    print(f"curriculum-seg train: error: {e}", file=sys.stderr)
+    return 1
+  print(f"trained {len(results)} stages in {time.perf_counter() - start:.1f} s "
+        f"(workdir {args.workdir})")
+  for r in results:
+    score = "n/a" if r.best_score is None else f"{r.best_score:.4f}"
+    print(f"  {r.name:<12} {r.steps:>6} steps  best validation tumour Dice {score}"
+          + ("" if r.best_step is None else f" (step {r.best_step})"))
+  return 0
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "synth": cmd_synth,
     "prepare": cmd_prepare,
+    "train": cmd_train,
 }
 
 

@@ -1,0 +1,387 @@
+"""The stage controller: runs a curriculum (an ordered list of stages from the config).
+
+For each stage it builds the stage's pipeline and optimiser, starts from scratch or from the
+previous stage's best or last checkpoint, trains, evaluates on whole validation slices, and
+checkpoints with Orbax (state + JSON metadata: stage, step, data position, best score). Progress
+lives in the checkpoints alone, so `run` on an existing workdir resumes at the exact stage, step
+and data position; with the same seed and devices it ends with the same parameters as an
+uninterrupted run. SIGTERM (a Cloud TPU preemption) checkpoints and exits; SIGKILL loses at most
+the steps since the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from etils import epath
+
+from curriculum_seg import checkpoints as ckpt_lib
+from curriculum_seg import device_feed, optim, rundir, sharding, train_step
+from curriculum_seg.models import build_model
+from data_pipelines import lits_tfds, pipelines
+
+PIPELINES = ("whole", "patch")
+INITS = ("scratch", "best", "last")
+
+
+class StageError(RuntimeError):
+  """A curriculum that cannot run as configured (the message names the config key)."""
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a non-finite loss or gradient; the last good checkpoint is kept."""
+
+
+class Preempted(Exception):
+  """SIGTERM arrived; a checkpoint was saved and the run can be resumed."""
+
+
+@dataclasses.dataclass
+class StageResult:
+  name: str
+  steps: int
+  best_score: Optional[float]
+  best_step: Optional[int]
+  chosen: str  # which checkpoint the next stage starts from: 'best' or 'last'
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks the curriculum part of a config, naming the offending key."""
+  if not config.get("curriculum"):
+    raise StageError("config.curriculum must name at least one stage")
+  for name in config.curriculum:
+    if name not in config.stages:
+      raise StageError(f"config.curriculum names stage {name!r}, but config.stages has no such "
+                       f"stage (stages: {', '.join(config.stages.keys())})")
+  if len(set(config.curriculum)) != len(config.curriculum):
+    raise StageError(f"config.curriculum repeats a stage name: {list(config.curriculum)}")
+  for k, name in enumerate(config.curriculum):
+    s = config.stages[name]
+    key = f"config.stages.{name}"
+    if s.pipeline not in PIPELINES:
+      raise StageError(f"{key}.pipeline={s.pipeline!r} is not one of {list(PIPELINES)}")
+    if s.init not in INITS:
+      raise StageError(f"{key}.init={s.init!r} is not one of {list(INITS)}")
+    if int(s.steps) < 1:
+      raise StageError(f"{key}.steps={s.steps} must be >= 1")
+    if int(s.batch_size) < 1:
+      raise StageError(f"{key}.batch_size={s.batch_size} must be >= 1")
+    for field in ("eval_every", "checkpoint_every", "log_every"):
+      if int(s[field]) < 0:
+        raise StageError(f"{key}.{field}={s[field]} must be >= 0")
+    if s.carry_optimizer and k > 0:
+      prev = config.stages[config.curriculum[k - 1]]
+      if prev.optimizer.name != s.optimizer.name:
+        raise StageError(f"{key}.carry_optimizer needs the previous stage's optimiser type, "
+                         f"got {prev.optimizer.name!r} then {s.optimizer.name!r}")
+
+
+def _every(step: int, interval: int, last: int) -> bool:
+  return step == last or (interval > 0 and step % interval == 0)
+
+
+def _reset_schedule_counts(opt_state: Any) -> Any:
+  """Restarts injected schedules (their `count`) while keeping moment estimates."""
+  def reset(node):
+    if isinstance(node, optax.InjectHyperparamsState):
+      return node._replace(count=jnp.zeros_like(node.count))
+    return node
+  return jax.tree.map(reset, opt_state,
+                      is_leaf=lambda n: isinstance(n, optax.InjectHyperparamsState))
+
+
+class _SigtermFlag:
+  """Turns SIGTERM into a flag the training loop polls (main thread only)."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.raised = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class Controller:
+  """Composes data, model, steps and checkpoints to run one config's curriculum in a workdir."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: epath.PathLike,
+               log: Callable[[str], Any] = print, mesh: Optional[jax.sharding.Mesh] = None):
+    validate(config)
+    self.config = config
+    self.workdir = epath.Path(workdir)
+    self.log = log if jax.process_index() == 0 else (lambda s: None)
+    self.mesh = mesh if mesh is not None else sharding.make_mesh()
+    self.model = build_model(config.model, int(config.data.context_slices))
+    self.metrics_log = rundir.MetricsLog(self.workdir)
+    self._compiled: dict[str, Any] = {}
+    self._eval_step = None
+    self.builder = None
+    self.writer = None
+
+  # --- building blocks -------------------------------------------------------------------
+
+  def _tx(self, stage: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    tx, _ = optim.build_optimizer(stage.optimizer, stage.schedule, int(stage.steps))
+    return tx
+
+  def _train_step(self, name: str, stage: ml_collections.ConfigDict, tx):
+    """The compiled step, shared by stages whose optimiser, schedule and length match."""
+    key = json.dumps(dict(opt=stage.optimizer.to_dict(), sched=stage.schedule.to_dict(),
+                          steps=int(stage.steps)), sort_keys=True)
+    if key not in self._compiled:
+      self._compiled[key] = (tx, train_step.make_train_step(
+          self.model, tx, self.config.loss, self.config.model.task, self.mesh))
+    return self._compiled[key]
+
+  def _input_shape(self, stage: ml_collections.ConfigDict) -> tuple[int, ...]:
+    size = (int(stage.patch_size) if stage.pipeline == "patch"
+            else int(self.config.data.image_size))
+    return (int(stage.batch_size), size, size, int(self.config.data.context_slices))
+
+  def _abstract_state(self, stage, tx):
+    """Shapes, dtypes and (replicated) shardings of a stage's train state, computing nothing."""
+    shape = self._input_shape(stage)
+
+    def build(rng):
+      variables = self.model.init(rng, jnp.zeros(shape, jnp.float32), train=False)
+      zero = jnp.zeros((), jnp.int32)
+      return train_step.TrainState(step=zero, params=variables["params"],
+                                   batch_stats=variables.get("batch_stats", {}),
+                                   opt_state=tx.init(variables["params"]), skipped=zero)
+
+    shapes = jax.eval_shape(build, jax.random.PRNGKey(0))
+    return ckpt_lib.abstract_like(shapes, sharding.replicated(self.mesh))
+
+  def _stage_checkpoints(self, name: str) -> ckpt_lib.StageCheckpoints:
+    return ckpt_lib.StageCheckpoints(self.workdir / "checkpoints", name)
+
+  def evaluate(self, state) -> dict[str, float]:
+    """Scores `state` on every whole validation slice: global and mean per-slice Dice, loss."""
+    if self._eval_step is None:
+      self._eval_step = train_step.make_eval_step(self.model, self.config.model.task, self.mesh,
+                                                  self.config.loss)
+    batch_size = int(self.config.eval.batch_size)
+    totals: dict[str, float] = {}
+    stream = pipelines.make_eval_pipeline(
+        self.builder, self.config.data, "validation", batch_size, jax.process_index(),
+        jax.process_count())
+    for host_batch in stream:
+      batch = sharding.host_to_global(
+          {k: host_batch[k] for k in ("image", "label", "mask")}, self.mesh)
+      sums = jax.device_get(self._eval_step(state, batch))
+      for k, v in sums.items():
+        totals[k] = totals.get(k, 0.0) + float(v)
+    count = max(totals.get("count", 0.0), 1.0)
+    dice = float(train_step.dice_from_sums(totals["intersection"], totals["pred_sum"],
+                                           totals["target_sum"]))
+    return dict(val_dice=dice, val_dice_mean=totals["dice_sum"] / count,
+                val_loss=totals["loss_sum"] / count, val_slices=int(totals.get("count", 0)))
+
+  # --- the run ---------------------------------------------------------------------------
+
+  def run(self) -> list[StageResult]:
+    """Runs (or resumes) every stage in order; returns what each stage chose."""
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+    self.builder = lits_tfds.prepare(self.config.data, log=self.log)
+    if jax.process_index() == 0:
+      self.writer = metric_writers.SummaryWriter(os.fspath(self.workdir / "tensorboard"))
+    results: list[StageResult] = []
+    previous: Optional[tuple[ckpt_lib.StageCheckpoints, StageResult, Any]] = None
+    global_offset = 0
+    with _SigtermFlag() as sigterm:
+      for index, name in enumerate(self.config.curriculum):
+        stage = self.config.stages[name]
+        result, state_ckpts, tx = self._run_stage(index, name, stage, previous, global_offset,
+                                                  sigterm)
+        results.append(result)
+        previous = (state_ckpts, result, tx)
+        global_offset += int(stage.steps)
+    if self.writer is not None:
+      self.writer.flush()
+    summary = [dataclasses.asdict(r) for r in results]
+    if jax.process_index() == 0:
+      (self.workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return results
+
+  def _initial_state(self, index, name, stage, tx, previous):
+    """A new stage's starting state: from scratch, or the previous stage's chosen checkpoint."""
+    rng = jax.random.PRNGKey(int(self.config.seed))
+    fresh = train_step.create_train_state(rng, self.model, tx, self._input_shape(stage),
+                                          self.mesh)
+    if index == 0 or stage.init == "scratch":
+      self.log(f"[{name}] starts from scratch")
+      return fresh
+    prev_ckpts, prev_result, prev_tx = previous
+    which = ckpt_lib.BEST if (stage.init == "best" and prev_ckpts.steps(ckpt_lib.BEST)) \
+        else ckpt_lib.LATEST
+    prev_stage = self.config.stages[prev_result.name]
+    restored, meta = prev_ckpts.restore(self._abstract_state(prev_stage, prev_tx), which)
+    self.log(f"[{name}] starts from {prev_result.name}'s {which} checkpoint (step {meta['step']}"
+             + (f", val dice {meta['best_score']:.4f})" if which == ckpt_lib.BEST else ")"))
+    opt_state = fresh.opt_state
+    if stage.carry_optimizer:
+      opt_state = _reset_schedule_counts(restored.opt_state)
+    return fresh.replace(params=restored.params, batch_stats=restored.batch_stats,
+                         opt_state=opt_state)
+
+  def _run_stage(self, index, name, stage, previous, global_offset, sigterm):
+    steps = int(stage.steps)
+    ckpts = self._stage_checkpoints(name)
+    tx, step_fn = self._train_step(name, stage, self._tx(stage))
+    last_meta = ckpts.meta()
+    if last_meta is not None and last_meta.get("completed"):
+      self.log(f"[{name}] already complete ({last_meta['step']} steps, best val dice "
+               f"{_fmt(last_meta.get('best_score'))})")
+      return self._result(name, stage, last_meta), ckpts, tx
+
+    if last_meta is not None:  # resume mid-stage
+      state, meta = ckpts.restore(self._abstract_state(stage, tx), ckpt_lib.LATEST)
+      step, position = int(meta["step"]), meta["position"]
+      best_score, best_step = meta.get("best_score"), meta.get("best_step")
+      self.log(f"[{name}] resuming at step {step}/{steps}")
+    else:
+      state = self._initial_state(index, name, stage, tx, previous)
+      step, position, best_score, best_step = 0, 0, None, None
+    if jax.process_index() == 0:
+      self.metrics_log.truncate_after(global_offset + step)
+
+    host = pipelines.make_train_pipeline(
+        self.builder, self.config.data, self.config.augment, stage, int(self.config.seed) + index,
+        jax.process_index(), jax.process_count(), start=position)
+    feed = device_feed.DeviceFeed(host, self.mesh)
+    rng = jax.random.fold_in(jax.random.PRNGKey(int(self.config.seed)), index)
+    skipped_before = int(jax.device_get(state.skipped))
+    t_last, step_last = time.perf_counter(), step
+    t_stage = time.perf_counter()
+
+    def checkpoint(completed=False, best=False, scores=None):
+      meta = dict(stage=name, stage_index=index, step=step, global_step=global_offset + step,
+                  position=feed.position, best_score=best_score, best_step=best_step,
+                  completed=completed, **(scores or {}))
+      ckpts.save(step, state, meta, best=best)
+
+    try:
+      while step < steps:
+        batch = next(feed)
+        state, metrics = step_fn(state, batch, rng)
+        step += 1
+        row = None
+        if _every(step, int(stage.log_every), steps):
+          metrics = jax.device_get(metrics)
+          skipped = int(jax.device_get(state.skipped))
+          if skipped > skipped_before or not math.isfinite(float(metrics["loss"])):
+            raise NonFiniteLossError(
+                f"[{name}] non-finite loss or gradient at step {step} (stage {name}); the "
+                f"update was not applied and the last good checkpoint is kept. Lower "
+                f"config.stages.{name}.optimizer.learning_rate or check the data.")
+          now = time.perf_counter()
+          rate = (step - step_last) / max(now - t_last, 1e-9)
+          t_last, step_last = now, step
+          row = dict(stage=name, step=step, global_step=global_offset + step,
+                     loss=float(metrics["loss"]), dice=float(metrics["dice"]),
+                     grad_norm=float(metrics["grad_norm"]), lr=float(metrics.get("lr", np.nan)),
+                     steps_per_s=rate)
+        best = False
+        scores = None
+        if _every(step, int(stage.eval_every), steps):
+          scores = self.evaluate(state)
+          if best_score is None or scores["val_dice"] > best_score:
+            best_score, best_step, best = scores["val_dice"], step, True
+          row = dict(row or dict(stage=name, step=step, global_step=global_offset + step),
+                     **scores, best_val_dice=best_score)
+        if row is not None:
+          self._log_row(row, steps)
+        if step == steps:
+          checkpoint(completed=True, best=best, scores=scores)
+        elif best or _every(step, int(stage.checkpoint_every), steps) or sigterm.raised:
+          checkpoint(best=best, scores=scores)
+        if sigterm.raised and step < steps:
+          raise Preempted(f"[{name}] SIGTERM: checkpoint saved at step {step}/{steps}; run the "
+                          "same command to resume")
+    finally:
+      feed.close()
+      ckpts.close()
+    self.log(f"[{name}] done: {steps} steps in {time.perf_counter() - t_stage:.1f} s, best val "
+             f"dice {_fmt(best_score)} at step {best_step}")
+    return self._result(name, stage, dict(step=steps, best_score=best_score,
+                                          best_step=best_step)), ckpts, tx
+
+  def _result(self, name, stage, meta) -> StageResult:
+    next_index = list(self.config.curriculum).index(name) + 1
+    chosen = "last"
+    if next_index < len(self.config.curriculum):
+      nxt = self.config.stages[self.config.curriculum[next_index]]
+      chosen = "best" if nxt.init == "best" and meta.get("best_score") is not None else "last"
+    return StageResult(name=name, steps=int(meta["step"]), best_score=meta.get("best_score"),
+                       best_step=meta.get("best_step"), chosen=chosen)
+
+  def _log_row(self, row: dict, steps: int) -> None:
+    if jax.process_index() != 0:
+      return
+    self.metrics_log.append([row])
+    scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k not in (
+        "step", "global_step")}
+    self.writer.write_scalars(row["global_step"], {f"{row['stage']}/{k}": v
+                                                   for k, v in scalars.items()})
+    parts = [f"[{row['stage']}] step {row['step']}/{steps}"]
+    if "loss" in row:
+      eta = (steps - row["step"]) / max(row["steps_per_s"], 1e-9)
+      parts.append(f"loss {row['loss']:.4f} dice {row['dice']:.3f} "
+                   f"{row['steps_per_s']:.1f} steps/s ETA {eta:.0f}s")
+    if "val_dice" in row:
+      parts.append(f"val dice {row['val_dice']:.4f} (best {row['best_val_dice']:.4f})")
+    self.log("  ".join(parts))
+
+
+def _fmt(value: Optional[float]) -> str:
+  return "n/a" if value is None else f"{value:.4f}"
+
+
+def enable_compilation_cache(config: ml_collections.ConfigDict) -> None:
+  """Keeps compiled steps on disk, so a resumed or repeated run skips most compilation.
+
+  `config.compilation_cache_dir` (default `~/.cache/curriculum_seg/jax`; "" disables; may be
+  gs:// on Cloud TPU). The cache holds XLA executables only: results are unchanged.
+  """
+  path = config.get("compilation_cache_dir", None)
+  if path is None:
+    path = os.path.join(os.path.expanduser("~"), ".cache", "curriculum_seg", "jax")
+  if path and not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.fspath(path))
+
+
+def train(config: ml_collections.ConfigDict, workdir: epath.PathLike,
+          log: Callable[[str], Any] = print) -> list[StageResult]:
+  """Runs or resumes `config`'s curriculum in `workdir` (the `curriculum-seg train` command)."""
+  sharding.maybe_initialize_distributed()
+  enable_compilation_cache(config)
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  with rundir.RunLock(workdir):
+    controller = Controller(config, workdir, log=log)
+    resumed = rundir.check_or_save_config(workdir, config)
+    if resumed:
+      log(f"resuming the run in {workdir}")
+    return controller.run()

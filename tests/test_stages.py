@@ -1,0 +1,246 @@
+"""The stage controller: a tiny three-stage run, hand-over between stages, exact resume after
+kill -9 at several points, SIGTERM, a refused concurrent run, refused config changes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+from etils import epath
+
+from curriculum_seg import checkpoints, config_loading, rundir, stages
+
+STEPS = 6
+
+
+def tiny_overrides(root, **extra):
+  values = {
+      "data.lits_dir": f"{root}/lits", "data.tfds_dir": f"{root}/tfds",
+      "data.synthetic.num_cases": "4", "data.synthetic.size": "64", "data.synthetic.slices": "16",
+      "data.image_size": "32", "data.val_fraction": "0.25", "model.depth": "2",
+      "model.base_width": "4", "stages.patch.patch_size": "16", "stages.patch.patch_jitter": "4",
+      "eval.batch_size": "8"}
+  for name in ("whole1", "patch", "whole2"):
+    values.update({f"stages.{name}.steps": str(STEPS), f"stages.{name}.batch_size": "4",
+                   f"stages.{name}.eval_every": "3", f"stages.{name}.checkpoint_every": "3",
+                   f"stages.{name}.log_every": "1"})
+  values.update(extra)
+  return values
+
+
+def tiny_config(root, **extra):
+  return config_loading.apply_overrides(config_loading.load_config_file("configs/synthetic.py"),
+                                        tiny_overrides(root, **extra).items())
+
+
+# A training subprocess that can kill itself (SIGKILL) at an exact point:
+#   batch:<stage>:<n>     when the stage's n-th batch is requested (mid-stage, between saves)
+#   saved:<stage>:<step>  right after the checkpoint of that step is complete
+#   saving:<stage>:<step> inside that checkpoint's save, before Orbax's atomic rename
+_SCRIPT = textwrap.dedent("""
+    import json, os, signal, sys
+    from curriculum_seg import checkpoints, config_loading, device_feed, stages
+    workdir, overrides, kill = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+    config = config_loading.apply_overrides(
+        config_loading.load_config_file("configs/synthetic.py"), overrides.items())
+    die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+    mode, stage_name, number = (kill.split(":") + ["", "", ""])[:3] if kill else ("", "", "0")
+    number = int(number or 0)
+    current = {"stage": None}
+    original_save = checkpoints.StageCheckpoints.save
+    def save(self, step, state, meta, best=False):
+      current["stage"], current["step"] = self.stage, step
+      original_save(self, step, state, meta, best)
+      if mode == "saved" and self.stage == stage_name and step == number:
+        die()
+    checkpoints.StageCheckpoints.save = save
+    if mode == "saving":
+      from orbax.checkpoint._src.path import atomicity
+      original_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+      async def finalize(self, *args, **kwargs):
+        if current["stage"] == stage_name and current["step"] == number:
+          die()
+        return await original_finalize(self, *args, **kwargs)
+      atomicity.AtomicRenameTemporaryPath.finalize = finalize
+    if mode == "batch":
+      running, count = {}, {}
+      original_run_stage = stages.Controller._run_stage
+      def run_stage(self, index, name, *args, **kwargs):
+        running["stage"] = name
+        return original_run_stage(self, index, name, *args, **kwargs)
+      stages.Controller._run_stage = run_stage
+      original_next = device_feed.DeviceFeed.__next__
+      def next_batch(self):
+        name = running["stage"]
+        count[name] = count.get(name, 0) + 1
+        if name == stage_name and count[name] == number:
+          die()
+        return original_next(self)
+      device_feed.DeviceFeed.__next__ = next_batch
+    stages.train(config, workdir, log=lambda m: print(m, flush=True))
+    print("FINISHED", flush=True)
+""")
+
+
+def run_training(workdir, overrides, kill="", timeout=600):
+  env = dict(os.environ, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             TF_CPP_MIN_LOG_LEVEL="2")
+  return subprocess.run([sys.executable, "-c", _SCRIPT, str(workdir), json.dumps(overrides),
+                         kill], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def final_params(workdir, config):
+  """whole2's completed checkpoint, as numpy arrays."""
+  store = checkpoints.StageCheckpoints(epath.Path(workdir) / "checkpoints", "whole2",
+                                       read_only=True)
+  controller = stages.Controller(config, workdir, log=lambda s: None)
+  stage = config.stages.whole2
+  state, meta = store.restore(controller._abstract_state(stage, controller._tx(stage)))
+  assert meta["completed"] and meta["step"] == STEPS
+  return jax.tree.map(np.asarray, jax.device_get(state))
+
+
+def losses(workdir):
+  rows = rundir.MetricsLog(epath.Path(workdir)).read()
+  return [(r["stage"], r["step"], r.get("loss"), r.get("val_dice")) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """An uninterrupted tiny three-stage run."""
+  root = tmp_path_factory.mktemp("stages")
+  overrides = tiny_overrides(root)
+  result = run_training(root / "uninterrupted", overrides)
+  assert result.returncode == 0 and "FINISHED" in result.stdout, result.stderr[-3000:]
+  config = tiny_config(root)
+  return root, overrides, config, final_params(root / "uninterrupted", config), losses(
+      root / "uninterrupted"), result.stdout
+
+
+def test_three_stage_run_hands_over_the_chosen_checkpoints(reference):
+  root, _, config, params, rows, stdout = reference
+  workdir = root / "uninterrupted"
+  assert "[patch] starts from whole1's best checkpoint" in stdout
+  assert "[whole2] starts from patch's best checkpoint" in stdout
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert [s["name"] for s in summary] == ["whole1", "patch", "whole2"]
+  assert {r[0] for r in rows} == {"whole1", "patch", "whole2"}
+  assert [r[1] for r in rows if r[0] == "patch" and r[2] is not None] == list(range(1, STEPS + 1))
+  assert sum(1 for r in rows if r[3] is not None) == 6, "evaluated at steps 3 and 6 per stage"
+  assert json.loads((workdir / "config.json").read_text())["stages"]["patch"]["steps"] == STEPS
+  assert any(f.startswith("events") for f in os.listdir(workdir / "tensorboard"))
+  for name in ("whole1", "patch", "whole2"):
+    store = checkpoints.StageCheckpoints(workdir / "checkpoints", name, read_only=True)
+    assert store.meta()["completed"] and store.steps() == [3, 6]
+    assert store.meta("best")["step"] in (3, 6)
+
+
+def test_next_stage_starts_from_exactly_the_chosen_checkpoint(reference, tmp_path):
+  root, _, config, _, _, _ = reference
+  source = root / "uninterrupted"
+  controller = stages.Controller(config, source, log=lambda s: None)
+  whole1 = checkpoints.StageCheckpoints(source / "checkpoints", "whole1", read_only=True)
+  stage1 = config.stages.whole1
+  best, meta = whole1.restore(controller._abstract_state(stage1, controller._tx(stage1)), "best")
+  patch = config.stages.patch
+  previous = (whole1, stages.StageResult("whole1", STEPS, meta["best_score"], meta["step"],
+                                         "best"), controller._tx(stage1))
+  fresh = controller._initial_state(1, "patch", patch, controller._tx(patch), previous)
+  for a, b in zip(jax.tree.leaves(best.params), jax.tree.leaves(fresh.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert int(fresh.step) == 0
+  moments = lambda s: [np.asarray(x) for x in jax.tree.leaves(s.opt_state)  # noqa: E731
+                       if np.asarray(x).ndim > 0]
+  assert all(not m.any() for m in moments(fresh)), "optimiser state reset by default"
+  carry = config_loading.apply_overrides(config, [("stages.patch.carry_optimizer", "true")])
+  carried = controller._initial_state(1, "patch", carry.stages.patch, controller._tx(patch),
+                                      previous)
+  for a, b in zip(moments(best), moments(carried)):
+    np.testing.assert_array_equal(a, b)
+  last = config_loading.apply_overrides(config, [("stages.patch.init", "last")])
+  from_last = controller._initial_state(1, "patch", last.stages.patch, controller._tx(patch),
+                                        previous)
+  latest, _ = whole1.restore(controller._abstract_state(stage1, controller._tx(stage1)))
+  for a, b in zip(jax.tree.leaves(latest.params), jax.tree.leaves(from_last.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("kill", ["batch:patch:5", "saved:whole1:6", "saving:patch:3"])
+def test_kill_9_then_resume_ends_equal_to_an_uninterrupted_run(reference, tmp_path, kill):
+  root, overrides, config, params, rows, _ = reference
+  workdir = tmp_path / "run"
+  killed = run_training(workdir, overrides, kill=kill)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+  resumed = run_training(workdir, overrides)
+  assert resumed.returncode == 0 and "FINISHED" in resumed.stdout, resumed.stderr[-3000:]
+  assert "resuming" in resumed.stdout
+  got = final_params(workdir, config)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, b)  # bitwise: same devices, same compiled steps
+  assert losses(workdir) == rows
+
+
+def test_sigterm_checkpoints_and_exits_and_the_run_resumes(reference, tmp_path):
+  root, overrides, config, params, _, _ = reference
+  workdir = tmp_path / "run"
+  env = dict(os.environ, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  proc = subprocess.Popen([sys.executable, "-m", "curriculum_seg.cli", "train", "--config",
+                           "configs/synthetic.py", "--workdir", str(workdir)] +
+                          [f"--config.{k}={v}" for k, v in overrides.items()],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    rows = rundir.MetricsLog(epath.Path(workdir)).read() if workdir.exists() else []
+    if any(r["stage"] == "patch" for r in rows):
+      break
+    assert proc.poll() is None, proc.communicate()
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 143, stderr[-2000:]
+  assert "SIGTERM: checkpoint saved" in stderr
+  store = checkpoints.StageCheckpoints(workdir / "checkpoints", "patch", read_only=True)
+  meta = store.meta()
+  assert meta is not None and not meta["completed"]
+  resumed = run_training(workdir, overrides)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(final_params(workdir, config))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_concurrent_run_and_changed_config_are_refused(reference, tmp_path):
+  root, overrides, config, _, _, _ = reference
+  workdir = epath.Path(tmp_path)
+  with rundir.RunLock(workdir):
+    with pytest.raises(rundir.RunDirError, match="in use by another run"):
+      stages.train(config, workdir, log=lambda s: None)
+  args = [sys.executable, "-m", "curriculum_seg.cli", "train", "--config", "configs/synthetic.py",
+          "--workdir", str(root / "uninterrupted")]
+  changed = subprocess.run(args + [f"--config.{k}={v}" for k, v in overrides.items()] +
+                           ["--config.stages.patch.optimizer.learning_rate=0.5"],
+                           capture_output=True, text=True, timeout=300)
+  assert changed.returncode == 2
+  assert "stages.patch.optimizer.learning_rate" in changed.stderr
+  assert len(changed.stderr.strip().splitlines()) == 1
+  wrong = subprocess.run(args + ["--config.stages.patch.stepz=3"], capture_output=True, text=True,
+                         timeout=120)
+  assert wrong.returncode == 2
+  assert wrong.stderr.strip() == ("curriculum-seg train: error: unknown config key "
+                                  "stages.patch.stepz (did you mean stages.patch.steps?)")
+
+
+def test_bad_curricula_name_their_key(tmp_path):
+  config = tiny_config(tmp_path)
+  with pytest.raises(stages.StageError, match="config.stages.patch.pipeline"):
+    stages.validate(config_loading.apply_overrides(config, [("stages.patch.pipeline", "blocks")]))
+  with pytest.raises(stages.StageError, match="no such stage"):
+    stages.validate(config_loading.apply_overrides(config, [("curriculum", "('whole1', 'x')")]))
+  with pytest.raises(stages.StageError, match="carry_optimizer"):
+    stages.validate(config_loading.apply_overrides(config, [
+        ("stages.patch.carry_optimizer", "true"), ("stages.patch.optimizer.name", "sgd")]))
