@@ -28,7 +28,7 @@ case "$command" in
   demo)
     setup . base
     export TF_CPP_MIN_LOG_LEVEL=2
-    exec "$VENV/bin/curriculum-seg" prepare --config configs/synthetic.py "$@"
+    exec "$VENV/bin/curriculum-seg" train --config configs/synthetic.py --workdir runs/synthetic "$@"
     ;;
   test)
     setup ".[test]" test

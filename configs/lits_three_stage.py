@@ -24,6 +24,7 @@ def get_config(arg=None):
   del arg
   config = ml_collections.ConfigDict()
   config.seed = 0
+  config.compilation_cache_dir = None  # None: ~/.cache/curriculum_seg/jax; "": no cache
 
   config.data = ml_collections.ConfigDict()
   config.data.lits_dir = "gs://YOUR_BUCKET/lits"      # volume-N.nii + segmentation-N.nii

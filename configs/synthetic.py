@@ -14,6 +14,7 @@ def get_config(arg=None):
   del arg
   config = ml_collections.ConfigDict()
   config.seed = 0
+  config.compilation_cache_dir = None  # None: ~/.cache/curriculum_seg/jax; "": no cache
 
   config.data = ml_collections.ConfigDict()
   config.data.lits_dir = "data/synthetic_lits"     # volume-N.nii[.gz] + segmentation-N.nii[.gz]

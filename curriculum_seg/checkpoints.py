@@ -32,7 +32,10 @@ class StageCheckpoints:
   def __init__(self, root: epath.PathLike, stage: str, keep_latest: int = 2,
                read_only: bool = False):
     self.stage = stage
-    self.directory = epath.Path(root) / stage
+    root = epath.Path(root)
+    if "://" not in os.fspath(root):
+      root = epath.Path(os.path.abspath(root))  # Orbax needs absolute paths
+    self.directory = root / stage
     if read_only and not self.directory.exists():
       self._managers = {}
       return

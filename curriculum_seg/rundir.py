@@ -24,6 +24,8 @@ LOCK_FILE = ".lock"
 # Keys whose values may change between a run and its resumption: how long stages run and how
 # often they log, evaluate and checkpoint. Everything else must match the saved config.
 RUN_LENGTH_FIELDS = ("steps", "log_every", "eval_every", "checkpoint_every")
+# Fields that do not change results either and may differ on resume.
+_RESUMABLE_FIELDS = RUN_LENGTH_FIELDS + ("compilation_cache_dir",)
 
 
 class RunDirError(RuntimeError):
@@ -88,11 +90,11 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
-  """Dotted keys whose values differ, ignoring run-length fields (steps, intervals)."""
+  """Dotted keys whose values differ, ignoring run lengths (steps, intervals) and the cache."""
   a, b = _flatten(saved), _flatten(current)
   keys = sorted(set(a) | set(b))
   return [k for k in keys
-          if k.rsplit(".", 1)[-1] not in RUN_LENGTH_FIELDS and a.get(k, "<absent>") != b.get(
+          if k.rsplit(".", 1)[-1] not in _RESUMABLE_FIELDS and a.get(k, "<absent>") != b.get(
               k, "<absent>")]
 
 
