@@ -1,0 +1,444 @@
+"""Benchmarks the compiled U-Net train step, and the same U-Net in PyTorch, on the same shapes.
+
+For the embedded default model (configs/synthetic.py) and the LiTS-sized model
+(configs/lits_three_stage.py) it measures, per shape: step time (median over repeats after
+warm-up), slices/s, FLOPs per step from XLA's cost analysis, achieved FLOP/s, and on a GPU/TPU
+the MFU against the device's dense bf16 peak (compute in bfloat16 there, float32 on CPU). On CPU,
+when torch is installed, it times the PyTorch twin of the same network (same widths, norm,
+blocks; float32; forward + backward + Adam step) interleaved with JAX in the same run and prints
+the JAX/PyTorch time ratio. The machine's load average is recorded: on a shared machine torch's
+spinning OpenMP threads suffer far more from other processes than XLA's thread pool does.
+
+  python benchmarks/train_step.py [--quick] [--out benchmarks/results/train_step.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
+
+from curriculum_seg import optim  # noqa: E402
+from curriculum_seg import sharding  # noqa: E402
+from curriculum_seg import train_step as train_step_lib  # noqa: E402
+from curriculum_seg.models import build_model  # noqa: E402
+from curriculum_seg.models import unet as unet_lib  # noqa: E402
+
+# The models come from the configs; these are used only when a config has no `model` section.
+FALLBACK_MODELS = {
+    'default': dict(name='unet', depth=3, base_width=8, width_multiplier=2.0, norm='instance',
+                    group_norm_groups=8, dropout=0.0, block='residual', task='tumour',
+                    compute_dtype='float32'),
+    'lits': dict(name='unet', depth=5, base_width=32, width_multiplier=2.0, norm='instance',
+                 group_norm_groups=8, dropout=0.0, block='residual', task='tumour',
+                 compute_dtype='float32'),
+}
+MODEL_CONFIGS = {'default': 'synthetic', 'lits': 'lits_three_stage'}
+TINY_MODEL = dict(FALLBACK_MODELS['default'], depth=1, base_width=4)
+INPUT_CHANNELS = 3
+SETTLE_S = 0.5
+
+# (model, kind, size, global batch): batches sized for a 2-core CPU run of a few minutes.
+FULL_CASES = [
+    ('default', 'whole', 128, 16),
+    ('default', 'patch', 64, 32),
+    ('lits', 'whole', 512, 1),
+    ('lits', 'whole', 256, 2),
+    ('lits', 'patch', 128, 8),
+]
+QUICK_CASES = [('tiny', 'whole', 32, 4)]
+
+# Dense bf16 peak FLOP/s by device kind (vendor figures), for MFU.
+BF16_PEAK = {
+    'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L40S': 362e12, 'L4': 121e12,
+    'A10': 125e12, 'V100': 125e12, 'T4': 65e12,
+    'TPU v6': 918e12, 'TPU v5p': 459e12, 'TPU v5': 197e12, 'TPU v4': 275e12,
+}
+
+
+def model_config(name: str) -> tuple[dict[str, Any], str]:
+  """`config.model` of configs/<MODEL_CONFIGS[name]>.py, or FALLBACK_MODELS[name] without one."""
+  if name == 'tiny':
+    return dict(TINY_MODEL), 'benchmarks/train_step.py TINY_MODEL'
+  module_name = MODEL_CONFIGS[name]
+  try:
+    module = importlib.import_module(f'configs.{module_name}')
+    cfg = module.get_config()
+    if 'model' in cfg:
+      return dict(cfg.model.to_dict()), f'configs/{module_name}.py'
+  except Exception as e:  # noqa: BLE001 - a broken config must not stop the benchmark
+    print(f'note: could not read configs/{module_name}.py ({e}); using the built-in model')
+  return dict(FALLBACK_MODELS[name]), 'benchmarks/train_step.py FALLBACK_MODELS'
+
+
+def peak_flops(device: jax.Device) -> float | None:
+  kind = device.device_kind
+  for name, peak in BF16_PEAK.items():
+    if name.lower() in kind.lower():
+      return peak
+  return None
+
+
+def machine_details() -> dict[str, Any]:
+  cpu = platform.processor()
+  try:
+    for line in pathlib.Path('/proc/cpuinfo').read_text().splitlines():
+      if line.startswith('model name'):
+        cpu = line.split(':', 1)[1].strip()
+        break
+  except OSError:
+    pass
+  import flax  # pylint: disable=import-outside-toplevel
+  details = {
+      'cpu_model': cpu, 'cpu_cores': os.cpu_count(), 'python': platform.python_version(),
+      'jax': jax.__version__, 'flax': flax.__version__, 'backend': jax.default_backend(),
+      'device_kind': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
+      'xla_flags': os.environ.get('XLA_FLAGS', ''), 'load_average_start': os.getloadavg(),
+  }
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    details['torch'] = torch.__version__
+    details['torch_threads'] = torch.get_num_threads()
+  except ImportError:
+    details['torch'] = None
+  return details
+
+
+def time_interleaved(fns: dict[str, Any], warmup: int, repeats: int) -> dict[str, list[float]]:
+  """Wall-clock seconds of each blocking callable, run in turn (a, b, a, b, ...) after warm-up.
+
+  Interleaving gives every contender the same share of whatever else the machine is doing. A
+  pause before each timed call lets the previous contender's worker threads (XLA's pool, torch's
+  OpenMP team), which spin for a while after their work, go idle first.
+  """
+  for _ in range(warmup):
+    for fn in fns.values():
+      fn()
+  times: dict[str, list[float]] = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      time.sleep(SETTLE_S)
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+  return times
+
+
+def synthetic_batch(batch: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """A LiTS-like batch: a liver disc with a tumour disc, image brighter in the tumour."""
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[:size, :size]
+  label = np.zeros((batch, size, size), np.int32)
+  for b in range(batch):
+    cy, cx = rng.uniform(0.35, 0.65, 2) * size
+    label[b][(yy - cy) ** 2 + (xx - cx) ** 2 < (0.3 * size) ** 2] = 1
+    label[b][(yy - cy) ** 2 + (xx - cx) ** 2 < (0.1 * size) ** 2] = 2
+  image = rng.normal(0.3, 0.05, (batch, size, size, INPUT_CHANNELS)).astype(np.float32)
+  image += 0.2 * (label[..., None] >= 1) + 0.3 * (label[..., None] == 2)
+  return {'image': image, 'label': label, 'mask': np.ones((batch,), np.float32)}
+
+
+def _stage_configs() -> tuple[ml_collections.ConfigDict, ...]:
+  opt = ml_collections.ConfigDict(dict(
+      name='adam', learning_rate=1e-4, weight_decay=1e-4, b1=0.9, b2=0.999, eps=1e-8,
+      momentum=0.0, nesterov=False, grad_clip_norm=0.0))
+  sched = ml_collections.ConfigDict(dict(name='constant', warmup_steps=0, end_factor=1.0,
+                                         power=1.0))
+  loss = ml_collections.ConfigDict(dict(name='dice', class_weights=None, dice_smooth=1.0))
+  return opt, sched, loss
+
+
+def jax_runner(model_cfg: dict[str, Any], size: int, batch: int) -> tuple[Any, dict[str, Any]]:
+  """A blocking callable running the jitted, sharded train step, and its compile figures."""
+  cfg = ml_collections.ConfigDict(model_cfg)
+  model = build_model(cfg, INPUT_CHANNELS)
+  opt, sched, loss = _stage_configs()
+  tx, _ = optim.build_optimizer(opt, sched, 1000)
+  mesh = sharding.make_mesh()
+  state = train_step_lib.create_train_state(
+      jax.random.key(0), model, tx, (1, size, size, INPUT_CHANNELS), mesh=mesh)
+  step = train_step_lib.make_train_step(model, tx, loss, cfg.task, mesh)
+  data = sharding.host_to_global(synthetic_batch(batch, size), mesh)
+  rng = jax.random.key(1)
+
+  start = time.perf_counter()
+  compiled = step.lower(state, data, rng).compile()
+  compile_s = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  flops = float(cost.get('flops', float('nan'))) if cost else float('nan')
+  holder = {'state': state}
+
+  def run():
+    holder['state'], metrics = compiled(holder['state'], data, rng)
+    jax.block_until_ready(metrics)
+
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  return run, {'compile_s': compile_s, 'flops': flops, 'params': int(n_params)}
+
+
+def torch_runner(model_cfg: dict[str, Any], size: int, batch: int, channels_last: bool):
+  """A callable running the PyTorch twin's step: float32 on CPU, forward, backward, Adam.
+
+  PyTorch's default NCHW memory format, or channels-last (NHWC, XLA's layout) if asked.
+  """
+  import torch  # pylint: disable=import-outside-toplevel
+  net = torch_unet(model_cfg, INPUT_CHANNELS)
+  host = synthetic_batch(batch, size)
+  image = torch.from_numpy(host['image']).permute(0, 3, 1, 2).contiguous()
+  if channels_last:
+    net = net.to(memory_format=torch.channels_last)
+    image = image.contiguous(memory_format=torch.channels_last)
+  opt = torch.optim.Adam(net.parameters(), lr=1e-4, weight_decay=1e-4)
+  target = torch.from_numpy((host['label'] == 2).astype(np.float32))
+  net.train()
+
+  def run():
+    opt.zero_grad(set_to_none=True)
+    probs = torch.softmax(net(image), dim=1)[:, 1]
+    inter = (probs * target).sum()
+    loss = 1 - (2 * inter + 1) / (probs.sum() + target.sum() + 1)
+    loss.backward()
+    opt.step()
+
+  return run
+
+
+def torch_unet(model_cfg: dict[str, Any], in_channels: int):
+  """The PyTorch twin of curriculum_seg.models.unet.UNet (NCHW): same layers, widths, order."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from torch import nn  # pylint: disable=import-outside-toplevel
+
+  widths = unet_lib.level_widths(model_cfg['depth'], model_cfg['base_width'],
+                                 model_cfg['width_multiplier'])
+  norm_kind = model_cfg['norm']
+  groups = model_cfg['group_norm_groups']
+  residual = model_cfg['block'] == 'residual'
+  n_classes = unet_lib.num_classes(model_cfg['task'])
+  eps = unet_lib.NORM_EPSILON
+
+  def norm(c):
+    if norm_kind == 'batch':
+      return nn.BatchNorm2d(c, eps=eps, momentum=1 - unet_lib.BATCH_NORM_MOMENTUM)
+    if norm_kind == 'group':
+      return nn.GroupNorm(groups, c, eps=eps)
+    if norm_kind == 'instance':
+      return nn.InstanceNorm2d(c, eps=eps, affine=True)
+    return nn.Identity()
+
+  class Block(nn.Module):
+    def __init__(self, cin, cout):
+      super().__init__()
+      bias = norm_kind == 'none'
+      self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=bias)
+      self.norm1 = norm(cout)
+      self.drop = nn.Dropout(model_cfg['dropout']) if model_cfg['dropout'] > 0 else nn.Identity()
+      self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=bias)
+      self.norm2 = norm(cout)
+      self.shortcut = None
+      if residual and cin != cout:
+        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=bias), norm(cout))
+
+    def forward(self, x):
+      y = self.drop(torch.relu(self.norm1(self.conv1(x))))
+      y = self.norm2(self.conv2(y))
+      if residual:
+        y = y + (x if self.shortcut is None else self.shortcut(x))
+      return torch.relu(y)
+
+  class UNet(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.down = nn.ModuleList()
+      cin = in_channels
+      for w in widths[:-1]:
+        self.down.append(Block(cin, w))
+        cin = w
+      self.bottleneck = Block(widths[-2], widths[-1])
+      self.upsample = nn.ModuleList(
+          [nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in range(len(widths) - 1)])
+      self.up = nn.ModuleList([Block(2 * widths[i], widths[i]) for i in range(len(widths) - 1)])
+      self.head = nn.Conv2d(widths[0], n_classes, 1)
+
+    def forward(self, x):
+      skips = []
+      for block in self.down:
+        x = block(x)
+        skips.append(x)
+        x = torch.nn.functional.max_pool2d(x, 2)
+      x = self.bottleneck(x)
+      for level in reversed(range(len(self.up))):
+        x = torch.cat([self.upsample[level](x), skips[level]], dim=1)
+        x = self.up[level](x)
+      return self.head(x)
+
+  return UNet()
+
+
+def load_flax_params_into_torch(net, variables: dict[str, Any]) -> None:
+  """Copies Flax U-Net variables into its PyTorch twin, so tests can check both compute the same."""
+  import torch  # pylint: disable=import-outside-toplevel
+
+  params = variables['params']
+  stats = variables.get('batch_stats', {})
+
+  def put(tensor, array, perm=None):
+    array = np.asarray(array, np.float32)
+    if perm is not None:
+      array = array.transpose(perm)
+    with torch.no_grad():
+      tensor.copy_(torch.from_numpy(np.ascontiguousarray(array)))
+
+  def conv(module, p):
+    put(module.weight, p['kernel'], (3, 2, 0, 1))
+    if 'bias' in p:
+      put(module.bias, p['bias'])
+
+  def norm(module, p, s):
+    if hasattr(module, 'weight') and module.weight is not None:
+      put(module.weight, p['scale'])
+      put(module.bias, p['bias'])
+    if s:
+      put(module.running_mean, s['mean'])
+      put(module.running_var, s['var'])
+
+  def block(module, name):
+    p, s = params[name], stats.get(name, {})
+    conv(module.conv1, p['conv1'])
+    conv(module.conv2, p['conv2'])
+    for key in ('norm1', 'norm2'):
+      if key in p:
+        norm(getattr(module, key), p[key], s.get(key))
+    if module.shortcut is not None:
+      conv(module.shortcut[0], p['shortcut_conv'])
+      if 'shortcut_norm' in p:
+        norm(module.shortcut[1], p['shortcut_norm'], s.get('shortcut_norm'))
+
+  for i, module in enumerate(net.down):
+    block(module, f'down_{i}')
+  block(net.bottleneck, 'bottleneck')
+  for i, module in enumerate(net.up):
+    block(module, f'up_{i}')
+    put(net.upsample[i].weight, params[f'upsample_{i}']['kernel'], (2, 3, 0, 1))
+    put(net.upsample[i].bias, params[f'upsample_{i}']['bias'])
+  conv(net.head, params['head'])
+
+
+def run_cases(cases, warmup: int, repeats: int, skip_torch: bool,
+              channels_last: bool) -> list[dict[str, Any]]:
+  """Benchmarks each (model, kind, size, batch) case; prints one line per case."""
+  on_cpu = jax.default_backend() == 'cpu'
+  compute_dtype = 'float32' if on_cpu else 'bfloat16'
+  peak = None if on_cpu else peak_flops(jax.devices()[0])
+  use_torch = not skip_torch
+  if use_torch and not on_cpu:
+    use_torch = False
+    print('note: the PyTorch comparison runs on CPU only; skipped on this accelerator')
+  if use_torch and importlib.util.find_spec('torch') is None:
+    use_torch = False
+    print('torch is not installed: skipping the PyTorch comparison '
+          '(pip install torch==2.13.0 to enable it)')
+  results = []
+  for model_name, kind, size, batch in cases:
+    base_cfg, source = model_config(model_name)
+    model_cfg = dict(base_cfg, compute_dtype=compute_dtype)
+    widths = unet_lib.level_widths(model_cfg['depth'], model_cfg['base_width'],
+                                   model_cfg['width_multiplier'])
+    row: dict[str, Any] = {
+        'model': model_name, 'model_source': source, 'kind': kind, 'size': size,
+        'batch': batch, 'depth': model_cfg['depth'], 'widths': list(widths),
+        'norm': model_cfg['norm'], 'block': model_cfg['block'], 'compute_dtype': compute_dtype,
+    }
+    run_jax, compiled = jax_runner(model_cfg, size, batch)
+    runners = {'jax': run_jax}
+    if use_torch:
+      runners['torch'] = torch_runner(dict(model_cfg, compute_dtype='float32'), size, batch,
+                                      channels_last)
+    times = time_interleaved(runners, warmup, repeats)
+    step_s = statistics.median(times['jax'])
+    row['jax'] = dict(compiled, step_s=step_s, times_s=times['jax'])
+    row['slices_per_s'] = batch / step_s
+    row['achieved_flops_per_s'] = compiled['flops'] / step_s
+    row['mfu'] = None if peak is None else row['achieved_flops_per_s'] / peak
+    line = (f'{model_name:7s} {kind:5s} {size:4d}x{size:<4d} B={batch:<3d} widths '
+            f'{widths[0]}..{widths[-1]}  step {step_s * 1e3:9.1f} ms  '
+            f'{row["slices_per_s"]:7.2f} slices/s  {compiled["flops"] / 1e9:8.2f} GFLOP/step  '
+            f'{row["achieved_flops_per_s"] / 1e9:7.2f} GFLOP/s  compile {compiled["compile_s"]:.0f} s')
+    if row['mfu'] is not None:
+      line += f'  MFU {100 * row["mfu"]:.1f}%'
+    if 'torch' in times:
+      torch_s = statistics.median(times['torch'])
+      row['torch'] = {'step_s': torch_s, 'times_s': times['torch'],
+                      'memory_format': 'channels_last' if channels_last else 'NCHW'}
+      row['jax_over_torch'] = step_s / torch_s
+      line += f'  | torch {torch_s * 1e3:9.1f} ms  JAX/PyTorch {row["jax_over_torch"]:.2f}'
+    print(line, flush=True)
+    results.append(row)
+  return results
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--quick', action='store_true', help='tiny shapes, seconds')
+  parser.add_argument('--out', default=str(REPO / 'benchmarks/results/train_step.json'))
+  parser.add_argument('--warmup', type=int, default=None)
+  parser.add_argument('--repeats', type=int, default=None)
+  parser.add_argument('--no_torch', action='store_true', help='skip the PyTorch comparison')
+  parser.add_argument('--torch_channels_last', action='store_true',
+                      help="run PyTorch in channels-last memory format instead of its NCHW default")
+  parser.add_argument('--only', default=None,
+                      help='comma-separated model:size filters, e.g. lits:512,default:128')
+  args = parser.parse_args(argv)
+
+  cases = QUICK_CASES if args.quick else FULL_CASES
+  if args.only:
+    wanted = {tuple(item.split(':')) for item in args.only.split(',')}
+    cases = [c for c in cases if (c[0], str(c[2])) in wanted]
+  warmup = args.warmup if args.warmup is not None else 1
+  repeats = args.repeats if args.repeats is not None else 3
+
+  details = machine_details()
+  print('machine: ' + ', '.join(f'{k}={v}' for k, v in details.items()), flush=True)
+  if details['load_average_start'][0] > 0.5 * (os.cpu_count() or 1):
+    print(f'warning: load average {details["load_average_start"][0]:.1f} on '
+          f'{os.cpu_count()} cores: other processes share this machine, timings are noisy')
+  results = run_cases(cases, warmup, repeats, args.no_torch, args.torch_channels_last)
+  details['load_average_end'] = os.getloadavg()
+  ratios = [r['jax_over_torch'] for r in results if 'jax_over_torch' in r]
+  summary = {}
+  if ratios:
+    total_jax = sum(r['jax']['step_s'] for r in results if 'jax_over_torch' in r)
+    total_torch = sum(r['torch']['step_s'] for r in results if 'jax_over_torch' in r)
+    summary = {'jax_over_torch_geomean': float(np.exp(np.mean(np.log(ratios)))),
+               'jax_over_torch_total_time': total_jax / total_torch}
+    print(f'JAX/PyTorch time ratio: geometric mean {summary["jax_over_torch_geomean"]:.2f}, '
+          f'total time {summary["jax_over_torch_total_time"]:.2f} (goal on CPU: <= 0.9); '
+          f'load average {details["load_average_start"][0]:.1f} -> '
+          f'{details["load_average_end"][0]:.1f}')
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps({'machine': details, 'warmup': warmup, 'repeats': repeats,
+                             'results': results, 'summary': summary}, indent=2))
+  print(f'wrote {out}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

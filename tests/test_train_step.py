@@ -1,0 +1,273 @@
+"""The compiled train / eval / predict steps: learning, sharding invariance, safety, bf16."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from curriculum_seg import optim
+from curriculum_seg import sharding
+from curriculum_seg import train_step as ts
+from curriculum_seg.models import build_model
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def model_config(**overrides):
+  cfg = dict(name='unet', depth=2, base_width=4, width_multiplier=2.0, norm='instance',
+             group_norm_groups=2, dropout=0.0, block='residual', task='tumour',
+             compute_dtype='float32')
+  cfg.update(overrides)
+  return ml_collections.ConfigDict(cfg)
+
+
+def build_tx(lr=1e-2, steps=100, schedule=None, **overrides):
+  opt = dict(name='adam', learning_rate=lr, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
+             momentum=0.0, nesterov=False, grad_clip_norm=0.0)
+  opt.update(overrides)
+  sched = dict(name='constant', warmup_steps=0, end_factor=1.0, power=1.0)
+  sched.update(schedule or {})
+  return optim.build_optimizer(ml_collections.ConfigDict(opt), ml_collections.ConfigDict(sched),
+                               steps)
+
+
+def loss_config(name='dice'):
+  return ml_collections.ConfigDict({'name': name, 'class_weights': None, 'dice_smooth': 1.0})
+
+
+def make_batch(batch=4, size=32, seed=0):
+  """Images with a bright tumour disc inside a liver disc; labels {0, 1, 2}."""
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[:size, :size]
+  label = np.zeros((batch, size, size), np.int32)
+  for b in range(batch):
+    cy, cx = rng.uniform(0.35, 0.65, 2) * size
+    radius = rng.uniform(0.08, 0.15) * size
+    label[b][(yy - cy) ** 2 + (xx - cx) ** 2 < (2.5 * radius) ** 2] = 1
+    label[b][(yy - cy) ** 2 + (xx - cx) ** 2 < radius ** 2] = 2
+  image = rng.normal(0.3, 0.05, (batch, size, size, 3)).astype(np.float32)
+  image += 0.2 * (label[..., None] >= 1) + 0.3 * (label[..., None] == 2)
+  return {'image': image, 'label': label, 'mask': np.ones((batch,), np.float32)}
+
+
+def setup(cfg=None, lr=1e-2, loss='dice', mesh=None, size=32, **opt):
+  cfg = cfg or model_config()
+  mesh = mesh or sharding.make_mesh(1)
+  model = build_model(cfg, 3)
+  tx, schedule = build_tx(lr, **opt)
+  state = ts.create_train_state(jax.random.key(0), model, tx, (1, size, size, 3), mesh=mesh)
+  step = ts.make_train_step(model, tx, loss_config(loss), cfg.task, mesh)
+  return model, tx, schedule, state, step, mesh
+
+
+def host_copy(tree):
+  return jax.tree.map(np.array, tree)
+
+
+# Compiling is most of the cost of these tests: the configurations below are compiled once per
+# module, each test gets a fresh copy of the initial state (the train step donates it), and all
+# but the overfitting test use depth 1, which compiles in half the time.
+CONFIGS = {
+    'adam': dict(cfg=dict(), lr=2e-2, loss='dice'),
+    'sgd': dict(cfg=dict(depth=1), lr=0.1, loss='dice_ce', name='sgd', momentum=0.9, nesterov=True,
+                grad_clip_norm=1.0, schedule=dict(name='cosine', warmup_steps=2, end_factor=0.0),
+                steps=10),
+    'bf16': dict(cfg=dict(depth=1, compute_dtype='bfloat16'), lr=2e-2, loss='dice'),
+}
+_COMPILED = {}
+
+
+def compiled(name):
+  """(model, schedule, fresh initial state, train step, eval step, mesh) for CONFIGS[name]."""
+  if name not in _COMPILED:
+    spec = dict(CONFIGS[name])
+    cfg = model_config(**spec.pop('cfg'))
+    lr, loss = spec.pop('lr'), spec.pop('loss')
+    model, tx, schedule, state, step, mesh = setup(cfg, lr=lr, loss=loss, **spec)
+    evaluate = ts.make_eval_step(model, cfg.task, mesh, loss_cfg=loss_config(loss))
+    _COMPILED[name] = (model, schedule, host_copy(state), step, evaluate, mesh)
+  model, schedule, initial, step, evaluate, mesh = _COMPILED[name]
+  state = jax.device_put(initial, sharding.replicated(mesh))
+  return model, schedule, state, step, evaluate, mesh
+
+
+def test_tiny_model_overfits_one_batch():
+  _, _, state, step, evaluate, mesh = compiled('adam')
+  batch = sharding.host_to_global(make_batch(), mesh)
+  rng = jax.random.key(1)
+  for _ in range(80):
+    state, metrics = step(state, batch, rng)
+  sums = evaluate(state, batch)
+  dice = float(ts.dice_from_sums(sums['intersection'], sums['pred_sum'], sums['target_sum']))
+  assert float(metrics['dice']) > 0.9
+  assert dice > 0.9
+  assert int(state.step) == 80 and int(state.skipped) == 0
+
+
+def test_eight_devices_give_the_same_trajectory_as_one():
+  # Batch norm (statistics over the global batch) and dropout (random bits independent of the
+  # sharding) are the parts most likely to differ across device counts. SGD with momentum keeps
+  # the comparison tight: Adam turns float noise in near-zero gradients into full-size steps.
+  out = subprocess.run(
+      [sys.executable, '-c', textwrap.dedent("""
+          import json, sys
+          sys.path.insert(0, 'tests')
+          import jax, numpy as np
+          import test_train_step as t
+          from curriculum_seg import sharding, train_step as ts
+          cfg = t.model_config(norm='batch', dropout=0.2)
+          model = t.build_model(cfg, 3)
+          tx, _ = t.build_tx(0.05, name='sgd', momentum=0.9, nesterov=True)
+          initial = t.host_copy(
+              ts.create_train_state(jax.random.key(0), model, tx, (1, 32, 32, 3)))
+          runs = {}
+          for n in (8, 1):
+            mesh = sharding.make_mesh(n)
+            state = jax.device_put(initial, sharding.replicated(mesh))
+            step = ts.make_train_step(model, tx, t.loss_config('dice_ce'), 'tumour', mesh)
+            batch = sharding.host_to_global(t.make_batch(batch=8), mesh)
+            history = []
+            for _ in range(5):
+              state, m = step(state, batch, jax.random.key(3))
+              history.append([float(m[k]) for k in ('loss', 'dice', 'grad_norm')])
+            sums = ts.make_eval_step(model, 'tumour', mesh)(state, batch)
+            runs[n] = {'history': history,
+                       'eval': {k: float(v) for k, v in sums.items()},
+                       'params': [np.asarray(x).ravel().tolist()
+                                  for x in jax.tree.leaves(state.params)],
+                       'stats': [np.asarray(x).ravel().tolist()
+                                 for x in jax.tree.leaves(state.batch_stats)]}
+          print(json.dumps(runs))
+      """)],
+      env=dict(os.environ, JAX_NUM_CPU_DEVICES='8', JAX_PLATFORMS='cpu'), cwd=REPO,
+      capture_output=True, text=True, timeout=300, check=False)
+  assert out.returncode == 0, out.stderr[-4000:]
+  runs = json.loads(out.stdout.strip().splitlines()[-1])
+  eight, one = runs['8'], runs['1']
+  history = np.array(one['history'])
+  assert history[-1, 0] < history[0, 0]  # it trains
+  eight_history = np.array(eight['history'])
+  np.testing.assert_allclose(eight_history[:, (0, 2)], history[:, (0, 2)], rtol=1e-5)
+  # The hard Dice counts argmax pixels: one pixel on a class boundary may flip.
+  np.testing.assert_allclose(eight_history[:, 1], history[:, 1], atol=2e-3)
+  for key, value in one['eval'].items():
+    assert eight['eval'][key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
+  for a, b in zip(eight['params'] + eight['stats'], one['params'] + one['stats']):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_non_finite_loss_is_reported_and_not_applied():
+  _, _, state, step, _, mesh = compiled('adam')
+  good = sharding.host_to_global(make_batch(), mesh)
+  state, _ = step(state, good, jax.random.key(0))
+  before = host_copy(state)  # the step donates its input state
+  bad_host = make_batch()
+  bad_host['image'][0, 3, 3, 0] = np.nan
+  state, metrics = step(state, sharding.host_to_global(bad_host, mesh), jax.random.key(0))
+  assert float(metrics['finite']) == 0.0
+  assert not np.isfinite(float(metrics['loss']))
+  jax.tree.map(np.testing.assert_array_equal, host_copy(state.params), before.params)
+  jax.tree.map(np.testing.assert_array_equal, host_copy(state.opt_state), before.opt_state)
+  assert int(state.step) == int(before.step) + 1
+  assert int(state.skipped) == 1
+  state, metrics = step(state, good, jax.random.key(0))
+  assert float(metrics['finite']) == 1.0 and int(state.skipped) == 1
+
+
+def test_bfloat16_compute_trains_with_float32_params():
+  _, _, state, step, _, mesh = compiled('bf16')
+  batch = sharding.host_to_global(make_batch(), mesh)
+  losses = []
+  for _ in range(25):
+    state, metrics = step(state, batch, jax.random.key(0))
+    losses.append(float(metrics['loss']))
+    assert float(metrics['finite']) == 1.0
+  assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+  assert metrics['loss'].dtype == jnp.float32
+  assert losses[-1] < 0.8 * losses[0]
+
+
+def test_padded_examples_count_for_nothing():
+  real = make_batch(batch=4)
+  padded = make_batch(batch=8, seed=5)
+  for key in real:
+    padded[key][:4] = real[key]
+  padded['mask'][4:] = 0.0
+  padded['image'][4:] = np.nan  # garbage that would poison loss and gradients if counted
+  results = []
+  for host in (real, padded):
+    # SGD: Adam would turn float noise in near-zero gradients into visible parameter changes.
+    _, _, state, step, _, mesh = compiled('sgd')
+    for _ in range(3):  # the first step has learning rate 0 (warm-up)
+      state, metrics = step(state, sharding.host_to_global(host, mesh), jax.random.key(0))
+    results.append((host_copy(metrics), host_copy(state.params)))
+  (m_real, p_real), (m_pad, p_pad) = results
+  assert m_pad['finite'] == 1.0
+  for key in ('loss', 'dice', 'grad_norm'):
+    assert m_pad[key] == pytest.approx(m_real[key], rel=1e-5), key
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p_pad, p_real)
+
+
+def test_eval_sums_give_the_exact_global_dice_over_any_batching():
+  model, _, state, step, evaluate, mesh = compiled('sgd')
+  host = make_batch(batch=8)
+  for _ in range(3):
+    state, _ = step(state, sharding.host_to_global(host, mesh), jax.random.key(0))
+  whole = evaluate(state, sharding.host_to_global(host, mesh))
+  halves = [evaluate(state, sharding.host_to_global({k: v[i:i + 4] for k, v in host.items()},
+                                                    mesh)) for i in (0, 4)]
+  for key in whole:
+    assert float(whole[key]) == pytest.approx(sum(float(h[key]) for h in halves), rel=1e-5)
+  # Against the predicted probabilities, counted in numpy.
+  probs = np.asarray(ts.make_predict_step(model, mesh)(state, jnp.asarray(host['image'])))
+  pred = probs.argmax(-1) == 1
+  target = host['label'] == 2
+  assert 0 < float(whole['intersection']) == np.sum(pred & target)
+  assert float(whole['pred_sum']) == np.sum(pred)
+  assert float(whole['target_sum']) == np.sum(target)
+  assert float(whole['count']) == 8
+  per_example = [2 * np.sum(p & t) / (np.sum(p) + np.sum(t)) for p, t in zip(pred, target)]
+  assert float(whole['dice_sum']) == pytest.approx(sum(per_example), rel=1e-5)
+
+
+def test_predict_returns_probabilities_on_another_size():
+  model, _, state, _, _, mesh = compiled('adam')
+  images = jnp.asarray(make_batch(batch=2, size=64)['image'])  # trained on 32x32
+  probs = ts.make_predict_step(model, mesh)(state, images)
+  assert probs.shape == (2, 64, 64, 2) and probs.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(probs).sum(-1), 1.0, rtol=1e-5)
+
+
+def test_metrics_report_the_scheduled_learning_rate_and_state_is_plain_arrays():
+  _, schedule, state, step, _, mesh = compiled('sgd')
+  assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(state))
+  assert state.batch_stats == {}  # instance norm keeps no running statistics
+  batch = sharding.host_to_global(make_batch(), mesh)
+  for i in range(4):
+    state, metrics = step(state, batch, jax.random.key(0))
+    assert float(metrics['lr']) == pytest.approx(float(schedule(i)), abs=1e-7)
+    assert float(metrics['grad_norm']) > 0
+  assert float(metrics['lr']) > 0
+  assert int(state.step) == 4
+
+
+def test_benchmark_quick_run_writes_its_figures(tmp_path):
+  out = tmp_path / 'train_step.json'
+  result = subprocess.run(
+      [sys.executable, str(REPO / 'benchmarks' / 'train_step.py'), '--quick', '--repeats', '1',
+       '--out', str(out)], capture_output=True, text=True, timeout=300, check=False, cwd=REPO)
+  assert result.returncode == 0, result.stderr[-4000:]
+  report = json.loads(out.read_text())
+  assert report['machine']['jax'] == jax.__version__ and report['machine']['cpu_cores'] >= 1
+  row = report['results'][0]
+  assert row['jax']['step_s'] > 0 and row['jax']['flops'] > 0
+  assert row['achieved_flops_per_s'] > 0 and row['slices_per_s'] > 0
+  assert 'slices/s' in result.stdout and 'GFLOP/step' in result.stdout
