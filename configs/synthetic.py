@@ -55,11 +55,11 @@ def get_config(arg=None):
   # from the previous stage's best checkpoint (by validation tumour Dice).
   config.curriculum = ("whole1", "patch", "whole2")
   config.stages = ml_collections.ConfigDict()
-  config.stages.whole1 = common.stage("whole", steps=200, batch_size=16, learning_rate=1e-3,
+  config.stages.whole1 = common.stage("whole", steps=200, batch_size=8, learning_rate=1e-3,
                                       init="scratch", eval_every=50, checkpoint_every=50)
-  config.stages.patch = common.stage("patch", steps=200, batch_size=32, learning_rate=3e-4,
+  config.stages.patch = common.stage("patch", steps=200, batch_size=16, learning_rate=3e-4,
                                      patch_size=64, positive_fraction=0.7, eval_every=50,
                                      checkpoint_every=50)
-  config.stages.whole2 = common.stage("whole", steps=200, batch_size=16, learning_rate=1e-3,
+  config.stages.whole2 = common.stage("whole", steps=200, batch_size=8, learning_rate=1e-3,
                                       eval_every=50, checkpoint_every=50)
   return config
