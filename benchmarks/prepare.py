@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -22,10 +21,13 @@ import time
 
 import numpy as np
 
+import machine_info  # benchmarks/machine_info.py (run as a script from the repo root)
+
 _CHILD = """
 import json, resource, sys, time
 from curriculum_seg import config_loading
 from data_pipelines import lits_tfds
+
 config = config_loading.apply_overrides(
     config_loading.load_config_file("configs/synthetic.py"), json.loads(sys.argv[1]))
 start = time.perf_counter()
@@ -34,19 +36,6 @@ seconds = time.perf_counter() - start
 slices = sum(s.num_examples for s in builder.info.splits.values())
 print(json.dumps(dict(seconds=seconds, slices=slices)))
 """
-
-
-def machine() -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  cpu = platform.processor()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  return dict(cpu=cpu, cores=os.cpu_count(), python=platform.python_version(),
-              tensorflow=tf.__version__, jax=jax.__version__, platform=platform.platform())
 
 
 def synthesise(data_dir: str, count: int, seed: int, size: int, slices_range) -> list[dict]:
@@ -129,7 +118,8 @@ def main() -> None:
   ratio = runs[-1]["peak_rss_mb"] / runs[0]["peak_rss_mb"]
   print(f"largest volume: {largest} slices = {largest_mb:.0f} MB as int16; peak RSS ratio "
         f"{counts[-1]} vs {counts[0]} cases: {ratio:.2f}")
-  result = dict(benchmark="prepare", machine=machine(), args=vars(args), runs=runs,
+  machine = machine_info.describe("tensorflow-cpu", "tensorflow-datasets", "jax", "array-record")
+  result = dict(benchmark="prepare", machine=machine, args=vars(args), runs=runs,
                 largest_volume_slices=largest, largest_volume_int16_mb=largest_mb,
                 peak_rss_ratio=ratio)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -16,29 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
 import numpy as np
-import scipy
 
 from curriculum_seg import metrics
+
+import machine_info  # benchmarks/machine_info.py (run as a script from the repo root)
 
 SIZE = 512
 PIXEL_MM = 0.75
 EXTENT_Z_MM = 400.0
-
-
-def machine() -> dict:
-  cpu = platform.processor()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  return dict(cpu=cpu, cores=os.cpu_count(), python=platform.python_version(),
-              numpy=np.__version__, scipy=scipy.__version__, platform=platform.platform())
 
 
 def _smooth_field(rng, coords_mm, amplitude_mm: float, waves: int = 6) -> np.ndarray:
@@ -117,7 +106,7 @@ def main() -> None:
   parser.add_argument("--out", default="benchmarks/results/scoring.json")
   args = parser.parse_args()
 
-  info = machine()
+  info = machine_info.describe("numpy", "scipy")
   print(f"{info['cpu']}, {info['cores']} cores, numpy {info['numpy']}, scipy {info['scipy']}")
   runs = []
   for n in args.slices:

@@ -13,24 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 
 import jax
 
-
-def machine() -> dict:
-  cpu = platform.processor()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  return dict(cpu=cpu, cores=os.cpu_count(), python=platform.python_version(),
-              jax=jax.__version__, device=str(jax.devices()[0].device_kind),
-              devices=jax.device_count())
+import machine_info  # benchmarks/machine_info.py (run as a script from the repo root)
 
 
 def main() -> None:
@@ -49,7 +38,7 @@ def main() -> None:
   controller.builder = lits_tfds.prepare(config.data, log=print)
   first, second = config.curriculum[0], config.curriculum[1]
   s1, s2 = config.stages[first], config.stages[second]
-  tx1, tx2 = controller._tx(s1), controller._tx(s2)
+  tx1 = controller._tx(s1)
   state = train_step.create_train_state(jax.random.PRNGKey(0), controller.model, tx1,
                                         controller._input_shape(s1), controller.mesh)
   abstract = controller._abstract_state(s1, tx1)
@@ -90,7 +79,9 @@ def main() -> None:
     print(f"  {key:<14} {medians[key]:.3f} s")
   print(f"  checkpoint size (latest + best): {size_mb:.1f} MB; goal: total under 5 s -> "
         f"{'met' if medians['total'] < 5 else 'missed'}")
-  result = dict(benchmark="stage_switch", machine=machine(), config=args.config,
+  machine = dict(machine_info.describe("jax", "orbax-checkpoint"),
+                 device=str(jax.devices()[0].device_kind), devices=jax.device_count())
+  result = dict(benchmark="stage_switch", machine=machine, config=args.config,
                 switch=f"{first}->{second}", repeats=args.repeats, medians_s=medians,
                 all_s=times, checkpoint_mb=size_mb)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

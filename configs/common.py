@@ -68,3 +68,13 @@ def augment(enabled=True, flip_lr=0.5, flip_ud=0.5, rotate_deg=15.0, scale_range
       enabled=enabled, flip_lr=flip_lr, flip_ud=flip_ud, rotate_deg=rotate_deg,
       scale_range=scale_range, intensity_shift=intensity_shift,
       intensity_scale=intensity_scale, on_device=on_device))
+
+
+def add_input_settings(data):
+  """The pipelines' settings, as the paper uses them, on a config's `data` section."""
+  data.hu_window = (-60.0, 140.0)           # the paper's window, scaled to [0, 1]
+  data.slice_selection = "liver"            # liver z-range +- margin ("all": every slice)
+  data.liver_margin = 10                    # slices, as the paper
+  data.host_threads = 0                     # 0: one per core
+  data.prefetch_batches = 0                 # 0: automatic
+  return data

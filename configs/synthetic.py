@@ -37,11 +37,7 @@ def get_config(arg=None):
   config.data.synthetic.max_tumours = 8
   config.data.synthetic.storage_variants = True
 
-  config.data.hu_window = (-60.0, 140.0)           # the paper's window, scaled to [0, 1]
-  config.data.slice_selection = "liver"            # liver z-range +- margin ("all": every slice)
-  config.data.liver_margin = 10                    # slices, as the paper
-  config.data.host_threads = 0                     # 0: one per core
-  config.data.prefetch_batches = 0                 # 0: automatic
+  common.add_input_settings(config.data)          # HU window, slice selection, host threads
 
   # Joint image/label augmentation, drawn on the host and applied on the device.
   config.augment = common.augment()
