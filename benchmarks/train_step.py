@@ -273,7 +273,8 @@ def torch_unet(model_cfg: dict[str, Any], in_channels: int):
         cin = w
       self.bottleneck = Block(widths[-2], widths[-1])
       self.upsample = nn.ModuleList(
-          [nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in range(len(widths) - 1)])
+          [nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2)
+           for i in range(len(widths) - 1)])
       self.up = nn.ModuleList([Block(2 * widths[i], widths[i]) for i in range(len(widths) - 1)])
       self.head = nn.Conv2d(widths[0], n_classes, 1)
 
@@ -304,7 +305,7 @@ def load_flax_params_into_torch(net, variables: dict[str, Any]) -> None:
     if perm is not None:
       array = array.transpose(perm)
     with torch.no_grad():
-      tensor.copy_(torch.from_numpy(np.ascontiguousarray(array)))
+      tensor.copy_(torch.from_numpy(np.array(array, copy=True, order='C')))
 
   def conv(module, p):
     put(module.weight, p['kernel'], (3, 2, 0, 1))
@@ -380,7 +381,8 @@ def run_cases(cases, warmup: int, repeats: int, skip_torch: bool,
     line = (f'{model_name:7s} {kind:5s} {size:4d}x{size:<4d} B={batch:<3d} widths '
             f'{widths[0]}..{widths[-1]}  step {step_s * 1e3:9.1f} ms  '
             f'{row["slices_per_s"]:7.2f} slices/s  {compiled["flops"] / 1e9:8.2f} GFLOP/step  '
-            f'{row["achieved_flops_per_s"] / 1e9:7.2f} GFLOP/s  compile {compiled["compile_s"]:.0f} s')
+            f'{row["achieved_flops_per_s"] / 1e9:7.2f} GFLOP/s  '
+            f'compile {compiled["compile_s"]:.0f} s')
     if row['mfu'] is not None:
       line += f'  MFU {100 * row["mfu"]:.1f}%'
     if 'torch' in times:

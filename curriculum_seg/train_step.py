@@ -65,7 +65,8 @@ def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTrans
   def rest(params):  # two distinct zero counters: a donated state must not alias buffers
     return tx.init(params), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
 
-  opt_state, step, skipped = jax.jit(rest, out_shardings=out)(params)
+  placement = {} if out is None else {'out_shardings': out}
+  opt_state, step, skipped = jax.jit(rest, **placement)(params)
   return TrainState(step=step, params=params, batch_stats=variables.get('batch_stats', {}),
                     opt_state=opt_state, skipped=skipped)
 
@@ -115,7 +116,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_cfg
   Dice for 'liver', over the batch's real examples; 1 when both are empty), `grad_norm`
   (before clipping), `lr` (the learning rate applied, when the optimiser injects it) and
   `finite` (1.0, or 0.0 when loss or gradients were non-finite: then params, batch_stats and
-  opt_state are returned unchanged, `step` still advances and `skipped` increases).
+  opt_state are returned unchanged, so the schedule does not advance either, while `step`
+  advances and `skipped` increases).
+
+  Padded examples (mask 0) are zeroed and weigh nothing in loss and metrics; with batch norm
+  they do still enter the batch statistics, so feed full batches when training with it.
   """
   loss_fn = losses.make_loss_fn(loss_cfg, task)
   foreground = losses.foreground_class(task)
@@ -176,13 +181,15 @@ def make_eval_step(model: nn.Module, task: str, mesh: Mesh,
   """Compiles `(state, batch) -> sums` to accumulate over a whole validation set.
 
   Returned replicated float32 sums over the batch's real examples: `loss_sum` (sum of
-  per-example losses of `loss_cfg`; default the paper's soft Dice with smooth 1), `intersection`, `pred_sum`, `target_sum`
-  (foreground pixel counts of the hard prediction, so a global Dice is
-  `dice_from_sums(I, P, T)` over any batching), `dice_sum` (sum of per-example Dice, each 1 when
-  both empty) and `count` (number of real examples). Uses running batch statistics, no dropout.
+  per-example losses of `loss_cfg`; default the paper's soft Dice with smooth 1),
+  `intersection`, `pred_sum`, `target_sum` (foreground pixel counts of the hard prediction, so a
+  global Dice is `dice_from_sums(I, P, T)` over any batching), `dice_sum` (sum of per-example
+  Dice, each 1 when both empty) and `count` (number of real examples). Uses running batch
+  statistics, no dropout.
   """
   if loss_cfg is None:
-    loss_cfg = ml_collections.ConfigDict({'name': 'dice', 'dice_smooth': 1.0, 'class_weights': None})
+    loss_cfg = ml_collections.ConfigDict(
+        {'name': 'dice', 'dice_smooth': 1.0, 'class_weights': None})
   loss_fn = losses.make_loss_fn(loss_cfg, task)
   foreground = losses.foreground_class(task)
 

@@ -128,5 +128,6 @@ def test_targets_from_labels_by_task():
 
 
 def test_unknown_loss_name_is_an_error_naming_the_key():
-  with pytest.raises(ValueError, match=r"loss.name='focal' is not one of \['dice', 'ce', 'dice_ce'\]"):
+  message = r"loss.name='focal' is not one of \['dice', 'ce', 'dice_ce'\]"
+  with pytest.raises(ValueError, match=message):
     losses.make_loss_fn(loss_config('focal'), 'tumour')

@@ -1,11 +1,13 @@
 """The compiled train / eval / predict steps: learning, sharding invariance, safety, bf16."""
 
+import importlib.util
 import json
 import os
 import pathlib
 import subprocess
 import sys
 import textwrap
+import types
 
 import jax
 import jax.numpy as jnp
@@ -123,7 +125,7 @@ def test_eight_devices_give_the_same_trajectory_as_one():
           import jax, numpy as np
           import test_train_step as t
           from curriculum_seg import sharding, train_step as ts
-          cfg = t.model_config(norm='batch', dropout=0.2)
+          cfg = t.model_config(norm='batch', dropout=0.2, depth=1)  # depth 1 compiles faster
           model = t.build_model(cfg, 3)
           tx, _ = t.build_tx(0.05, name='sgd', momentum=0.9, nesterov=True)
           initial = t.host_copy(
@@ -271,3 +273,14 @@ def test_benchmark_quick_run_writes_its_figures(tmp_path):
   assert row['jax']['step_s'] > 0 and row['jax']['flops'] > 0
   assert row['achieved_flops_per_s'] > 0 and row['slices_per_s'] > 0
   assert 'slices/s' in result.stdout and 'GFLOP/step' in result.stdout
+
+
+def test_benchmark_knows_accelerator_peaks_for_mfu():
+  spec = importlib.util.spec_from_file_location('benchmark_train_step',
+                                                REPO / 'benchmarks' / 'train_step.py')
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  device = lambda kind: types.SimpleNamespace(device_kind=kind)  # noqa: E731
+  assert bench.peak_flops(device('NVIDIA H200')) == 989e12
+  assert bench.peak_flops(device('TPU v5 lite')) == 197e12
+  assert bench.peak_flops(device('cpu')) is None

@@ -199,7 +199,8 @@ class UNet(nn.Module):
   def check_input_shape(self, shape: Sequence[int]) -> None:
     """Raises ValueError unless `shape` is [B, H, W, C] with H, W divisible by 2**depth."""
     if len(shape) != 4:
-      raise ValueError(f'UNet expects input [batch, height, width, channels], got shape {tuple(shape)}')
+      raise ValueError(
+          f'UNet expects input [batch, height, width, channels], got shape {tuple(shape)}')
     factor = 2**self.depth
     height, width = shape[1], shape[2]
     if height % factor or width % factor:
@@ -238,8 +239,8 @@ def init_variables(model: nn.Module, rng: jax.Array, input_shape: Sequence[int],
   """Initial variables (params, and batch_stats for batch norm) for inputs of `input_shape`.
 
   Compiled as one program; on CPU with XLA's backend optimisation off, because init runs once
-  and optimising the random-number code of every layer makes XLA:CPU compile ~10x longer (about
-  24 s instead of 2.6 s for a tiny U-Net on 2 cores) for no gain.
+  and optimising the random-number code of every layer makes XLA:CPU compile several times longer
+  (measured 24 s instead of 2.6 s for a tiny U-Net on a loaded 2-core machine) for no gain.
   """
   options = {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else None
   kwargs = {} if out_shardings is None else {'out_shardings': out_shardings}
