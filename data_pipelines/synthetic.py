@@ -28,7 +28,6 @@ import numpy as np
 from nibabel import orientations
 from scipy import ndimage
 
-from data_pipelines import lits
 
 GENERATOR_VERSION = 1
 MANIFEST = "manifest.json"
