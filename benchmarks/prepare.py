@@ -2,7 +2,7 @@
 
 Cases are 512x512 with 100-400 slices (uniform per case), stored as uncompressed .nii like the
 LiTS downloads, synthesised once into --data_dir and reused. Each prepare runs in a fresh
-subprocess, so its peak resident memory (ru_maxrss) is its own. Peak memory must stay flat as the
+subprocess, whose own peak resident memory (ru_maxrss from os.wait4) is reported. Peak memory must stay flat as the
 case count grows: prepare streams one case at a time.
 
   python benchmarks/prepare.py [--counts 10 40] [--data_dir /tmp/curriculum_seg_bench/prepare]
@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -24,7 +24,7 @@ import numpy as np
 import machine_info  # benchmarks/machine_info.py (run as a script from the repo root)
 
 _CHILD = """
-import json, resource, sys, time
+import json, sys, time
 from curriculum_seg import config_loading
 from data_pipelines import lits_tfds
 
@@ -63,15 +63,19 @@ def run_prepare(lits_dir: str, tfds_dir: str, image_size: int) -> dict:
   overrides = [["data.lits_dir", lits_dir], ["data.tfds_dir", tfds_dir],
                ["data.synthetic.enabled", "false"], ["data.image_size", str(image_size)],
                ["data.val_fraction", "0.2"]]
-  before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-  result = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(overrides)],
-                          capture_output=True, text=True, check=True,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-  peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-  if peak_kb <= before:
-    raise RuntimeError("peak RSS of this prepare is hidden by an earlier, larger child; run "
-                       "the counts in increasing order")
-  out = json.loads(result.stdout.strip().splitlines()[-1])
+  # os.wait4 returns this child's own resource usage, so its peak RSS is its own.
+  with tempfile.TemporaryFile(mode="w+") as log:
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(overrides)],
+                            stdout=subprocess.PIPE, stderr=log, text=True,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    stdout = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+      log.seek(0)
+      raise RuntimeError(f"prepare failed ({proc.returncode}):\n{log.read()[-3000:]}")
+  peak_kb = usage.ru_maxrss
+  out = json.loads(stdout.strip().splitlines()[-1])
   out["peak_rss_mb"] = peak_kb / 1024
   return out
 
@@ -122,10 +126,7 @@ def main() -> None:
   result = dict(benchmark="prepare", machine=machine, args=vars(args), runs=runs,
                 largest_volume_slices=largest, largest_volume_int16_mb=largest_mb,
                 peak_rss_ratio=ratio)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1)
-  print(f"wrote {args.out}")
+  machine_info.write_result(args.out, result)
 
 
 if __name__ == "__main__":
