@@ -1,5 +1,6 @@
 """The machine description every benchmark writes next to its figures."""
 
+import json
 import os
 import platform
 from importlib import metadata
@@ -21,3 +22,11 @@ def describe(*packages: str) -> dict:
     except metadata.PackageNotFoundError:
       info[name] = None
   return info
+
+
+def write_result(path: str, result: dict) -> None:
+  """Writes a benchmark's result JSON (creating its folder) and says where."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(result, f, indent=1)
+  print(f"wrote {path}")

@@ -14,8 +14,6 @@ parts (liver `case_scores`, tumour `case_scores`, `detect_lesions`).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 
@@ -139,10 +137,7 @@ def main() -> None:
           f"detect_lesions {run['seconds_detect_lesions']:.2f} s] "
           f"(median of {args.repeats})", flush=True)
   out = dict(benchmark="scoring", machine=info, args=vars(args), runs=metrics.json_safe(runs))
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(out, f, indent=1)
-  print(f"wrote {args.out}")
+  machine_info.write_result(args.out, out)
 
 
 if __name__ == "__main__":

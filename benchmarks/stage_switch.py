@@ -11,7 +11,6 @@ timed over repeats; medians are reported. Goal: under 5 s on configs/synthetic.p
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -84,10 +83,7 @@ def main() -> None:
   result = dict(benchmark="stage_switch", machine=machine, config=args.config,
                 switch=f"{first}->{second}", repeats=args.repeats, medians_s=medians,
                 all_s=times, checkpoint_mb=size_mb)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1)
-  print(f"wrote {args.out}")
+  machine_info.write_result(args.out, result)
 
 
 if __name__ == "__main__":

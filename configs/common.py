@@ -47,11 +47,11 @@ def stage(pipeline, steps, batch_size, learning_rate, *, init="best", carry_opti
 
 
 def model(depth=4, base_width=16, width_multiplier=2.0, norm="instance", block="residual",
-          dropout=0.0, task="tumour", compute_dtype="float32"):
+          dropout=0.0, task="tumour", compute_dtype="float32", group_norm_groups=8):
   """A 2-D U-Net (the paper's authors: residual blocks, instance norm, widths 8..128 in 3-D)."""
   return ml_collections.ConfigDict(dict(
       name="unet", depth=depth, base_width=base_width, width_multiplier=width_multiplier,
-      norm=norm, group_norm_groups=8, dropout=dropout, block=block, task=task,
+      norm=norm, group_norm_groups=group_norm_groups, dropout=dropout, block=block, task=task,
       compute_dtype=compute_dtype))
 
 

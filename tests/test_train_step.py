@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs import common
 from curriculum_seg import optim
 from curriculum_seg import sharding
 from curriculum_seg import train_step as ts
@@ -24,11 +25,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def model_config(**overrides):
-  cfg = dict(name='unet', depth=2, base_width=4, width_multiplier=2.0, norm='instance',
-             group_norm_groups=2, dropout=0.0, block='residual', task='tumour',
-             compute_dtype='float32')
-  cfg.update(overrides)
-  return ml_collections.ConfigDict(cfg)
+  """A tiny U-Net config (depth 2, width 4) built like the experiment configs."""
+  base = common.model(depth=2, base_width=4, group_norm_groups=2).to_dict()
+  return ml_collections.ConfigDict({**base, **overrides})
 
 
 def build_tx(lr=1e-2, steps=100, schedule=None, **overrides):

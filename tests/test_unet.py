@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs import common
 from curriculum_seg.models import build_model, init_variables, level_widths, num_classes
 from curriculum_seg.models import unet as unet_lib
 
@@ -17,11 +18,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def model_config(**overrides):
-  cfg = dict(name='unet', depth=2, base_width=4, width_multiplier=2.0, norm='instance',
-             group_norm_groups=2, dropout=0.0, block='residual', task='tumour',
-             compute_dtype='float32')
-  cfg.update(overrides)
-  return ml_collections.ConfigDict(cfg)
+  """A tiny U-Net config (depth 2, width 4) built like the experiment configs."""
+  base = common.model(depth=2, base_width=4, group_norm_groups=2).to_dict()
+  return ml_collections.ConfigDict({**base, **overrides})
 
 
 _INITIALISED = {}
