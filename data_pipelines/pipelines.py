@@ -563,7 +563,7 @@ def _keep_tensorflow_off_accelerators() -> None:
     pass  # already initialised or no GPU support: nothing to hide
 
 
-def _hu_window(data_cfg) -> tuple[float, float]:
+def hu_window(data_cfg) -> tuple[float, float]:
   window = tuple(data_cfg.get("hu_window", DEFAULT_HU_WINDOW))
   if len(window) != 2 or not float(window[0]) < float(window[1]):
     raise ValueError(f"data.hu_window must be (lo, hi) with lo < hi, got {window!r}")
@@ -599,7 +599,7 @@ def _process_rows(batch_size: int, process_index: int, process_count: int,
   return process_index * per, (process_index + 1) * per
 
 
-def _window_into(dst: np.ndarray, hu: np.ndarray, lo: float, hi: float) -> None:
+def window_into(dst: np.ndarray, hu: np.ndarray, lo: float, hi: float) -> None:
   np.subtract(hu, np.float32(lo), out=dst, dtype=np.float32)
   np.multiply(dst, np.float32(1.0 / (hi - lo)), out=dst)
   np.clip(dst, 0.0, 1.0, out=dst)
@@ -704,7 +704,7 @@ def make_train_pipeline(builder, data_cfg, augment_cfg, stage_cfg, seed: int,
   batch_size = int(_stage_get(stage_cfg, "batch_size", 0))
   rows = _process_rows(batch_size, process_index, process_count, "stage.batch_size")
   spec = augment.AugmentSpec.from_config(augment_cfg)
-  hu_window = _hu_window(data_cfg)
+  window = hu_window(data_cfg)
   index = SplitIndex.from_builder(builder, "train")
   reader = RecordReader(builder, "train")
   if reader.num_examples != index.num_examples:
@@ -743,7 +743,7 @@ def make_train_pipeline(builder, data_cfg, augment_cfg, stage_cfg, seed: int,
                 positives_per_batch=sampler.num_positive,
                 negative_slices=len(sampler.negative_pool))
   make_batch = _TrainBatches(reader, sampler, spec, seed, rows, pipeline, out_size)
-  finish = augment.make_finish(hu_window, out_size,
+  finish = augment.make_finish(window, out_size,
                                warp=spec.geometric or make_batch.in_size != out_size)
   threads = _host_threads(data_cfg)
   if not spec.on_device:
@@ -765,7 +765,7 @@ def make_eval_pipeline(builder, data_cfg, split: str, batch_size: int, process_i
   """
   _keep_tensorflow_off_accelerators()
   r0, r1 = _process_rows(int(batch_size), process_index, process_count, "eval batch_size")
-  lo, hi = _hu_window(data_cfg)
+  lo, hi = hu_window(data_cfg)
   index = SplitIndex.from_builder(builder, split)
   reader = RecordReader(builder, split)
   examples = index.select(slice_selection, int(data_cfg.get("liver_margin", 10)))
@@ -784,7 +784,7 @@ def make_eval_pipeline(builder, data_cfg, split: str, batch_size: int, process_i
     batch["case_number"][real] = case_number
     batch["slice_index"][real] = slice_index
     for k, (image, label) in zip(np.flatnonzero(real), reader.read(chosen)):
-      _window_into(batch["image"][k], image, lo, hi)
+      window_into(batch["image"][k], image, lo, hi)
       batch["label"][k] = label
     return batch
 
