@@ -80,6 +80,27 @@ class StageCheckpoints:
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]
 
+  def restore_variables(self, abstract_variables: dict, which: str = LATEST,
+                        step: Optional[int] = None) -> tuple[dict, dict]:
+    """Restores only the model variables ({'params', 'batch_stats'}) of a saved train state.
+
+    For inference and notebooks: the optimiser state is never read, and the arrays land on the
+    shardings of `abstract_variables` whatever mesh wrote them (8 devices written, 1 read).
+    """
+    manager = self._managers.get(which)
+    step = self.last_step(which) if step is None else step
+    if manager is None or step is None:
+      raise FileNotFoundError(f"{self.directory / which}: no checkpoint to restore")
+    if step not in manager.all_steps():
+      raise FileNotFoundError(f"{self.directory / which}: no checkpoint at step {step} (steps: "
+                              f"{self.steps(which)})")
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_variables)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(abstract_variables, restore_args=restore_args,
+                                     partial_restore=True),
+        meta=ocp.args.JsonRestore()))
+    return dict(restored["state"]), restored["meta"]
+
   def close(self) -> None:
     for manager in self._managers.values():
       manager.close()

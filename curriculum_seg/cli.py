@@ -21,6 +21,8 @@ commands:
   synth    --out_dir DIR --num_cases N --seed S   write synthetic LiTS-format cases
   prepare  --config FILE [--config.key=value ...] build the TFDS dataset the config names
   train    --config FILE --workdir DIR [...]      run or resume the config's curriculum
+  evaluate --workdir DIR [--split validation]     score the run's chosen checkpoint on volumes
+  predict  --workdir DIR --input CT --output MASK segment CT volumes (a file or a folder)
 
 `curriculum-seg COMMAND --help` describes a command's options.
 """
@@ -129,10 +131,173 @@ def cmd_train(argv: list[str]) -> int:
   return 0
 
 
+def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--workdir", required=True, help="a run directory (local or gs://)")
+  parser.add_argument("--stage", default=None,
+                      help="use this stage's checkpoint (default: the run's chosen one: the "
+                           "last stage's best by validation Dice)")
+  parser.add_argument("--step", type=int, default=None, help="use the checkpoint of this step")
+  parser.add_argument("--checkpoint", choices=("best", "latest"), default=None,
+                      help="which of the stage's checkpoints (default: best, else latest)")
+  parser.add_argument("--batch_size", type=int, default=32, help="slices per predict call")
+  parser.add_argument("--chunk_slices", type=int, default=64,
+                      help="slices held in memory as probabilities at a time")
+  parser.add_argument("--flip_tta", action="store_true",
+                      help="average over the four in-plane mirrorings (4x slower)")
+  parser.add_argument("--min_tumour_mm3", type=float, default=0.0,
+                      help="remove predicted tumour components smaller than this (mm^3)")
+  parser.add_argument("--keep_all_liver_components", action="store_true",
+                      help="do not reduce the predicted liver to its largest component")
+  parser.add_argument("--tumour_outside_liver", action="store_true",
+                      help="keep tumour predicted outside the (predicted or given) liver")
+
+
+def _inference_options(args):
+  from curriculum_seg import inference  # pylint: disable=g-import-not-at-top
+  try:
+    return inference.InferenceOptions(
+        batch_size=args.batch_size, chunk_slices=args.chunk_slices, flip_tta=args.flip_tta,
+        largest_liver_component=not args.keep_all_liver_components,
+        tumour_in_liver=not args.tumour_outside_liver, min_tumour_mm3=args.min_tumour_mm3)
+  except ValueError as e:
+    raise UsageError(str(e).replace("inference option ", "--")) from e
+
+
+def cmd_evaluate(argv: list[str]) -> int:
+  parser = _Parser(prog="curriculum-seg evaluate",
+                   description="Score a run's checkpoint on whole volumes with the LiTS metrics; "
+                               "writes metrics.json, metrics.md and pictures/.")
+  _add_checkpoint_args(parser)
+  parser.add_argument("--split", default="validation", choices=("train", "validation", "test"),
+                      help="the run's cases to score (default: validation)")
+  parser.add_argument("--lits_dir", default=None,
+                      help="score every case of this LiTS folder instead of a split")
+  parser.add_argument("--output", default=None,
+                      help="output folder (default: WORKDIR/eval/<split>)")
+  parser.add_argument("--no_pictures", action="store_true", help="skip the PNG overlays")
+  args = parser.parse_args(argv)
+  options = _inference_options(args)
+  _quiet_tensorflow()
+  from curriculum_seg import evaluate, inference  # pylint: disable=g-import-not-at-top
+  try:
+    evaluate.evaluate_run(args.workdir, split=args.split, lits_dir=args.lits_dir,
+                          output=args.output, stage=args.stage, step=args.step,
+                          which=args.checkpoint, options=options,
+                          pictures=not args.no_pictures, log=lambda m: print(m, flush=True))
+  except inference.InferenceError as e:
+    raise UsageError(str(e)) from e
+  except ValueError as e:  # a split without cases, a bad option value
+    raise UsageError(str(e)) from e
+  return 0
+
+
+def _output_name(volume_name: str) -> str:
+  """LiTS naming: volume-N -> segmentation-N, test-volume-N -> test-segmentation-N."""
+  if "volume-" in volume_name:
+    return volume_name.replace("volume-", "segmentation-", 1)
+  for ext in (".nii.gz", ".nii"):
+    if volume_name.endswith(ext):
+      return volume_name[:-len(ext)] + "_mask" + ext
+  return volume_name + "_mask.nii.gz"
+
+
+def predict_jobs(input_path: str, output_path: str) -> list[tuple[str, str]]:
+  """(volume, mask) pairs for a file or a folder input; refuses bad paths before any work."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from curriculum_seg import inference  # pylint: disable=g-import-not-at-top
+  source = epath.Path(input_path)
+  if not source.exists():
+    raise UsageError(f"--input {input_path}: no such file or folder")
+  if source.is_dir():
+    volumes = sorted(p for p in source.iterdir()
+                     if (p.name.endswith(".nii") or p.name.endswith(".nii.gz"))
+                     and not p.name.startswith(("segmentation-", "test-segmentation-"))
+                     and not p.is_dir())
+    if not volumes:
+      raise UsageError(f"--input {input_path}: the folder holds no .nii or .nii.gz volume")
+    target = epath.Path(output_path)
+    if target.exists() and not target.is_dir():
+      raise UsageError(f"--output {output_path}: with a folder --input, --output must be a "
+                       "folder")
+    if target.name.endswith((".nii", ".nii.gz")):
+      raise UsageError(f"--output {output_path}: with a folder --input, --output must be a "
+                       "folder, not a NIfTI file name")
+    target.mkdir(parents=True, exist_ok=True)
+    jobs = [(os.fspath(v), os.fspath(target / _output_name(v.name))) for v in volumes]
+    if source.resolve() == target.resolve():
+      clash = [m for _, m in jobs if epath.Path(m).exists()]
+      if clash:
+        raise UsageError(f"--output {output_path}: would overwrite {clash[0]} next to the "
+                         "inputs; choose another folder")
+    return jobs
+  if not source.name.endswith((".nii", ".nii.gz")):
+    raise UsageError(f"--input {input_path}: not a .nii or .nii.gz file")
+  try:
+    inference.check_output_path(output_path)
+  except inference.InferenceError as e:
+    raise UsageError(f"--output {e}") from e
+  if epath.Path(output_path).resolve() == source.resolve():
+    raise UsageError(f"--output {output_path}: is the input volume itself")
+  return [(os.fspath(source), output_path)]
+
+
+def cmd_predict(argv: list[str]) -> int:
+  parser = _Parser(prog="curriculum-seg predict",
+                   description="Segment CT volumes with a run's checkpoint: LiTS-style masks "
+                               "(0 background, 1 liver, 2 tumour; 0/2 for tumour-only models) "
+                               "with each input's shape, affine and orientation.")
+  _add_checkpoint_args(parser)
+  parser.add_argument("--input", required=True, help="a CT volume (.nii/.nii.gz) or a folder")
+  parser.add_argument("--output", required=True,
+                      help="the mask file (.nii/.nii.gz), or a folder for a folder --input "
+                           "(volume-N -> segmentation-N)")
+  parser.add_argument("--liver", default=None,
+                      help="a liver mask for a single --input (non-zero = liver): tumour is "
+                           "kept inside it and it is written as label 1")
+  args = parser.parse_args(argv)
+  options = _inference_options(args)
+  jobs = predict_jobs(args.input, args.output)
+  if args.liver is not None and len(jobs) != 1:
+    raise UsageError("--liver needs a single --input volume, not a folder")
+  if args.liver is not None and not os.path.exists(args.liver) and "://" not in args.liver:
+    raise UsageError(f"--liver {args.liver}: no such file")
+  _quiet_tensorflow()
+  from curriculum_seg import inference  # pylint: disable=g-import-not-at-top
+  try:
+    predictor = inference.load_predictor(args.workdir, stage=args.stage, step=args.step,
+                                         which=args.checkpoint, options=options)
+  except inference.InferenceError as e:
+    raise UsageError(str(e)) from e
+  print(f"segmenting {len(jobs)} volume(s) with {predictor.describe()}", flush=True)
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  failed = []
+  bar = tqdm(jobs, unit="volume", disable=len(jobs) == 1 or not sys.stderr.isatty())
+  for volume, mask in bar:
+    t0 = time.perf_counter()
+    bar.set_postfix_str(os.path.basename(volume))
+    try:
+      labels = predictor.predict_file(volume, mask, liver_path=args.liver)
+    except (ValueError, FileNotFoundError) as e:  # one bad file does not stop a folder
+      if len(jobs) == 1:
+        raise
+      failed.append(volume)
+      print(f"curriculum-seg predict: error: {str(e).splitlines()[0]}", file=sys.stderr)
+      continue
+    counts = {v: int((labels == v).sum()) for v in (1, 2)}
+    bar.write(f"  {mask}  liver {counts[1]} voxels, tumour {counts[2]} voxels "
+              f"({time.perf_counter() - t0:.1f} s)")
+  print(f"wrote {len(jobs) - len(failed)} mask(s) in {time.perf_counter() - start:.1f} s"
+        + (f"; {len(failed)} volume(s) failed" if failed else ""))
+  return 1 if failed else 0
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "synth": cmd_synth,
     "prepare": cmd_prepare,
     "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "predict": cmd_predict,
 }
 
 

@@ -12,7 +12,7 @@ to the task's targets itself.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax
@@ -212,16 +212,29 @@ def make_eval_step(model: nn.Module, task: str, mesh: Mesh,
                  out_shardings=replicated)
 
 
-def make_predict_step(model: nn.Module, mesh: Mesh) -> Callable[[TrainState, jax.Array],
-                                                                 jax.Array]:
+def make_predict_step(model: nn.Module, mesh: Mesh, flip_tta: bool = False
+                      ) -> Callable[[Any, jax.Array], jax.Array]:
   """Compiles `(state, images) -> softmax probabilities` float32 [B, H, W, K], split on 'data'.
 
-  B must be divisible by the number of mesh devices (pad and drop the extra rows).
+  `state` is a TrainState or a variables dict ({'params': ..., 'batch_stats': ...}). With
+  `flip_tta` the probabilities are averaged over the four in-plane mirrorings (none, rows,
+  columns, both), each mapped back before averaging. B must be divisible by the number of mesh
+  devices (pad and drop the extra rows).
   """
 
-  def predict_fn(state: TrainState, images: jax.Array) -> jax.Array:
-    logits = model.apply(_variables(state, state.params), images, train=False)
-    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  def predict_fn(state: Any, images: jax.Array) -> jax.Array:
+    variables = state if isinstance(state, Mapping) else _variables(state, state.params)
+
+    def probs(x):
+      logits = model.apply(variables, x, train=False)
+      return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+    if not flip_tta:
+      return probs(images)
+    total = probs(images)
+    for axes in ((1,), (2,), (1, 2)):
+      total = total + jnp.flip(probs(jnp.flip(images, axes)), axes)
+    return total / 4.0
 
   data = sharding.batch_sharding(mesh)
   return jax.jit(predict_fn, in_shardings=(sharding.replicated(mesh), data), out_shardings=data)

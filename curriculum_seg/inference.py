@@ -1,0 +1,430 @@
+"""Whole-volume inference: a trained run's network applied to every axial slice of a CT volume.
+
+A volume (canonical int16 HU, from `data_pipelines.lits.load_case`) is cut into axial slices with
+their neighbours as channels, resampled in-plane to the training size and windowed exactly as the
+dataset builder and pipelines do (`data_pipelines.slices`, `pipelines.window_into`), batched
+through a compiled predict step sharded over the local devices, and the softmax probabilities
+are resampled back to the volume's own grid. Slices go through a chunk at a time
+(`InferenceOptions.chunk_slices`), so only one chunk's probabilities ever exist: a
+512x512x1000 volume needs its int16 image, its uint8 mask and one chunk, never all its logits.
+
+Post-processing (all optional, `InferenceOptions`): keep the largest liver component, keep
+tumour only inside the predicted liver (or a liver mask the caller gives), drop tumour
+components smaller than a volume in mm^3.
+
+`load_predictor(workdir)` is what `evaluate`, `predict` and notebooks use: it reads the run's
+config, picks the run's chosen checkpoint (or the stage/step asked for) and restores only the
+model variables, read-only, onto this host's devices, whatever mesh wrote them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+from scipy import ndimage
+
+from curriculum_seg import checkpoints as ckpt_lib
+from curriculum_seg import sharding, train_step
+from curriculum_seg.models import build_model, num_classes
+from data_pipelines import lits, pipelines, slices
+
+TUMOUR, LIVER = 2, 1
+_LESION_STRUCTURE = ndimage.generate_binary_structure(3, 1)  # lesions: 6-connected (LiTS)
+_ORGAN_STRUCTURE = ndimage.generate_binary_structure(3, 3)   # the liver: 26-connected
+
+
+class InferenceError(ValueError):
+  """A run or checkpoint that cannot be used for inference (the message says why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceOptions:
+  """How volumes are segmented.
+
+  batch_size: slices per predict call (rounded up to a multiple of the local devices).
+  chunk_slices: slices resampled and held as probabilities at a time (bounds memory).
+  flip_tta: average the probabilities over the four in-plane mirrorings (4x the compute).
+  largest_liver_component: keep only the largest 26-connected component of the predicted liver
+    (label >= 1), removing everything outside it (tumours included).
+  tumour_in_liver: keep tumour only inside the liver: the liver mask given to `predict`, else the
+    predicted liver (models that predict one). Models without a liver and no mask: no effect.
+  min_tumour_mm3: tumour components (6-connected) smaller than this volume are removed (they
+    become liver where a liver is known, background elsewhere); 0 keeps all.
+  """
+
+  batch_size: int = 32
+  chunk_slices: int = 64
+  flip_tta: bool = False
+  largest_liver_component: bool = True
+  tumour_in_liver: bool = True
+  min_tumour_mm3: float = 0.0
+
+  def __post_init__(self):
+    for name in ("batch_size", "chunk_slices"):
+      if int(getattr(self, name)) < 1:
+        raise ValueError(f"inference option {name} must be >= 1, got {getattr(self, name)}")
+    if not float(self.min_tumour_mm3) >= 0:
+      raise ValueError(f"inference option min_tumour_mm3 must be >= 0, got "
+                       f"{self.min_tumour_mm3}")
+
+
+# --------------------------------------------------------------------------- run directories
+
+def read_run_config(workdir: epath.PathLike) -> ml_collections.ConfigDict:
+  """The resolved config a run saved in `workdir/config.json`."""
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
+    raise InferenceError(f"{workdir}: not a run directory (no config.json); train a run there "
+                         "first with `curriculum-seg train --config ... --workdir ...`")
+  try:
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+  except json.JSONDecodeError as e:
+    raise InferenceError(f"{path}: not valid JSON ({e})") from e
+
+
+def stage_model_config(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
+  """`config.model` with the stage's own `model` fields (if any) applied over it."""
+  model_cfg = ml_collections.ConfigDict(config.model.to_dict())
+  override = config.stages[stage].get("model", None) if stage in config.stages else None
+  if override:
+    model_cfg.update(override.to_dict() if hasattr(override, "to_dict") else dict(override))
+  return model_cfg
+
+
+def _checkpoints(workdir: epath.PathLike, stage: str) -> ckpt_lib.StageCheckpoints:
+  return ckpt_lib.StageCheckpoints(epath.Path(workdir) / "checkpoints", stage, read_only=True)
+
+
+def chosen_checkpoint(workdir: epath.PathLike, config: Optional[ml_collections.ConfigDict] = None,
+                      stage: Optional[str] = None) -> tuple[str, str, int]:
+  """(stage, which, step) of the checkpoint a run hands out.
+
+  The last stage of the curriculum that has checkpoints (or `stage`), its best checkpoint by
+  validation Dice when it has one, else its latest.
+  """
+  config = read_run_config(workdir) if config is None else config
+  names = [stage] if stage is not None else list(reversed(list(config.curriculum)))
+  for name in names:
+    if name not in config.stages:
+      raise InferenceError(f"stage {name!r} is not in the run's curriculum "
+                           f"({', '.join(config.curriculum)})")
+    ckpts = _checkpoints(workdir, name)
+    for which in (ckpt_lib.BEST, ckpt_lib.LATEST):
+      step = ckpts.last_step(which)
+      if step is not None:
+        return name, which, step
+  raise InferenceError(f"{workdir}: no checkpoint of stage {names[0] if stage else 'any'} "
+                       "to restore; has the run trained?")
+
+
+@dataclasses.dataclass
+class Network:
+  """One trained network, ready to segment volumes slice by slice on `mesh`."""
+
+  config: ml_collections.ConfigDict
+  model: Any
+  variables: dict
+  task: str
+  image_size: int
+  context_slices: int
+  hu_window: tuple[float, float]
+  mesh: jax.sharding.Mesh
+  stage: str = ""
+  which: str = ""
+  step: int = -1
+  meta: dict = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    self._steps: dict[bool, Any] = {}
+
+  @property
+  def num_classes(self) -> int:
+    return num_classes(self.task)
+
+  def _predict_step(self, flip_tta: bool):
+    if flip_tta not in self._steps:
+      self._steps[flip_tta] = train_step.make_predict_step(self.model, self.mesh,
+                                                           flip_tta=flip_tta)
+    return self._steps[flip_tta]
+
+  def slice_probabilities(self, stacks: np.ndarray,
+                          options: InferenceOptions = InferenceOptions()) -> np.ndarray:
+    """Softmax probabilities [N, H, W, K] of windowed slice stacks [N, H, W, C] (float32)."""
+    n = stacks.shape[0]
+    devices = self.mesh.size
+    batch = int(math.ceil(int(options.batch_size) / devices) * devices)
+    step = self._predict_step(bool(options.flip_tta))
+    out = np.empty(stacks.shape[:3] + (self.num_classes,), np.float32)
+    data = sharding.batch_sharding(self.mesh)
+    for b0 in range(0, n, batch):
+      part = stacks[b0:b0 + batch]
+      m = part.shape[0]
+      if m < batch:  # one compiled shape: pad the last batch and drop the padding
+        part = np.concatenate([part, np.zeros((batch - m,) + part.shape[1:], part.dtype)])
+      probs = step(self.variables, jax.device_put(part, data))
+      out[b0:b0 + m] = np.asarray(jax.device_get(probs))[:m]
+    return out
+
+  def slice_stacks(self, image: np.ndarray, z0: int, z1: int) -> np.ndarray:
+    """Windowed model inputs [z1 - z0, S, S, C] of slices z0..z1 of a canonical int16 volume."""
+    size, context = self.image_size, self.context_slices
+    neighbours = slices.context_indices(image.shape[2], context)[z0:z1]
+    needed = np.unique(neighbours)
+    resampled = slices.resample_image(np.ascontiguousarray(image[:, :, needed]), size)
+    where = np.searchsorted(needed, neighbours)  # [n, C] into the resampled slices
+    stacks = np.empty((z1 - z0, size, size, context), np.float32)
+    lo, hi = self.hu_window
+    pipelines.window_into(stacks, np.moveaxis(resampled[:, :, where], 2, 0), lo, hi)
+    return stacks
+
+  def volume_probabilities(self, image: np.ndarray,
+                           options: InferenceOptions = InferenceOptions(),
+                           z_range: Optional[tuple[int, int]] = None
+                           ) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(z0, z1, probabilities [z1 - z0, X, Y, K]) chunk by chunk over a canonical volume.
+
+    Probabilities are on the volume's own in-plane grid (bilinear back from the model's size).
+    Only one chunk exists at a time; `z_range` limits the slices (default: all).
+    """
+    if image.ndim != 3:
+      raise ValueError(f"expected a 3-D (X, Y, Z) volume, got shape {image.shape}")
+    x, y, z = image.shape
+    start, stop = (0, z) if z_range is None else (max(0, z_range[0]), min(z, z_range[1]))
+    for z0 in range(start, stop, int(options.chunk_slices)):
+      z1 = min(stop, z0 + int(options.chunk_slices))
+      probs = self.slice_probabilities(self.slice_stacks(image, z0, z1), options)
+      yield z0, z1, slices.resample_probabilities_back(probs, (x, y))
+
+  def label_volume(self, image: np.ndarray,
+                   options: InferenceOptions = InferenceOptions()) -> np.ndarray:
+    """The raw argmax labels (X, Y, Z) uint8 in LiTS values: 0/2 tumour, 0/1 liver, 0/1/2."""
+    labels = np.zeros(image.shape, np.uint8)
+    to_lits = _TASK_TO_LITS[self.task]
+    for z0, z1, probs in self.volume_probabilities(image, options):
+      labels[:, :, z0:z1] = np.moveaxis(to_lits[probs.argmax(-1)], 0, 2)
+    return labels
+
+
+# Model class index -> LiTS label value, per task.
+_TASK_TO_LITS = {"tumour": np.array([0, TUMOUR], np.uint8),
+                 "liver": np.array([0, LIVER], np.uint8),
+                 "three_class": np.array([0, LIVER, TUMOUR], np.uint8)}
+
+
+def default_mesh() -> jax.sharding.Mesh:
+  """A 1-D 'data' mesh over this process's devices (inference is per host)."""
+  if jax.process_count() == 1:
+    return sharding.make_mesh()
+  return jax.make_mesh((jax.local_device_count(),), (sharding.DATA_AXIS,),
+                       axis_types=(jax.sharding.AxisType.Auto,), devices=jax.local_devices())
+
+
+def load_network(workdir: epath.PathLike, *, stage: Optional[str] = None,
+                 step: Optional[int] = None, which: Optional[str] = None,
+                 mesh: Optional[jax.sharding.Mesh] = None,
+                 config: Optional[ml_collections.ConfigDict] = None) -> Network:
+  """Restores one checkpoint's model variables (read-only) onto `mesh` (default: local devices).
+
+  Default: the run's chosen checkpoint (`chosen_checkpoint`). `stage` alone: that stage's best
+  (else latest); `step`: that step of `which` (default: latest, else best).
+  """
+  config = read_run_config(workdir) if config is None else config
+  if which not in (None, ckpt_lib.BEST, ckpt_lib.LATEST):
+    raise InferenceError(f"checkpoint kind {which!r} is not 'best' or 'latest'")
+  if stage is None and step is None and which is None:
+    stage, which, step = chosen_checkpoint(workdir, config)
+  else:
+    if stage is None:
+      stage = chosen_checkpoint(workdir, config)[0]
+    elif stage not in config.stages:
+      raise InferenceError(f"stage {stage!r} is not in the run's curriculum "
+                           f"({', '.join(config.curriculum)})")
+    ckpts = _checkpoints(workdir, stage)
+    if which is None:
+      kinds = (ckpt_lib.LATEST, ckpt_lib.BEST) if step is not None else (ckpt_lib.BEST,
+                                                                           ckpt_lib.LATEST)
+      which = next((k for k in kinds if (step in ckpts.steps(k) if step is not None
+                                         else ckpts.steps(k))), None)
+      if which is None:
+        raise InferenceError(f"{workdir}: stage {stage!r} has no checkpoint"
+                             + (f" at step {step}" if step is not None else "")
+                             + f" (latest: {ckpts.steps(ckpt_lib.LATEST)}, best: "
+                               f"{ckpts.steps(ckpt_lib.BEST)})")
+    if step is None:
+      step = ckpts.last_step(which)
+      if step is None:
+        raise InferenceError(f"{workdir}: stage {stage!r} has no {which} checkpoint")
+    elif step not in ckpts.steps(which):
+      raise InferenceError(f"{workdir}: stage {stage!r} has no {which} checkpoint at step {step} "
+                           f"(its {which} steps: {ckpts.steps(which)})")
+  mesh = default_mesh() if mesh is None else mesh
+  model_cfg = stage_model_config(config, stage)
+  context = int(config.data.context_slices)
+  model = build_model(model_cfg, context)
+  size = int(config.data.image_size)
+  shapes = jax.eval_shape(
+      lambda rng: model.init(rng, jnp.zeros((1, size, size, context), jnp.float32), train=False),
+      jax.random.PRNGKey(0))
+  abstract = ckpt_lib.abstract_like(
+      dict(params=shapes["params"], batch_stats=shapes.get("batch_stats", {})),
+      sharding.replicated(mesh))
+  variables, meta = _checkpoints(workdir, stage).restore_variables(abstract, which, step)
+  if not variables.get("batch_stats"):
+    variables.pop("batch_stats", None)
+  return Network(config=config, model=model, variables=variables, task=str(model_cfg.task),
+                 image_size=size, context_slices=context,
+                 hu_window=pipelines.hu_window(config.data), mesh=mesh, stage=stage,
+                 which=which, step=int(step), meta=meta)
+
+
+# --------------------------------------------------------------------------- post-processing
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+  """The largest 26-connected component of a boolean 3-D mask (empty stays empty)."""
+  components, n = ndimage.label(mask, structure=_ORGAN_STRUCTURE)
+  if n <= 1:
+    return mask.astype(bool)
+  sizes = np.bincount(components.ravel())
+  sizes[0] = 0
+  return components == int(sizes.argmax())
+
+
+def postprocess(labels: np.ndarray, spacing, *, predicts_liver: bool,
+                options: InferenceOptions = InferenceOptions(),
+                liver: Optional[np.ndarray] = None) -> np.ndarray:
+  """Applies `options`' post-processing to a LiTS label map in place and returns it.
+
+  `liver` (boolean, same shape) is a given liver mask: it bounds the tumour and is written as
+  label 1 where no tumour is predicted. Without it, a model that predicts liver (`predicts_liver`)
+  bounds its own tumour.
+  """
+  if liver is not None:
+    liver = np.asarray(liver).astype(bool)
+    if liver.shape != labels.shape:
+      raise ValueError(f"liver mask of shape {liver.shape} does not match the volume "
+                       f"{labels.shape}")
+  elif predicts_liver and options.largest_liver_component:
+    organ = labels >= LIVER
+    if organ.any():
+      labels[~largest_component(organ)] = 0
+  bound = liver if liver is not None else (labels >= LIVER if predicts_liver else None)
+  if options.tumour_in_liver and bound is not None:
+    labels[(labels == TUMOUR) & ~bound] = 0
+  if options.min_tumour_mm3 > 0:
+    components, n = ndimage.label(labels == TUMOUR, structure=_LESION_STRUCTURE)
+    if n:
+      voxel_mm3 = float(np.prod(np.asarray(spacing, np.float64)))
+      sizes = np.bincount(components.ravel()) * voxel_mm3
+      small = sizes < float(options.min_tumour_mm3)
+      small[0] = False
+      drop = small[components]
+      replacement = np.uint8(LIVER) if (predicts_liver or liver is not None) else np.uint8(0)
+      labels[drop] = replacement
+      if liver is not None:
+        labels[drop & ~liver] = 0
+  if liver is not None:
+    labels[(labels == 0) & liver] = LIVER
+  return labels
+
+
+# --------------------------------------------------------------------------- predictors
+
+class Predictor:
+  """A run's network(s) as a volume -> LiTS mask function (`predict`, `predict_case`, files)."""
+
+  def __init__(self, network: Network, options: InferenceOptions = InferenceOptions()):
+    self.network = network
+    self.networks = {network.stage: network}
+    self.config = network.config
+    self.task = network.task
+    self.options = options
+
+  @property
+  def predicts_liver(self) -> bool:
+    return self.task in ("liver", "three_class")
+
+  def describe(self) -> str:
+    n = self.network
+    return f"stage {n.stage} {n.which} checkpoint at step {n.step} (task {n.task})"
+
+  def predict(self, image: np.ndarray, spacing, liver: Optional[np.ndarray] = None) -> np.ndarray:
+    """LiTS labels (X, Y, Z) uint8 of a canonical int16 HU volume (see `postprocess`)."""
+    labels = self.network.label_volume(_check_image(image), self.options)
+    return postprocess(labels, spacing, predicts_liver=self.predicts_liver,
+                       options=self.options, liver=liver)
+
+  def predict_case(self, case: lits.Case, liver: Optional[np.ndarray] = None) -> np.ndarray:
+    """Canonical LiTS labels of a loaded case (`case.save_mask` writes them in its geometry)."""
+    return self.predict(case.image, case.spacing, liver=liver)
+
+  def predict_file(self, volume_path: epath.PathLike, output_path: epath.PathLike,
+                   liver_path: Optional[epath.PathLike] = None) -> np.ndarray:
+    """Segments one NIfTI volume and writes the mask with the input's shape, affine, orientation.
+
+    Returns the canonical labels. The output is written atomically (never half-written).
+    """
+    check_output_path(output_path)
+    case = lits.load_case(volume_path)
+    liver = load_liver_mask(liver_path, case) if liver_path is not None else None
+    labels = self.predict_case(case, liver=liver)
+    case.save_mask(labels, output_path)
+    return labels
+
+
+def _check_image(image: np.ndarray) -> np.ndarray:
+  image = np.asarray(image)
+  if image.ndim != 3:
+    raise ValueError(f"expected a 3-D (X, Y, Z) HU volume, got shape {image.shape}")
+  if image.dtype != np.int16:
+    if not np.issubdtype(image.dtype, np.number):
+      raise ValueError(f"expected HU values, got dtype {image.dtype}")
+    image = np.clip(np.rint(image), lits.HU_MIN, lits.HU_MAX).astype(np.int16)
+  return image
+
+
+def check_output_path(path: epath.PathLike) -> None:
+  """Refuses output names that are not NIfTI or whose folder does not exist, before any work."""
+  path = epath.Path(path)
+  if not (path.name.endswith(".nii") or path.name.endswith(".nii.gz")):
+    raise InferenceError(f"{path}: the output mask must be a .nii or .nii.gz file")
+  if "://" not in os.fspath(path) and not path.parent.is_dir():
+    raise InferenceError(f"{path}: the output folder {path.parent} does not exist")
+  if path.is_dir():
+    raise InferenceError(f"{path}: is a folder, expected a mask file name")
+
+
+def load_liver_mask(path: epath.PathLike, case: lits.Case) -> np.ndarray:
+  """A liver mask file (non-zero = liver, e.g. a LiTS segmentation) on `case`'s canonical grid."""
+  mask_case = lits.load_case(case.volume_path, path)
+  return mask_case.labels >= LIVER
+
+
+def load_predictor(workdir: epath.PathLike, *, stage: Optional[str] = None,
+                   step: Optional[int] = None, which: Optional[str] = None,
+                   mesh: Optional[jax.sharding.Mesh] = None,
+                   options: Optional[InferenceOptions] = None):
+  """The run's segmenter: its chosen checkpoint, or the stage/step/which asked for.
+
+  A cascade run (`config.cascade`) chains its liver and tumour networks
+  (`curriculum_seg.cascade`); every other run is one network.
+  """
+  config = read_run_config(workdir)
+  options = InferenceOptions() if options is None else options
+  if config.get("cascade", None):
+    from curriculum_seg import cascade  # pylint: disable=g-import-not-at-top
+    if stage is not None or step is not None:
+      raise InferenceError("a cascade run is evaluated with its liver and tumour networks' "
+                           "chosen checkpoints; --stage/--step do not apply")
+    return cascade.load_cascade_predictor(workdir, config, mesh=mesh, options=options,
+                                          which=which)
+  network = load_network(workdir, stage=stage, step=step, which=which, mesh=mesh, config=config)
+  return Predictor(network, options)
