@@ -11,11 +11,14 @@ import ml_collections
 def stage(pipeline, steps, batch_size, learning_rate, *, init="best", carry_optimizer=False,
           optimizer="adam", weight_decay=1e-4, schedule="constant", warmup_steps=0,
           patch_size=64, positive_fraction=0.7, component_sampling="component", patch_jitter=8,
-          log_every=10, eval_every=50, checkpoint_every=50):
+          log_every=10, eval_every=50, checkpoint_every=50, crop_size=None, crop_margin=None,
+          model=None):
   """One stage of a curriculum.
 
   Args:
-    pipeline: 'whole' (whole slices) or 'patch' (tumour-centred patches).
+    pipeline: 'whole' (whole slices), 'patch' (tumour-centred patches) or 'liver_crop' (the
+      cascade's tumour network: liver-range slices cropped to the case's liver box widened by
+      `crop_margin` stored pixels and resized to `crop_size`; see data_pipelines/crops.py).
     steps: optimiser steps in this stage.
     batch_size: global batch size (divisible by the number of processes).
     learning_rate: peak learning rate of the stage's schedule.
@@ -24,6 +27,11 @@ def stage(pipeline, steps, batch_size, learning_rate, *, init="best", carry_opti
     carry_optimizer: keep the previous stage's optimiser state (moments) instead of a fresh one;
       needs the same optimiser type. The schedule always restarts.
     eval_every, checkpoint_every, log_every: intervals in steps (0 = only at the stage's end).
+    crop_size, crop_margin: the 'liver_crop' pipeline's output size and box margin (fields
+      present only on such stages).
+    model: overrides of `config.model` fields for this stage's network, e.g.
+      dict(task='liver') (field present only when given). A stage whose network differs from
+      the previous stage's must start from scratch.
   """
   s = ml_collections.ConfigDict()
   s.pipeline = pipeline
@@ -43,6 +51,11 @@ def stage(pipeline, steps, batch_size, learning_rate, *, init="best", carry_opti
   s.log_every = log_every
   s.eval_every = eval_every
   s.checkpoint_every = checkpoint_every
+  if pipeline == "liver_crop":
+    s.crop_size = crop_size
+    s.crop_margin = 0 if crop_margin is None else crop_margin
+  if model:
+    s.model = ml_collections.ConfigDict(dict(model))
   return s
 
 

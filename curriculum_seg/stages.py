@@ -1,12 +1,19 @@
 """The stage controller: runs a curriculum (an ordered list of stages from the config).
 
-For each stage it builds the stage's pipeline and optimiser, starts from scratch or from the
-previous stage's best or last checkpoint, trains, evaluates on whole validation slices, and
+For each stage it builds the stage's pipeline, model and optimiser, starts from scratch or from
+the previous stage's best or last checkpoint, trains, evaluates on validation slices, and
 checkpoints with Orbax (state + JSON metadata: stage, step, data position, best score). Progress
 lives in the checkpoints alone, so `run` on an existing workdir resumes at the exact stage, step
 and data position; with the same seed and devices it ends with the same parameters as an
 uninterrupted run. SIGTERM (a Cloud TPU preemption) checkpoints and exits; SIGKILL loses at most
 the steps since the last checkpoint.
+
+A stage may override fields of `config.model` (`config.stages.<name>.model`, e.g. task='liver'),
+so one run can train different networks in turn, as the cascade baseline does (a liver network,
+then a tumour network on liver crops; `config.cascade` names the two stages). A stage whose
+network differs from the previous stage's starts from scratch, and its validation Dice (which
+picks its best checkpoint) is that of its own task, on its own pipeline's view of the validation
+cases (whole slices, or liver crops for a 'liver_crop' stage).
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ from curriculum_seg import device_feed, optim, rundir, sharding, train_step
 from curriculum_seg.models import build_model
 from data_pipelines import lits_tfds, pipelines
 
-PIPELINES = ("whole", "patch")
+PIPELINES = pipelines.PIPELINES  # 'whole', 'patch', 'liver_crop'
+TUMOUR_TASKS = ("tumour", "three_class")
 INITS = ("scratch", "best", "last")
 
 
@@ -55,6 +63,31 @@ class StageResult:
   best_score: Optional[float]
   best_step: Optional[int]
   chosen: str  # which checkpoint the next stage starts from: 'best' or 'last'
+  task: str = "tumour"  # the stage network's task: best_score is that task's validation Dice
+
+
+def stage_model_config(config: ml_collections.ConfigDict,
+                       stage: str | ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config.model` with the stage's `model` overrides (if any) applied; `stage` is a stage
+  name or a stage ConfigDict. Unknown override keys are a StageError."""
+  if isinstance(stage, str):
+    name, stage = stage, config.stages[stage]
+  else:
+    name = next((n for n in config.stages.keys() if config.stages[n] is stage), "<stage>")
+  model = ml_collections.ConfigDict(config.model.to_dict())
+  overrides = stage.get("model", None)
+  if overrides:
+    for key, value in overrides.items():
+      if key not in model:
+        raise StageError(f"config.stages.{name}.model.{key} is not a field of config.model "
+                         f"(fields: {', '.join(model.keys())})")
+      with model.ignore_type():
+        model[key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+  return model
+
+
+def _model_key(model_cfg: ml_collections.ConfigDict) -> str:
+  return json.dumps(model_cfg.to_dict(), sort_keys=True, default=str)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -81,11 +114,48 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for field in ("eval_every", "checkpoint_every", "log_every"):
       if int(s[field]) < 0:
         raise StageError(f"{key}.{field}={s[field]} must be >= 0")
-    if s.carry_optimizer and k > 0:
-      prev = config.stages[config.curriculum[k - 1]]
-      if prev.optimizer.name != s.optimizer.name:
+    model = stage_model_config(config, name)
+    if model.task not in ("tumour", "liver", "three_class"):
+      raise StageError(f"{key}.model.task (or config.model.task)={model.task!r} is not one of "
+                       f"['tumour', 'liver', 'three_class']")
+    if s.pipeline == "patch" and model.task == "liver":
+      raise StageError(f"{key}.pipeline='patch' (tumour-centred patches) cannot train a liver "
+                       f"network (model.task='liver'): use pipeline='whole'")
+    if k > 0:
+      prev_name = config.curriculum[k - 1]
+      prev = config.stages[prev_name]
+      if s.init != "scratch" and _model_key(model) != _model_key(
+          stage_model_config(config, prev_name)):
+        raise StageError(
+            f"{key}.init={s.init!r}: stage {name!r} trains a different network than stage "
+            f"{prev_name!r} (config.stages.{name}.model differs), so it cannot start from "
+            f"{prev_name!r}'s weights; set {key}.init='scratch'")
+      if s.carry_optimizer and prev.optimizer.name != s.optimizer.name:
         raise StageError(f"{key}.carry_optimizer needs the previous stage's optimiser type, "
                          f"got {prev.optimizer.name!r} then {s.optimizer.name!r}")
+  _validate_cascade(config)
+
+
+def _validate_cascade(config: ml_collections.ConfigDict) -> None:
+  """`config.cascade` (liver_stage, tumour_stage) names a liver stage and a liver-crop stage."""
+  cascade = config.get("cascade", None)
+  if not cascade:
+    return
+  for field in ("liver_stage", "tumour_stage"):
+    name = cascade.get(field, None)
+    if name not in config.curriculum:
+      raise StageError(f"config.cascade.{field}={name!r} is not a stage of config.curriculum "
+                       f"({', '.join(config.curriculum)})")
+  liver, tumour = cascade.liver_stage, cascade.tumour_stage
+  if stage_model_config(config, liver).task != "liver":
+    raise StageError(f"config.cascade.liver_stage={liver!r} must train a liver network: set "
+                     f"config.stages.{liver}.model.task='liver'")
+  if config.stages[tumour].pipeline != "liver_crop":
+    raise StageError(f"config.cascade.tumour_stage={tumour!r} must train on liver crops: set "
+                     f"config.stages.{tumour}.pipeline='liver_crop'")
+  if stage_model_config(config, tumour).task not in TUMOUR_TASKS:
+    raise StageError(f"config.cascade.tumour_stage={tumour!r} must train a tumour network: "
+                     f"config.stages.{tumour}.model.task must be one of {list(TUMOUR_TASKS)}")
 
 
 def _every(step: int, interval: int, last: int) -> bool:
@@ -133,14 +203,26 @@ class Controller:
     self.workdir = epath.Path(workdir)
     self.log = log if jax.process_index() == 0 else (lambda s: None)
     self.mesh = mesh if mesh is not None else sharding.make_mesh()
-    self.model = build_model(config.model, int(config.data.context_slices))
+    self.model = build_model(config.model, int(config.data.context_slices))  # config.model's
+    self._models: dict[str, Any] = {_model_key(config.model): self.model}
     self.metrics_log = rundir.MetricsLog(self.workdir)
     self._compiled: dict[str, Any] = {}
-    self._eval_step = None
+    self._eval_steps: dict[str, Any] = {}
     self.builder = None
     self.writer = None
 
   # --- building blocks -------------------------------------------------------------------
+
+  def _model_cfg(self, stage: Optional[ml_collections.ConfigDict]) -> ml_collections.ConfigDict:
+    return self.config.model if stage is None else stage_model_config(self.config, stage)
+
+  def model_for(self, stage: Optional[ml_collections.ConfigDict]):
+    """The network a stage trains (config.model with the stage's overrides)."""
+    cfg = self._model_cfg(stage)
+    key = _model_key(cfg)
+    if key not in self._models:
+      self._models[key] = build_model(cfg, int(self.config.data.context_slices))
+    return self._models[key]
 
   def _tx(self, stage: ml_collections.ConfigDict) -> optax.GradientTransformation:
     tx, _ = optim.build_optimizer(stage.optimizer, stage.schedule, int(stage.steps))
@@ -148,24 +230,30 @@ class Controller:
 
   def _train_step(self, name: str, stage: ml_collections.ConfigDict, tx):
     """The compiled step, shared by stages whose optimiser, schedule and length match."""
+    model_cfg = self._model_cfg(stage)
     key = json.dumps(dict(opt=stage.optimizer.to_dict(), sched=stage.schedule.to_dict(),
-                          steps=int(stage.steps)), sort_keys=True)
+                          steps=int(stage.steps), model=_model_key(model_cfg)), sort_keys=True)
     if key not in self._compiled:
       self._compiled[key] = (tx, train_step.make_train_step(
-          self.model, tx, self.config.loss, self.config.model.task, self.mesh))
+          self.model_for(stage), tx, self.config.loss, model_cfg.task, self.mesh))
     return self._compiled[key]
 
   def _input_shape(self, stage: ml_collections.ConfigDict) -> tuple[int, ...]:
-    size = (int(stage.patch_size) if stage.pipeline == "patch"
-            else int(self.config.data.image_size))
+    if stage.pipeline == "patch":
+      size = int(stage.patch_size)
+    elif stage.pipeline == "liver_crop":
+      size, _ = pipelines.crop_settings(stage, int(self.config.data.image_size))
+    else:
+      size = int(self.config.data.image_size)
     return (int(stage.batch_size), size, size, int(self.config.data.context_slices))
 
   def _abstract_state(self, stage, tx):
     """Shapes, dtypes and (replicated) shardings of a stage's train state, computing nothing."""
     shape = self._input_shape(stage)
+    model = self.model_for(stage)
 
     def build(rng):
-      variables = self.model.init(rng, jnp.zeros(shape, jnp.float32), train=False)
+      variables = model.init(rng, jnp.zeros(shape, jnp.float32), train=False)
       zero = jnp.zeros((), jnp.int32)
       return train_step.TrainState(step=zero, params=variables["params"],
                                    batch_stats=variables.get("batch_stats", {}),
@@ -177,20 +265,31 @@ class Controller:
   def _stage_checkpoints(self, name: str) -> ckpt_lib.StageCheckpoints:
     return ckpt_lib.StageCheckpoints(self.workdir / "checkpoints", name)
 
-  def evaluate(self, state) -> dict[str, float]:
-    """Scores `state` on every whole validation slice: global and mean per-slice Dice, loss."""
-    if self._eval_step is None:
-      self._eval_step = train_step.make_eval_step(self.model, self.config.model.task, self.mesh,
-                                                  self.config.loss)
+  def evaluate(self, state, stage: Optional[ml_collections.ConfigDict] = None
+               ) -> dict[str, float]:
+    """Scores `state` on the validation split: global and mean per-slice Dice of the stage's
+    task (tumour Dice, or liver Dice for a liver network), and the loss.
+
+    The slices are every whole validation slice, or for a 'liver_crop' stage the liver-range
+    slices cropped to each case's reference liver box, as that stage trains. `stage` None:
+    config.model on whole slices.
+    """
+    model_cfg = self._model_cfg(stage)
+    key = _model_key(model_cfg)
+    if key not in self._eval_steps:
+      self._eval_steps[key] = train_step.make_eval_step(
+          self.model_for(stage), model_cfg.task, self.mesh, self.config.loss)
+    eval_step = self._eval_steps[key]
     batch_size = int(self.config.eval.batch_size)
     totals: dict[str, float] = {}
     stream = pipelines.make_eval_pipeline(
         self.builder, self.config.data, "validation", batch_size, jax.process_index(),
-        jax.process_count())
+        jax.process_count(), stage_cfg=stage if stage is not None and
+        stage.pipeline == "liver_crop" else None)
     for host_batch in stream:
       batch = sharding.host_to_global(
           {k: host_batch[k] for k in ("image", "label", "mask")}, self.mesh)
-      sums = jax.device_get(self._eval_step(state, batch))
+      sums = jax.device_get(eval_step(state, batch))
       for k, v in sums.items():
         totals[k] = totals.get(k, 0.0) + float(v)
     count = max(totals.get("count", 0.0), 1.0)
@@ -228,7 +327,8 @@ class Controller:
   def _initial_state(self, index, name, stage, tx, previous):
     """A new stage's starting state: from scratch, or the previous stage's chosen checkpoint."""
     rng = jax.random.PRNGKey(int(self.config.seed))
-    fresh = train_step.create_train_state(rng, self.model, tx, self._input_shape(stage),
+    fresh = train_step.create_train_state(rng, self.model_for(stage), tx,
+                                          self._input_shape(stage),
                                           self.mesh)
     if index == 0 or stage.init == "scratch":
       self.log(f"[{name}] starts from scratch")
@@ -306,7 +406,7 @@ class Controller:
         best = False
         scores = None
         if _every(step, int(stage.eval_every), steps):
-          scores = self.evaluate(state)
+          scores = self.evaluate(state, stage)
           if best_score is None or scores["val_dice"] > best_score:
             best_score, best_step, best = scores["val_dice"], step, True
           row = dict(row or dict(stage=name, step=step, global_step=global_offset + step),
@@ -323,8 +423,10 @@ class Controller:
     finally:
       feed.close()
       ckpts.close()
+    task = self._model_cfg(stage).task
     self.log(f"[{name}] done: {steps} steps in {time.perf_counter() - t_stage:.1f} s, best val "
-             f"dice {_fmt(best_score)} at step {best_step}")
+             f"{'' if task in TUMOUR_TASKS else task + ' '}dice {_fmt(best_score)} at step "
+             f"{best_step}")
     return self._result(name, stage, dict(step=steps, best_score=best_score,
                                           best_step=best_step)), ckpts, tx
 
@@ -335,7 +437,8 @@ class Controller:
       nxt = self.config.stages[self.config.curriculum[next_index]]
       chosen = "best" if nxt.init == "best" and meta.get("best_score") is not None else "last"
     return StageResult(name=name, steps=int(meta["step"]), best_score=meta.get("best_score"),
-                       best_step=meta.get("best_step"), chosen=chosen)
+                       best_step=meta.get("best_step"), chosen=chosen,
+                       task=str(self._model_cfg(stage).task))
 
   def _log_row(self, row: dict, steps: int) -> None:
     if jax.process_index() != 0:
@@ -351,7 +454,9 @@ class Controller:
       parts.append(f"loss {row['loss']:.4f} dice {row['dice']:.3f} "
                    f"{row['steps_per_s']:.1f} steps/s ETA {eta:.0f}s")
     if "val_dice" in row:
-      parts.append(f"val dice {row['val_dice']:.4f} (best {row['best_val_dice']:.4f})")
+      task = self._model_cfg(self.config.stages[row["stage"]]).task
+      label = "val dice" if task in TUMOUR_TASKS else f"val {task} dice"
+      parts.append(f"{label} {row['val_dice']:.4f} (best {row['best_val_dice']:.4f})")
     self.log("  ".join(parts))
 
 

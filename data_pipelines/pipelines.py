@@ -1,4 +1,5 @@
-"""Whole-slice and tumour-patch input pipelines: index-based, stateless, sharded, resumable.
+"""Whole-slice, tumour-patch and liver-crop input pipelines: index-based, stateless, sharded,
+resumable.
 
 Like Grain, a stream is a pure function of (seed, position). Global batch `b` holds the examples
 at global positions b*B .. b*B+B-1; which example a position gets, where a patch is centred and
@@ -16,12 +17,13 @@ decoding and copying, and TF adds a tf.string copy and its own parse (measured: 
 256x256x3 record for tf.io.parse_example against ~0.2 ms for the decoding here).
 
 Training batches leave the host as int16 HU (whole slices, or patch footprints cropped with air
-padding) plus per-example affine and intensity parameters; `stream.finish` (a JAX function)
-turns them into the model's batch: `image` float32 [b, H, W, C] windowed to [0, 1], `label`
-int32 [b, H, W] (0 background, 1 liver, 2 tumour), `mask` float32 [b]. The device feed applies
-it on the accelerator; with `augment.on_device=False` the pipeline applies it on the host CPU
-and yields finished batches. Evaluation batches are finished on the host and also carry
-`case_number` and `slice_index`.
+padding) plus per-example affine and intensity parameters (for liver crops, the augmentation map
+composed with the map into the case's liver box, so crop, resize and augmentation are one
+warp); `stream.finish` (a JAX function) turns them into the model's batch: `image` float32
+[b, H, W, C] windowed to [0, 1], `label` int32 [b, H, W] (0 background, 1 liver, 2 tumour),
+`mask` float32 [b]. The device feed applies it on the accelerator; with
+`augment.on_device=False` the pipeline applies it on the host CPU and yields finished batches.
+Evaluation batches are finished on the host and also carry `case_number` and `slice_index`.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from data_pipelines import augment
+from data_pipelines import crops
 
-PIPELINES = ("whole", "patch")
+PIPELINES = ("whole", "patch", "liver_crop")
 SLICE_SELECTIONS = ("liver", "all")
 COMPONENT_SAMPLING = ("component", "voxel")
 DEFAULT_HU_WINDOW = (-60.0, 140.0)
@@ -114,6 +117,32 @@ class SplitIndex:
       return self.liver_range_slices(margin)
     raise ValueError(f"data.slice_selection must be one of {SLICE_SELECTIONS}, got "
                      f"{selection!r}")
+
+
+def case_liver_boxes(reader: "RecordReader", index: SplitIndex, margin: int,
+                     threads: int = 1) -> np.ndarray:
+  """[num_cases, 4] int64 crop boxes (crops.liver_box of each case's reference liver over all
+  its slices, in stored pixels), -1 rows for cases without liver.
+
+  Reads every liver slice's label once (the liver z-range from the index bounds the reads).
+  """
+  boxes = np.full((len(index.cases), 4), -1, np.int64)
+
+  def one(row):
+    _, first, _, lo, hi = index.cases[row]
+    if lo < 0:
+      return row, None
+    mask = None
+    for _, label in reader.read(first + np.arange(lo, hi + 1)):
+      slice_mask = label >= 1
+      mask = slice_mask if mask is None else (mask | slice_mask)
+    return row, crops.liver_box(mask, margin)
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, int(threads))) as pool:
+    for row, box in pool.map(one, range(len(index.cases))):
+      if box is not None:
+        boxes[row] = box
+  return boxes
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
@@ -632,13 +661,18 @@ class _TrainBatches:
   """make_batch(b) for training streams: this process's rows of global batch b."""
 
   def __init__(self, reader: RecordReader, sampler, spec: augment.AugmentSpec, seed: int,
-               rows: tuple[int, int], pipeline: str, out_size: int):
+               rows: tuple[int, int], pipeline: str, out_size: int,
+               crop: Optional[tuple[SplitIndex, np.ndarray]] = None):
     self.reader, self.sampler, self.spec, self.seed = reader, sampler, spec, int(seed)
     self.rows, self.pipeline, self.out_size = rows, pipeline, int(out_size)
+    self.crop = crop  # liver_crop: (index, per-case boxes)
     s = reader.image_size
     if pipeline == "whole":
       self.in_size = s
       self.out_centre = self.in_centre = (s - 1) / 2.0
+    elif pipeline == "liver_crop":  # augment in the crop's frame, then map it into the box
+      self.in_size = s
+      self.out_centre = self.in_centre = (out_size - 1) / 2.0
     else:
       self.in_size = spec.footprint(out_size)
       self.out_centre, self.in_centre = float(out_size // 2), float(self.in_size // 2)
@@ -656,7 +690,7 @@ class _TrainBatches:
     images = np.empty((n, f, f, c), np.int16)
     labels = np.empty((n, f, f), np.uint8)
     decoded = self.reader.read(plan["example"])
-    if self.pipeline == "whole":
+    if self.pipeline in ("whole", "liver_crop"):
       for k, (image, label) in enumerate(decoded):
         images[k] = image
         labels[k] = label
@@ -672,8 +706,13 @@ class _TrainBatches:
         _crop_into(images[k], image, top, left, np.int16(augment.AIR_HU))
         _crop_into(labels[k], label, top, left, 0)
     params = augment.sample_params(self.spec, self.seed, plan["position"])
-    batch = dict(image=images, label=labels, mask=np.ones(n, np.float32),
-                 affine=augment.affine_matrices(params, self.out_centre, self.in_centre),
+    affine = augment.affine_matrices(params, self.out_centre, self.in_centre)
+    if self.pipeline == "liver_crop":
+      index, boxes = self.crop
+      box_maps = np.stack([crops.crop_affine(boxes[r], self.out_size)
+                           for r in index.case_rows(plan["example"])])
+      affine = crops.compose(box_maps, affine).astype(np.float32)
+    batch = dict(image=images, label=labels, mask=np.ones(n, np.float32), affine=affine,
                  intensity=augment.intensity_pairs(params))
     if self.on_host_finish is not None:
       batch = self.on_host_finish(batch)
@@ -686,13 +725,28 @@ def _stage_get(stage_cfg, key: str, default=None):
   return default if value is None else value
 
 
+def crop_settings(stage_cfg, image_size: int) -> tuple[int, int]:
+  """(crop_size, crop_margin) of a 'liver_crop' stage, validated (defaults: the stored slice
+  size and 0)."""
+  size = int(_stage_get(stage_cfg, "crop_size", image_size))
+  margin = int(_stage_get(stage_cfg, "crop_margin", 0))
+  if size < 1:
+    raise ValueError(f"stage.crop_size must be >= 1, got {size}")
+  if margin < 0:
+    raise ValueError(f"stage.crop_margin must be >= 0 (stored pixels), got {margin}")
+  return size, margin
+
+
 def make_train_pipeline(builder, data_cfg, augment_cfg, stage_cfg, seed: int,
                         process_index: int, process_count: int, start: int = 0) -> HostStream:
   """An endless stream of this process's training batches for one stage.
 
-  `stage_cfg.pipeline` picks 'whole' (slices chosen by data.slice_selection) or 'patch'
+  `stage_cfg.pipeline` picks 'whole' (slices chosen by data.slice_selection), 'patch'
   (stage.patch_size patches, stage.positive_fraction of them on tumour parts sampled per
-  stage.component_sampling with +-stage.patch_jitter pixels of jitter). `stage_cfg.batch_size`
+  stage.component_sampling with +-stage.patch_jitter pixels of jitter) or 'liver_crop' (the
+  cascade's tumour network: the slices within each case's liver z-range, cropped to the case's
+  reference liver box widened by stage.crop_margin stored pixels (see data_pipelines.crops)
+  and resized to stage.crop_size; augmentation acts in the crop's frame). `stage_cfg.batch_size`
   is the global batch; this process gets rows [p*B/P, (p+1)*B/P). `start` is a saved
   `position`. The stream's `finish` is the device half of the batch (None when
   augment.on_device is False: the batches are then finished here).
@@ -711,6 +765,7 @@ def make_train_pipeline(builder, data_cfg, augment_cfg, stage_cfg, seed: int,
     raise ValueError(f"the dataset index lists {index.num_examples} training slices but the "
                      f"files hold {reader.num_examples}: prepare the dataset again")
   s = reader.image_size
+  crop = None
   if pipeline == "whole":
     margin = int(data_cfg.get("liver_margin", 10))
     if margin < 0:
@@ -723,6 +778,17 @@ def make_train_pipeline(builder, data_cfg, augment_cfg, stage_cfg, seed: int,
     sampler = WholeSliceSampler(examples, seed, batch_size)
     out_size = s
     info = dict(pipeline="whole", examples=len(examples), selection=selection)
+  elif pipeline == "liver_crop":
+    out_size, margin = crop_settings(stage_cfg, s)
+    boxes = case_liver_boxes(reader, index, margin, _host_threads(data_cfg))
+    examples = index.liver_range_slices(0)
+    if len(examples) == 0:
+      raise ValueError("stage.pipeline='liver_crop' needs liver labels, but no training case "
+                       "has liver")
+    sampler = WholeSliceSampler(examples, seed, batch_size)
+    crop = (index, boxes)
+    info = dict(pipeline="liver_crop", examples=len(examples), crop_size=out_size,
+                crop_margin=margin)
   else:
     out_size = int(_stage_get(stage_cfg, "patch_size", 0))
     if not 1 <= out_size <= s:
@@ -742,9 +808,11 @@ def make_train_pipeline(builder, data_cfg, augment_cfg, stage_cfg, seed: int,
     info = dict(pipeline="patch", parts=len(index.tumours), components=sampler.num_components,
                 positives_per_batch=sampler.num_positive,
                 negative_slices=len(sampler.negative_pool))
-  make_batch = _TrainBatches(reader, sampler, spec, seed, rows, pipeline, out_size)
+  make_batch = _TrainBatches(reader, sampler, spec, seed, rows, pipeline, out_size,
+                             crop=crop)
   finish = augment.make_finish(window, out_size,
-                               warp=spec.geometric or make_batch.in_size != out_size)
+                               warp=(spec.geometric or make_batch.in_size != out_size
+                                     or pipeline == "liver_crop"))
   threads = _host_threads(data_cfg)
   if not spec.on_device:
     make_batch.on_host_finish = _cpu_finisher(finish)
@@ -756,39 +824,67 @@ def make_train_pipeline(builder, data_cfg, augment_cfg, stage_cfg, seed: int,
 
 
 def make_eval_pipeline(builder, data_cfg, split: str, batch_size: int, process_index: int,
-                       process_count: int, *, slice_selection: str = "all") -> HostStream:
+                       process_count: int, *, slice_selection: str = "all",
+                       stage_cfg=None) -> HostStream:
   """A finite stream over every slice of `split` once (by default), in (case, slice) order.
 
   `batch_size` is global; all processes yield the same number of batches; the last global
   batch is padded (mask 0, case_number and slice_index -1) instead of dropped. Batches are
   finished: `image` float32 windowed, `label` int32, `mask`, `case_number`, `slice_index`.
+
+  With a 'liver_crop' `stage_cfg` the stream holds what that stage's network sees: the slices
+  within each case's liver z-range, cropped to the case's reference liver box and resized to
+  stage.crop_size exactly as training crops them (no augmentation); `slice_selection` is
+  ignored.
   """
   _keep_tensorflow_off_accelerators()
   r0, r1 = _process_rows(int(batch_size), process_index, process_count, "eval batch_size")
   lo, hi = hu_window(data_cfg)
   index = SplitIndex.from_builder(builder, split)
   reader = RecordReader(builder, split)
-  examples = index.select(slice_selection, int(data_cfg.get("liver_margin", 10)))
-  num_batches = math.ceil(len(examples) / batch_size)
   s, c = reader.image_size, reader.channels
+  threads = _host_threads(data_cfg)
+  cropped = stage_cfg is not None and _stage_get(stage_cfg, "pipeline", "whole") == "liver_crop"
+  if cropped:
+    out, margin = crop_settings(stage_cfg, s)
+    boxes = case_liver_boxes(reader, index, margin, threads)
+    examples = index.liver_range_slices(0)
+  else:
+    out, boxes = s, None
+    examples = index.select(slice_selection, int(data_cfg.get("liver_margin", 10)))
+  num_batches = math.ceil(len(examples) / batch_size)
 
   def make_batch(b: int) -> dict[str, np.ndarray]:
     positions = b * batch_size + np.arange(r0, r1)
     real = positions < len(examples)
     n = r1 - r0
-    batch = dict(image=np.zeros((n, s, s, c), np.float32), label=np.zeros((n, s, s), np.int32),
+    batch = dict(image=np.zeros((n, out, out, c), np.float32),
+                 label=np.zeros((n, out, out), np.int32),
                  mask=real.astype(np.float32), case_number=np.full(n, -1, np.int32),
                  slice_index=np.full(n, -1, np.int32))
     chosen = examples[positions[real]]
     case_number, slice_index = index.case_and_slice(chosen)
     batch["case_number"][real] = case_number
     batch["slice_index"][real] = slice_index
-    for k, (image, label) in zip(np.flatnonzero(real), reader.read(chosen)):
-      window_into(batch["image"][k], image, lo, hi)
-      batch["label"][k] = label
+    rows = np.flatnonzero(real)
+    decoded = reader.read(chosen)
+    if not cropped:
+      for k, (image, label) in zip(rows, decoded):
+        window_into(batch["image"][k], image, lo, hi)
+        batch["label"][k] = label
+      return batch
+    case_rows = index.case_rows(chosen)
+    for case_row in np.unique(case_rows):
+      which = np.flatnonzero(case_rows == case_row)
+      hu, labels = crops.crop_slices(np.stack([decoded[j][0] for j in which]),
+                                     tuple(boxes[case_row]), out,
+                                     labels=np.stack([decoded[j][1] for j in which]))
+      for j, k in enumerate(rows[which]):
+        window_into(batch["image"][k], hu[j], lo, hi)
+        batch["label"][k] = labels[j]
     return batch
 
-  threads = _host_threads(data_cfg)
   return HostStream(make_batch, 0, num_batches, threads, _prefetch(data_cfg, threads),
-                    info=dict(pipeline="eval", split=split, examples=len(examples),
-                              batches=num_batches, batch_size=batch_size, rows=(r0, r1)))
+                    info=dict(pipeline="eval_liver_crop" if cropped else "eval", split=split,
+                              examples=len(examples), batches=num_batches,
+                              batch_size=batch_size, rows=(r0, r1), out_size=out))

@@ -1,11 +1,12 @@
-"""Whole-slice and tumour-patch pipelines: sharding, determinism, resume, sampling, errors."""
+"""Whole-slice, tumour-patch and liver-crop pipelines: sharding, determinism, resume, sampling,
+crops, errors."""
 
 import ml_collections
 import numpy as np
 import pytest
 
 from configs import synthetic as synthetic_config
-from data_pipelines import lits_tfds, pipelines
+from data_pipelines import crops, lits_tfds, pipelines
 
 AUGMENT = dict(enabled=True, flip_lr=0.5, flip_ud=0.5, rotate_deg=15.0, scale_range=(0.9, 1.1),
                intensity_shift=0.05, intensity_scale=0.05, on_device=False)
@@ -45,6 +46,8 @@ def tumour_free(tmp_path_factory):
 def stage(**kw):
   base = dict(pipeline="whole", batch_size=8, patch_size=16, positive_fraction=0.25,
               component_sampling="component", patch_jitter=3)
+  if kw.get("pipeline") == "liver_crop":
+    base.update(crop_size=24, crop_margin=2)
   base.update(kw)
   return ml_collections.ConfigDict(base)
 
@@ -67,7 +70,7 @@ def assert_batches_equal(a, b):
       np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
 
-@pytest.mark.parametrize("pipeline", ["whole", "patch"])
+@pytest.mark.parametrize("pipeline", ["whole", "patch", "liver_crop"])
 def test_process_shards_are_disjoint_cover_the_data_and_form_the_same_global_batches(
     data, pipeline):
   builder, data_cfg = data
@@ -135,7 +138,7 @@ def test_eval_batches_hold_the_stored_slices(data):
                                atol=1e-6)
 
 
-@pytest.mark.parametrize("pipeline", ["whole", "patch"])
+@pytest.mark.parametrize("pipeline", ["whole", "patch", "liver_crop"])
 def test_same_seed_same_batches_other_seed_other_batches(data, pipeline):
   builder, data_cfg = data
   make = lambda seed: pipelines.make_train_pipeline(  # noqa: E731
@@ -144,7 +147,7 @@ def test_same_seed_same_batches_other_seed_other_batches(data, pipeline):
   assert_batches_equal(first, take(make(7), 3))
   other = take(make(8), 3)
   assert not np.array_equal(first[0]["image"], other[0]["image"])
-  size = 32 if pipeline == "whole" else 16
+  size = dict(whole=32, patch=16, liver_crop=24)[pipeline]
   assert first[0]["image"].shape == (8, size, size, 3) and first[0]["label"].shape == (8, size,
                                                                                       size)
   assert first[0]["image"].dtype == np.float32 and first[0]["label"].dtype == np.int32
@@ -162,7 +165,7 @@ def test_threads_do_not_change_the_batches(data):
   assert_batches_equal(*results)
 
 
-@pytest.mark.parametrize("pipeline", ["whole", "patch"])
+@pytest.mark.parametrize("pipeline", ["whole", "patch", "liver_crop"])
 def test_resumed_stream_equals_the_uninterrupted_one(data, pipeline):
   builder, data_cfg = data
   make = lambda start=0: pipelines.make_train_pipeline(  # noqa: E731
@@ -327,6 +330,8 @@ def test_patch_pipeline_over_tumour_free_data_is_a_clear_error(tumour_free):
     (dict(slice_selection="tumour"), "data", "data.slice_selection"),
     (dict(liver_margin=-1), "data", "data.liver_margin"),
     (dict(flip_lr=2.0), "augment", "augment.flip_lr"),
+    (dict(pipeline="liver_crop", crop_size=0), "stage", "stage.crop_size"),
+    (dict(pipeline="liver_crop", crop_margin=-1), "stage", "stage.crop_margin"),
 ])
 def test_bad_configs_name_their_key(data, override, where, key):
   builder, data_cfg = data
@@ -376,3 +381,111 @@ def test_example_decoder_handles_decoys_and_the_legacy_int64_encoding():
     np.testing.assert_array_equal(got_label, label)
   with pytest.raises(ValueError, match="lacks"):
     decoder(_example(dict(image=image.tobytes())))
+
+
+# ---- the cascade's liver crops ----------------------------------------------------------------
+
+def test_liver_box_is_the_square_liver_box_with_margin():
+  rng = np.random.default_rng(0)
+  for _ in range(50):
+    mask = np.zeros((40, 40, 5), bool)
+    r0, c0 = rng.integers(0, 30, 2)
+    r1, c1 = r0 + rng.integers(1, 10), c0 + rng.integers(1, 10)
+    mask[r0:r1, c0:c1, rng.integers(0, 5)] = True
+    mask[rng.integers(r0, r1), rng.integers(c0, c1), rng.integers(0, 5)] = True
+    margin = int(rng.integers(0, 4))
+    box = crops.liver_box(mask, margin)
+    assert box == crops.liver_box(mask.any(axis=2), margin)  # 3-D: the box over all slices
+    b0, b1, b2, b3 = box
+    assert b2 - b0 == b3 - b1  # square
+    assert b0 <= r0 - margin and b1 <= c0 - margin and b2 >= r1 + margin and b3 >= c1 + margin
+    assert max(b2 - b0, b3 - b1) == max(r1 - r0, c1 - c0) + 2 * margin  # only the short side grows
+  assert crops.liver_box(np.zeros((8, 8), bool), 2) is None
+  assert crops.liver_box(np.pad(np.ones((2, 4), bool), 3), 1) == (1, 2, 7, 8)  # odd: extra after
+  with pytest.raises(ValueError, match="margin"):
+    crops.liver_box(np.ones((4, 4), bool), -1)
+
+
+def test_crop_then_uncrop_returns_the_box():
+  rng = np.random.default_rng(1)
+  image = rng.integers(-200, 300, (2, 32, 32, 3)).astype(np.int16)
+  whole, _ = crops.crop_slices(image, (0, 0, 32, 32), 32)
+  np.testing.assert_array_equal(whole, image)  # the identity box is the identity
+  labels = np.zeros((2, 32, 32), np.uint8)
+  labels[:, 8:20, 10:22] = 1
+  labels[:, 12:15, 13:16] = 2
+  box = crops.liver_box(labels[0] >= 1, 2)
+  assert box == (6, 8, 22, 24)
+  _, cropped = crops.crop_slices(image, box, 48, labels=labels)  # upsampled x3
+  assert cropped.shape == (2, 48, 48) and set(np.unique(cropped)) == {0, 1, 2}
+  onehot = (cropped[..., None] == np.arange(3)).astype(np.float32)
+  back = crops.uncrop_probabilities(onehot, box, 32)
+  np.testing.assert_allclose(back.sum(-1), 1.0, atol=1e-5)
+  np.testing.assert_array_equal(back.argmax(-1), labels)
+  outside = np.ones((32, 32), bool)
+  outside[box[0]:box[2], box[1]:box[3]] = False
+  assert (back[:, outside, 0] == 1).all()
+
+
+@pytest.fixture(scope="session")
+def reference_boxes(data):
+  """Each training case's liver box from the stored labels, and its slices (example ids)."""
+  builder, _ = data
+  source = builder.as_data_source("train")
+  index = pipelines.SplitIndex.from_builder(builder, "train")
+  boxes = {}
+  for row, (case, first, n, lo, hi) in enumerate(index.cases):
+    labels = np.stack([source[int(first + k)]["label"] for k in range(n)], axis=-1)
+    boxes[row] = crops.liver_box(labels >= 1, 2)
+    assert [lo, hi] == (labels >= 1).any(axis=(0, 1)).nonzero()[0][[0, -1]].tolist()
+  return boxes, source, index
+
+
+def test_liver_crop_batches_are_the_liver_boxes_of_liver_slices(data, reference_boxes):
+  builder, data_cfg = data
+  boxes, source, index = reference_boxes
+  stream = pipelines.make_train_pipeline(builder, data_cfg, augment_cfg(enabled=False), stage(
+      pipeline="liver_crop", batch_size=8, crop_size=24, crop_margin=2), 0, 0, 1)
+  liver_slices = set(index.liver_range_slices(0).tolist())
+  assert stream.info["examples"] == len(liver_slices) <= index.num_examples
+  for b in range(4):
+    plan, batch = stream.plan(b), next(stream)
+    for k, example in enumerate(plan["example"]):
+      assert int(example) in liver_slices
+      stored = source[int(example)]
+      box = boxes[int(index.case_rows([example])[0])]
+      liver = stored["label"] >= 1  # the whole slice's liver lies inside the box
+      inside = np.zeros_like(liver)
+      inside[max(box[0], 0):box[2], max(box[1], 0):box[3]] = True
+      assert not (liver & ~inside).any()
+      image, label = crops.crop_slices(stored["image"][None], box, 24,
+                                       labels=stored["label"][None])
+      np.testing.assert_array_equal(batch["label"][k], label[0])  # image and label aligned
+      np.testing.assert_allclose(batch["image"][k], np.clip((image[0] + 60.0) / 200, 0, 1),
+                                 atol=1e-5)
+  stream.close()
+
+
+def test_liver_crop_eval_holds_the_training_crops(data):
+  """Without augmentation a training row equals the evaluation stream's crop of that slice."""
+  builder, data_cfg = data
+  st = stage(pipeline="liver_crop", batch_size=4, crop_size=24, crop_margin=2)
+  evaluation = list(pipelines.make_eval_pipeline(builder, data_cfg, "train", 8, 0, 1,
+                                                 stage_cfg=st))
+  index = pipelines.SplitIndex.from_builder(builder, "train")
+  assert sum(int(b["mask"].sum()) for b in evaluation) == len(index.liver_range_slices(0))
+  by_slice = {}
+  for b in evaluation:
+    for k in np.flatnonzero(b["mask"]):
+      by_slice[(int(b["case_number"][k]), int(b["slice_index"][k]))] = (b["image"][k],
+                                                                          b["label"][k])
+  stream = pipelines.make_train_pipeline(builder, data_cfg, augment_cfg(enabled=False), st,
+                                         0, 0, 1)
+  for b in range(3):
+    plan, batch = stream.plan(b), next(stream)
+    cases, slices_ = index.case_and_slice(plan["example"])
+    for k in range(4):
+      image, label = by_slice[(int(cases[k]), int(slices_[k]))]
+      np.testing.assert_array_equal(batch["label"][k], label)
+      np.testing.assert_allclose(batch["image"][k], image, atol=1e-5)
+  stream.close()

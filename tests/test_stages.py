@@ -244,3 +244,62 @@ def test_bad_curricula_name_their_key(tmp_path):
   with pytest.raises(stages.StageError, match="carry_optimizer"):
     stages.validate(config_loading.apply_overrides(config, [
         ("stages.patch.carry_optimizer", "true"), ("stages.patch.optimizer.name", "sgd")]))
+
+
+def test_stage_models_and_cascades_are_validated_naming_their_key(tmp_path):
+  config = tiny_config(tmp_path)
+  assert stages.stage_model_config(config, "patch").to_dict() == config.model.to_dict()
+  liver = config_loading.apply_overrides(config, [])
+  liver.stages.whole1.model = dict(task="liver")  # the first stage trains a liver network
+  assert stages.stage_model_config(liver, "whole1").task == "liver"
+  with pytest.raises(stages.StageError, match=r"config\.stages\.patch\.init='best'.*scratch"):
+    stages.validate(liver)  # the patch stage's tumour network cannot start from liver weights
+  liver.stages.patch.init = "scratch"
+  stages.validate(liver)
+  unknown = config_loading.apply_overrides(config, [])
+  unknown.stages.patch.model = dict(taks="liver")
+  with pytest.raises(stages.StageError, match=r"config\.stages\.patch\.model\.taks"):
+    stages.validate(unknown)
+  patch_liver = config_loading.apply_overrides(config, [])
+  patch_liver.stages.patch.model = dict(task="liver")
+  patch_liver.stages.patch.init = "scratch"
+  with pytest.raises(stages.StageError, match=r"config\.stages\.patch\.pipeline='patch'"):
+    stages.validate(patch_liver)
+  cascade = config_loading.load_config_file("configs/synthetic_cascade.py")
+  stages.validate(cascade)
+  for key, value, match in [
+      ("cascade.liver_stage", "whole", r"config\.cascade\.liver_stage='whole'"),
+      ("stages.liver.model.task", "tumour", r"config\.stages\.liver\.model\.task='liver'"),
+      ("stages.tumour.pipeline", "whole", r"config\.stages\.tumour\.pipeline='liver_crop'"),
+      ("stages.tumour.init", "best", r"config\.stages\.tumour\.init='best'")]:
+    with pytest.raises(stages.StageError, match=match):
+      stages.validate(config_loading.apply_overrides(cascade, [(key, value)]))
+
+
+@pytest.mark.parametrize("path,regimes", [
+    ("configs/synthetic.py", ["three_stage", "whole_only", "whole_patch", "patch_whole",
+                              "cascade"]),
+    ("configs/lits_three_stage.py", ["three_stage", "whole_only", "whole_patch",
+                                     "patch_whole"]),
+])
+def test_regimes_train_equal_total_steps(path, regimes):
+  default = config_loading.load_config_file(path)
+  total = sum(int(default.stages[n].steps) for n in default.curriculum)
+  curricula = {}
+  for regime in regimes:
+    config = config_loading.load_config_file(f"{path}:{regime}")
+    stages.validate(config)
+    assert sum(int(config.stages[n].steps) for n in config.curriculum) == total, regime
+    assert config.data.to_dict() == default.data.to_dict(), "same data for every regime"
+    curricula[regime] = tuple(config.stages[n].pipeline for n in config.curriculum)
+  assert curricula["three_stage"] == ("whole", "patch", "whole")
+  assert curricula["whole_only"] == ("whole",)
+  assert curricula["whole_patch"] == ("whole", "patch")
+  assert curricula["patch_whole"] == ("patch", "whole")
+  if "cascade" in regimes:
+    assert curricula["cascade"] == ("whole", "liver_crop")
+  lits_cascade = config_loading.load_config_file("configs/lits_cascade.py")
+  stages.validate(lits_cascade)
+  assert sum(int(lits_cascade.stages[n].steps) for n in lits_cascade.curriculum) == 60_000
+  with pytest.raises(ValueError, match="unknown regime"):
+    config_loading.load_config_file(f"{path}:wholeonly")

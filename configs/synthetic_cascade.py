@@ -1,0 +1,39 @@
+"""Cascade baseline on the synthetic data: a liver network, then a tumour network on liver crops.
+
+Same data, network size and total steps (600) as configs/synthetic.py's three-stage curriculum:
+
+  liver   300 steps: whole slices, model.task='liver' (liver vs the rest), batch 8, lr 1e-3
+  tumour  300 steps: a new network (from scratch, model.task='tumour') on the liver-range
+          slices cropped to each case's reference liver box + 8 stored pixels, resized to
+          128 x 128 (data_pipelines/crops.py), batch 8, lr 1e-3
+
+Each stage keeps its best checkpoint by its own validation Dice (liver Dice on whole slices for
+the liver network, tumour Dice on liver crops for the tumour network). At inference
+(curriculum_seg/cascade.py) the tumour network reads the box of the *predicted* liver, computed
+by the same function.
+
+  curriculum-seg train --config configs/synthetic_cascade.py --workdir runs/cascade
+"""
+
+import ml_collections
+
+from configs import common
+from configs import synthetic
+
+
+def get_config(arg=None):
+  """`arg` is unused (kept for the `file.py:arg` convention)."""
+  del arg
+  config = synthetic.get_config("whole_only")  # data, model, loss, eval as the default
+  half = synthetic.TOTAL_STEPS // 2
+  config.curriculum = ("liver", "tumour")
+  config.stages = ml_collections.ConfigDict(dict(
+      liver=common.stage("whole", steps=half, batch_size=8, learning_rate=1e-3, init="scratch",
+                         eval_every=50, checkpoint_every=50, model=dict(task="liver")),
+      tumour=common.stage("liver_crop", steps=synthetic.TOTAL_STEPS - half, batch_size=8,
+                          learning_rate=1e-3, init="scratch", eval_every=50,
+                          checkpoint_every=50, crop_size=128, crop_margin=8,
+                          model=dict(task="tumour")),
+  ))
+  config.cascade = ml_collections.ConfigDict(dict(liver_stage="liver", tumour_stage="tumour"))
+  return config
