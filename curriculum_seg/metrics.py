@@ -271,9 +271,29 @@ def lesion_diameters(component: np.ndarray, spacing, axial_axis: int = AXIAL_AXI
 
 
 def _component_records(labels: np.ndarray, count: int, sp: np.ndarray, axial_axis: int) -> list:
+  """`lesion_diameters` of components 1..count of a label image, with shortcuts that give the
+  same numbers: a component whose projection holds two opposite corner pixels of its in-plane
+  bounding box has the box diagonal as its diameter (no union of pixel squares reaches further),
+  so noisy masks with 10^5 specks score in seconds instead of minutes."""
+  voxel_mm3 = float(np.prod(sp))
+  sizes = np.bincount(labels.ravel(), minlength=count + 1)
+  sp2 = np.delete(sp, axial_axis)
   records = []
   for i, sl in enumerate(ndimage.find_objects(labels, max_label=count)):
-    records.append(lesion_diameters(labels[sl] == i + 1, sp, axial_axis))
+    plane = [s for axis, s in enumerate(sl) if axis != axial_axis]
+    extent = np.array([s.stop - s.start for s in plane], dtype=np.float64)
+    diagonal = None
+    if extent.max() == 1:
+      diagonal = True
+    else:
+      proj = (labels[sl] == i + 1).any(axis=axial_axis)
+      diagonal = bool((proj[0, 0] and proj[-1, -1]) or (proj[0, -1] and proj[-1, 0]))
+    if diagonal:
+      volume = int(sizes[i + 1]) * voxel_mm3
+      records.append(dict(volume_mm3=volume, diameter_mm=float(np.hypot(*(extent * sp2))),
+                          equivalent_diameter_mm=float((6.0 * volume / math.pi) ** (1.0 / 3.0))))
+    else:
+      records.append(lesion_diameters(labels[sl] == i + 1, sp, axial_axis))
   return records
 
 
