@@ -371,3 +371,18 @@ def test_aggregate_counts_undefined_burden_and_json_safe_round_trips():
                             "d": np.bool_(True), "e": None})
   assert safe == {"a": "inf", "b": ["-inf", "nan"], "c": 3, "d": True, "e": None}
   assert json.loads(json.dumps(metrics.json_safe(case), allow_nan=False))["case_id"] is None
+
+
+@pytest.mark.parametrize("axial_axis", [2, 0])
+def test_component_records_shortcut_matches_lesion_diameters(axial_axis):
+  """The bounding-box-diagonal shortcut gives exactly the per-lesion measurement."""
+  rng = np.random.default_rng(7)
+  mask = ndimage.binary_opening(rng.random((50, 40, 16)) < 0.3) | (rng.random((50, 40, 16)) < 0.05)
+  labels, n = ndimage.label(mask, structure=metrics.LESION_STRUCTURE)
+  spacing = np.array([0.7, 0.9, 2.5])
+  fast = metrics._component_records(labels, n, spacing, axial_axis)
+  slow = [metrics.lesion_diameters(labels[sl] == i + 1, spacing, axial_axis)
+          for i, sl in enumerate(ndimage.find_objects(labels))]
+  assert n > 500 and len(fast) == n
+  for a, b in zip(fast, slow):
+    assert a == pytest.approx(b, rel=1e-12, abs=1e-12)
