@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The two commands of the README. Each sets up .venv (Python >= 3.11 and pip are all it needs)
 # and then runs:
-#   ./run.sh demo   the main job on the embedded default (configs/synthetic.py)
+#   ./run.sh demo   the main job on the embedded default (configs/synthetic.py): train the three
+#                   stages, then evaluate the chosen checkpoint on the validation volumes
 #   ./run.sh test   the test suite
-# Extra arguments after the command go to curriculum-seg (demo) or pytest (test).
+# Extra arguments after the command go to `curriculum-seg train` (demo) or pytest (test).
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
@@ -28,7 +29,8 @@ case "$command" in
   demo)
     setup . base
     export TF_CPP_MIN_LOG_LEVEL=2
-    exec "$VENV/bin/curriculum-seg" train --config configs/synthetic.py --workdir runs/synthetic "$@"
+    "$VENV/bin/curriculum-seg" train --config configs/synthetic.py --workdir runs/synthetic "$@"
+    exec "$VENV/bin/curriculum-seg" evaluate --workdir runs/synthetic
     ;;
   test)
     setup ".[test]" test
