@@ -91,9 +91,10 @@ def cpu_mesh():
 
 
 @contextlib.contextmanager
-def _quiet_read_only_warnings():
-  """Orbax warns (through absl) each time a checkpoint folder is opened read-only, which is
-  all this module does; those lines are noise in a notebook, so they are hidden meanwhile."""
+def _quiet_absl_warnings():
+  """Orbax warns (through absl) each time a checkpoint folder is opened read-only, which is all
+  this module does, and TFDS each time a builder is made from a config; those lines are noise
+  in a notebook, so they are hidden meanwhile."""
   logger = logging.getLogger("absl")
   level = logger.level
   logger.setLevel(max(level, logging.ERROR))
@@ -130,7 +131,7 @@ class Run:
                     for row in rundir.MetricsLog(self.workdir).read()]
     summary = self.workdir / "summary.json"
     self.summary = json.loads(summary.read_text()) if summary.exists() else None
-    with _quiet_read_only_warnings():
+    with _quiet_absl_warnings():
       try:
         self.chosen = inference.chosen_checkpoint(self.workdir, self.config)
       except inference.InferenceError:
@@ -260,7 +261,7 @@ class Run:
     """
     key = (stage, step, which)
     if key not in self._networks:
-      with _quiet_read_only_warnings():
+      with _quiet_absl_warnings():
         self._networks[key] = inference.load_network(
             self.workdir, stage=stage, step=step, which=which, mesh=self.mesh,
             config=self.config)
@@ -283,7 +284,7 @@ class Run:
     key = (stage, step, which, options)
     if key not in self._predictors:
       if self.config.get("cascade", None):
-        with _quiet_read_only_warnings():
+        with _quiet_absl_warnings():
           self._predictors[key] = inference.load_predictor(
               self.workdir, stage=stage, step=step, which=which, mesh=self.mesh,
               options=options)
@@ -481,7 +482,8 @@ class Run:
     import ml_collections  # pylint: disable=g-import-not-at-top
     from data_pipelines import pipelines  # pylint: disable=g-import-not-at-top
     info = self.stage(stage)
-    builder = self._prepared_builder()
+    with _quiet_absl_warnings():
+      builder = self._prepared_builder()
     data = ml_collections.ConfigDict(self.config.data.to_dict())
     data.host_threads, data.prefetch_batches = 1, 1  # one batch is wanted: no read-ahead
     stream = pipelines.make_train_pipeline(
