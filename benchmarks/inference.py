@@ -9,8 +9,8 @@ lesion missed, one false positive) against the reference read back from the file
 depend on the weights, so the network is the config's U-Net with freshly initialised weights,
 wrapped in a one-checkpoint run directory (untrained outputs are noise, which would make scoring
 their masks a worst case, not a typical one). The
-subprocess's own peak resident memory (ru_maxrss via os.wait4) shows whether memory stays bounded
-as N grows (it must not hold all the probabilities: `InferenceOptions.chunk_slices`).
+subprocess's own peak resident memory, after predicting (ru_maxrss) and after scoring too (via
+os.wait4), shows whether memory stays bounded as N grows (it must not hold all the probabilities: `InferenceOptions.chunk_slices`).
 
   python benchmarks/inference.py [--config configs/synthetic.py] [--slices 100 300 500]
                                  [--repeats 2] [--flip_tta] [--out FILE]
@@ -33,7 +33,7 @@ import machine_info  # benchmarks/machine_info.py (run as a script from the repo
 import scoring  # benchmarks/scoring.py: the LiTS-like 512x512xN label maps
 
 _CHILD = textwrap.dedent("""
-    import json, statistics, sys, time
+    import json, resource, statistics, sys, time
     import numpy as np
     from curriculum_seg import inference, metrics
     from data_pipelines import lits
@@ -50,6 +50,7 @@ _CHILD = textwrap.dedent("""
       start = time.perf_counter()
       labels = predictor.predict_file(args["volume"], args["mask"])
       times.append(time.perf_counter() - start)
+    rss_predict = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     case = lits.load_case(args["volume"], args["segmentation"])
     realistic = np.load(args["prediction"])  # the reference with perturbed boundaries
     for _ in range(args["repeats"]):
@@ -59,6 +60,7 @@ _CHILD = textwrap.dedent("""
     print(json.dumps(dict(seconds_predict=statistics.median(times),
                           seconds_predict_all=times,
                           seconds_score=statistics.median(score_times),
+                          peak_rss_predict_mb=rss_predict,
                           tumour_voxels=int((labels == 2).sum()))))
 """)
 
@@ -170,7 +172,8 @@ def main() -> None:
       runs.append(run)
       print(f"512x512x{n}: predict_file {run['seconds_predict']:.1f} s "
             f"({run['slices_per_s']:.1f} slices/s), score_case {run['seconds_score']:.2f} s "
-            f"(median of {args.repeats}); peak RSS {run['peak_rss_mb']:.0f} MB", flush=True)
+            f"(median of {args.repeats}); peak RSS {run['peak_rss_predict_mb']:.0f} MB after "
+            f"predicting, {run['peak_rss_mb']:.0f} MB after scoring too", flush=True)
       for p in (volume, segmentation, prediction, child["mask"]):
         os.remove(p)
   result = dict(benchmark="inference", machine=info, args=vars(args), model=model_info,
