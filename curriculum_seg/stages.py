@@ -208,6 +208,7 @@ class Controller:
     self.metrics_log = rundir.MetricsLog(self.workdir)
     self._compiled: dict[str, Any] = {}
     self._eval_steps: dict[str, Any] = {}
+    self._liver_boxes: dict[int, np.ndarray] = {}  # validation crop boxes by margin
     self.builder = None
     self.writer = None
 
@@ -282,10 +283,19 @@ class Controller:
     eval_step = self._eval_steps[key]
     batch_size = int(self.config.eval.batch_size)
     totals: dict[str, float] = {}
+    crop_stage, boxes = None, None
+    if stage is not None and stage.pipeline == "liver_crop":
+      crop_stage = stage
+      _, margin = pipelines.crop_settings(stage, int(self.config.data.image_size))
+      if margin not in self._liver_boxes:
+        self._liver_boxes[margin] = pipelines.case_liver_boxes(
+            pipelines.RecordReader(self.builder, "validation"),
+            pipelines.SplitIndex.from_builder(self.builder, "validation"), margin,
+            pipelines.host_threads(self.config.data))
+      boxes = self._liver_boxes[margin]
     stream = pipelines.make_eval_pipeline(
         self.builder, self.config.data, "validation", batch_size, jax.process_index(),
-        jax.process_count(), stage_cfg=stage if stage is not None and
-        stage.pipeline == "liver_crop" else None)
+        jax.process_count(), stage_cfg=crop_stage, liver_boxes=boxes)
     for host_batch in stream:
       batch = sharding.host_to_global(
           {k: host_batch[k] for k in ("image", "label", "mask")}, self.mesh)

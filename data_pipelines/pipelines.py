@@ -599,7 +599,7 @@ def hu_window(data_cfg) -> tuple[float, float]:
   return float(window[0]), float(window[1])
 
 
-def _host_threads(data_cfg) -> int:
+def host_threads(data_cfg) -> int:
   threads = int(data_cfg.get("host_threads", 0))
   if threads < 0:
     raise ValueError(f"data.host_threads must be >= 0 (0: one per available core), got "
@@ -780,7 +780,7 @@ def make_train_pipeline(builder, data_cfg, augment_cfg, stage_cfg, seed: int,
     info = dict(pipeline="whole", examples=len(examples), selection=selection)
   elif pipeline == "liver_crop":
     out_size, margin = crop_settings(stage_cfg, s)
-    boxes = case_liver_boxes(reader, index, margin, _host_threads(data_cfg))
+    boxes = case_liver_boxes(reader, index, margin, host_threads(data_cfg))
     examples = index.liver_range_slices(0)
     if len(examples) == 0:
       raise ValueError("stage.pipeline='liver_crop' needs liver labels, but no training case "
@@ -813,7 +813,7 @@ def make_train_pipeline(builder, data_cfg, augment_cfg, stage_cfg, seed: int,
   finish = augment.make_finish(window, out_size,
                                warp=(spec.geometric or make_batch.in_size != out_size
                                      or pipeline == "liver_crop"))
-  threads = _host_threads(data_cfg)
+  threads = host_threads(data_cfg)
   if not spec.on_device:
     make_batch.on_host_finish = _cpu_finisher(finish)
     finish = None
@@ -825,7 +825,7 @@ def make_train_pipeline(builder, data_cfg, augment_cfg, stage_cfg, seed: int,
 
 def make_eval_pipeline(builder, data_cfg, split: str, batch_size: int, process_index: int,
                        process_count: int, *, slice_selection: str = "all",
-                       stage_cfg=None) -> HostStream:
+                       stage_cfg=None, liver_boxes: Optional[np.ndarray] = None) -> HostStream:
   """A finite stream over every slice of `split` once (by default), in (case, slice) order.
 
   `batch_size` is global; all processes yield the same number of batches; the last global
@@ -835,7 +835,8 @@ def make_eval_pipeline(builder, data_cfg, split: str, batch_size: int, process_i
   With a 'liver_crop' `stage_cfg` the stream holds what that stage's network sees: the slices
   within each case's liver z-range, cropped to the case's reference liver box and resized to
   stage.crop_size exactly as training crops them (no augmentation); `slice_selection` is
-  ignored.
+  ignored. `liver_boxes` (from `case_liver_boxes` for this split and the stage's margin) saves
+  reading every liver slice's label again when a caller evaluates repeatedly.
   """
   _keep_tensorflow_off_accelerators()
   r0, r1 = _process_rows(int(batch_size), process_index, process_count, "eval batch_size")
@@ -843,11 +844,15 @@ def make_eval_pipeline(builder, data_cfg, split: str, batch_size: int, process_i
   index = SplitIndex.from_builder(builder, split)
   reader = RecordReader(builder, split)
   s, c = reader.image_size, reader.channels
-  threads = _host_threads(data_cfg)
+  threads = host_threads(data_cfg)
   cropped = stage_cfg is not None and _stage_get(stage_cfg, "pipeline", "whole") == "liver_crop"
   if cropped:
     out, margin = crop_settings(stage_cfg, s)
-    boxes = case_liver_boxes(reader, index, margin, threads)
+    boxes = (case_liver_boxes(reader, index, margin, threads) if liver_boxes is None
+             else np.asarray(liver_boxes))
+    if boxes.shape != (len(index.cases), 4):
+      raise ValueError(f"liver_boxes must be [{len(index.cases)}, 4] (one per case of split "
+                       f"{split!r}), got {boxes.shape}")
     examples = index.liver_range_slices(0)
   else:
     out, boxes = s, None
