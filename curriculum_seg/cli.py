@@ -126,7 +126,8 @@ def cmd_train(argv: list[str]) -> int:
         f"(workdir {args.workdir})")
   for r in results:
     score = "n/a" if r.best_score is None else f"{r.best_score:.4f}"
-    print(f"  {r.name:<12} {r.steps:>6} steps  best validation tumour Dice {score}"
+    structure = "liver" if r.task == "liver" else "tumour"
+    print(f"  {r.name:<12} {r.steps:>6} steps  best validation {structure} Dice {score}"
           + ("" if r.best_step is None else f" (step {r.best_step})"))
   return 0
 

@@ -45,7 +45,11 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     raise ConfigError(f"config file {path} failed to load: {type(e).__name__}: {e}") from e
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path} has no get_config(arg=None) function")
-  config = module.get_config(arg or None)
+  try:
+    config = module.get_config(arg or None)
+  except Exception as e:  # e.g. an unknown `file.py:arg`: the user's input, one line
+    raise ConfigError(f"config file {spec}: get_config({arg or None!r}) failed: "
+                      f"{type(e).__name__}: {e}") from e
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"config file {path}: get_config returned {type(config).__name__}, "
                       "not a ConfigDict")
