@@ -81,15 +81,6 @@ class CascadePredictor(inference.Predictor):
                                     self.tumour_network.image_size, num_classes=2)
     return crops.liver_box(stored >= 1, self.crop_margin)
 
-  def _hu_stacks(self, image: np.ndarray, z0: int, z1: int) -> np.ndarray:
-    """HU model inputs [z1 - z0, S, S, C] (float32, not windowed): the training crop warps HU."""
-    net = self.tumour_network
-    neighbours = slices.context_indices(image.shape[2], net.context_slices)[z0:z1]
-    needed = np.unique(neighbours)
-    resampled = slices.resample_image(np.ascontiguousarray(image[:, :, needed]), net.image_size)
-    where = np.searchsorted(needed, neighbours)
-    return np.moveaxis(resampled[:, :, where], 2, 0)
-
   def tumour_mask(self, image: np.ndarray, liver: np.ndarray) -> np.ndarray:
     """The tumour network's tumour (X, Y, Z) bool within the liver's box and z-range."""
     tumour = np.zeros(image.shape, bool)
@@ -103,7 +94,8 @@ class CascadePredictor(inference.Predictor):
     tumour_class = _TUMOUR_CLASS[net.task]
     for z0 in range(int(zs[0]), int(zs[-1]) + 1, int(options.chunk_slices)):
       z1 = min(int(zs[-1]) + 1, z0 + int(options.chunk_slices))
-      hu, _ = crops.crop_slices(self._hu_stacks(image, z0, z1), box, self.crop_size)
+      hu, _ = crops.crop_slices(net.slice_stacks(image, z0, z1, window=False), box,
+                                   self.crop_size)
       stacks = np.empty_like(hu)
       pipelines.window_into(stacks, hu, lo, hi)
       probs = net.slice_probabilities(stacks, options)

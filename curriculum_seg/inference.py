@@ -33,7 +33,7 @@ from etils import epath
 from scipy import ndimage
 
 from curriculum_seg import checkpoints as ckpt_lib
-from curriculum_seg import sharding, train_step
+from curriculum_seg import sharding, stages, train_step
 from curriculum_seg.models import build_model, num_classes
 from data_pipelines import lits, pipelines, slices
 
@@ -89,15 +89,6 @@ def read_run_config(workdir: epath.PathLike) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
   except json.JSONDecodeError as e:
     raise InferenceError(f"{path}: not valid JSON ({e})") from e
-
-
-def stage_model_config(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
-  """`config.model` with the stage's own `model` fields (if any) applied over it."""
-  model_cfg = ml_collections.ConfigDict(config.model.to_dict())
-  override = config.stages[stage].get("model", None) if stage in config.stages else None
-  if override:
-    model_cfg.update(override.to_dict() if hasattr(override, "to_dict") else dict(override))
-  return model_cfg
 
 
 def _checkpoints(workdir: epath.PathLike, stage: str) -> ckpt_lib.StageCheckpoints:
@@ -174,16 +165,19 @@ class Network:
       out[b0:b0 + m] = np.asarray(jax.device_get(probs))[:m]
     return out
 
-  def slice_stacks(self, image: np.ndarray, z0: int, z1: int) -> np.ndarray:
-    """Windowed model inputs [z1 - z0, S, S, C] of slices z0..z1 of a canonical int16 volume."""
+  def slice_stacks(self, image: np.ndarray, z0: int, z1: int, window: bool = True) -> np.ndarray:
+    """Model inputs [z1 - z0, S, S, C] of slices z0..z1 of a canonical int16 volume: windowed
+    float32, or (`window=False`) the resampled int16 HU, for callers that warp HU first."""
     size, context = self.image_size, self.context_slices
     neighbours = slices.context_indices(image.shape[2], context)[z0:z1]
     needed = np.unique(neighbours)
     resampled = slices.resample_image(np.ascontiguousarray(image[:, :, needed]), size)
     where = np.searchsorted(needed, neighbours)  # [n, C] into the resampled slices
+    hu = np.moveaxis(resampled[:, :, where], 2, 0)
+    if not window:
+      return hu
     stacks = np.empty((z1 - z0, size, size, context), np.float32)
-    lo, hi = self.hu_window
-    pipelines.window_into(stacks, np.moveaxis(resampled[:, :, where], 2, 0), lo, hi)
+    pipelines.window_into(stacks, hu, *self.hu_window)
     return stacks
 
   def volume_probabilities(self, image: np.ndarray,
@@ -267,7 +261,7 @@ def load_network(workdir: epath.PathLike, *, stage: Optional[str] = None,
       raise InferenceError(f"{workdir}: stage {stage!r} has no {which} checkpoint at step {step} "
                            f"(its {which} steps: {ckpts.steps(which)})")
   mesh = default_mesh() if mesh is None else mesh
-  model_cfg = stage_model_config(config, stage)
+  model_cfg = stages.stage_model_config(config, stage)
   context = int(config.data.context_slices)
   model = build_model(model_cfg, context)
   size = int(config.data.image_size)

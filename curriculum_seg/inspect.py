@@ -30,6 +30,7 @@ from etils import epath
 
 from curriculum_seg import checkpoints as ckpt_lib
 from curriculum_seg import inference, rundir
+from curriculum_seg import stages as stages_lib
 
 LIVER, TUMOUR = 1, 2
 # Contours drawn by plot_slice: (label, which mask, colour, line style).
@@ -192,7 +193,7 @@ class Run:
           path=os.fspath(store.directory / which / str(step))) for which, step, meta in found)
       stages.append(StageInfo(
           name=name, index=index, pipeline=str(cfg.pipeline),
-          task=str(inference.stage_model_config(self.config, name).task), init=str(cfg.init),
+          task=str(stages_lib.stage_model_config(self.config, name).task), init=str(cfg.init),
           steps=int(cfg.steps), start=int(starts[name]),
           steps_done=int(last_meta.get("step", 0)), completed=bool(last_meta.get("completed")),
           best_step=last_meta.get("best_step"), best_val_dice=last_meta.get("best_score"),
