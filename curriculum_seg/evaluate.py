@@ -19,14 +19,13 @@ import heapq
 import json
 import math
 import os
-import tempfile
 import time
 from typing import Any, Callable, Optional
 
 import numpy as np
 from etils import epath
 
-from curriculum_seg import inference, metrics
+from curriculum_seg import inference, metrics, rundir
 from data_pipelines import lits, lits_tfds
 
 SPLITS = ("train", "validation", "test")
@@ -152,22 +151,6 @@ def draw_overlay(picture: _Picture, hu_window: tuple[float, float]):
   ax.legend(handles=handles, loc="lower right", fontsize=7, framealpha=0.6)
   fig.tight_layout()
   return fig
-
-
-def _atomic_write(path: epath.Path, data: bytes) -> None:
-  local = "://" not in os.fspath(path)
-  fd, tmp = tempfile.mkstemp(dir=os.fspath(path.parent) if local else None,
-                             suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    if local:
-      os.replace(tmp, path)
-    else:
-      epath.Path(tmp).copy(path, overwrite=True)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -315,16 +298,16 @@ def evaluate_run(workdir: epath.PathLike, *, split: str = "validation",
       fig = draw_overlay(picture, window)
       buffer = io.BytesIO()
       fig.savefig(buffer, format="png")
-      _atomic_write(pic_dir / f"{picture.name}.png", buffer.getvalue())
+      rundir.write_atomically(pic_dir / f"{picture.name}.png", buffer.getvalue())
       names.append(f"{picture.name}.png")
   result = dict(workdir=os.fspath(workdir), checkpoint=_checkpoint_record(predictor),
                 source=source, split=split if lits_dir is None else None,
                 options=dataclasses.asdict(options), aggregate=aggregate, cases=results,
                 burden_uses_reference_liver=reference_liver, output=os.fspath(output),
                 pictures=names)
-  _atomic_write(output / "metrics.json", json.dumps(metrics.json_safe(result), indent=1,
+  rundir.write_atomically(output / "metrics.json", json.dumps(metrics.json_safe(result), indent=1,
                                                     allow_nan=False).encode())
-  _atomic_write(output / "metrics.md", markdown_report(result).encode())
+  rundir.write_atomically(output / "metrics.md", markdown_report(result).encode())
   t = aggregate["tumour"]
   log(f"tumour Dice per case {_fmt(t['dice_per_case'])}, global {_fmt(t['dice_global'])}; "
       f"lesion recall (IoU > 0.5) {_fmt(aggregate['detection']['iou']['recall'])}; "

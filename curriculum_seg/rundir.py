@@ -117,15 +117,20 @@ def check_or_save_config(workdir: epath.Path, config: ml_collections.ConfigDict)
       raise RunDirError(f"{workdir}: config differs from the run's saved config.json in "
                         f"{', '.join(diff[:12])}{' ...' if len(diff) > 12 else ''}; use a new "
                         "--workdir, or change only run lengths (steps, intervals)")
-    _write_atomically(path, json.dumps(current, indent=1, sort_keys=True))
+    write_atomically(path, json.dumps(current, indent=1, sort_keys=True))
     return True
-  _write_atomically(path, json.dumps(current, indent=1, sort_keys=True))
+  write_atomically(path, json.dumps(current, indent=1, sort_keys=True))
   return False
 
 
-def _write_atomically(path: epath.Path, text: str) -> None:
+def write_atomically(path: epath.PathLike, data: str | bytes) -> None:
+  """Writes `path` through a temporary file renamed into place: it is whole or absent."""
+  path = epath.Path(path)
   tmp = path.parent / f".{path.name}.tmp"
-  tmp.write_text(text)
+  if isinstance(data, str):
+    tmp.write_text(data)
+  else:
+    tmp.write_bytes(data)
   tmp.rename(path) if not _is_local(path) else os.replace(tmp, path)
 
 
@@ -153,7 +158,7 @@ class MetricsLog:
 
   def truncate_after(self, global_step: int) -> None:
     rows = [r for r in self.read() if r.get("global_step", 0) <= global_step]
-    _write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+    write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in rows))
 
   def append(self, rows: Iterable[dict]) -> None:
     text = "".join(json.dumps(_jsonable(r)) + "\n" for r in rows)
