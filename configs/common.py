@@ -7,6 +7,8 @@ line, e.g. `--config.stages.patch.steps=500 --config.stages.patch.optimizer.lear
 
 import ml_collections
 
+REGIME_NAMES = ("three_stage", "whole_only", "whole_patch", "patch_whole")
+
 
 def stage(pipeline, steps, batch_size, learning_rate, *, init="best", carry_optimizer=False,
           optimizer="adam", weight_decay=1e-4, schedule="constant", warmup_steps=0,
@@ -91,3 +93,28 @@ def add_input_settings(data):
   data.host_threads = 0                     # 0: one per core
   data.prefetch_batches = 0                 # 0: automatic
   return data
+
+
+def set_regime(config, regime, whole_stage, patch_stage, total_steps, config_file):
+  """Sets `config.curriculum` and `config.stages` for one of the authors' ablations, each at
+  `total_steps` optimiser steps in all: three_stage (whole1 -> patch -> whole2, a third each),
+  whole_only, whole_patch and patch_whole (half each). `whole_stage(steps, init)` and
+  `patch_stage(steps, init)` build the config's stages; later stages start from the previous
+  stage's best checkpoint, the first from scratch."""
+  third, half = total_steps // 3, total_steps // 2
+  stages = {
+      "three_stage": (("whole1", whole_stage(third, "scratch")),
+                      ("patch", patch_stage(third, "best")),
+                      ("whole2", whole_stage(total_steps - 2 * third, "best"))),
+      "whole_only": (("whole", whole_stage(total_steps, "scratch")),),
+      "whole_patch": (("whole1", whole_stage(half, "scratch")),
+                      ("patch", patch_stage(total_steps - half, "best"))),
+      "patch_whole": (("patch", patch_stage(half, "scratch")),
+                      ("whole2", whole_stage(total_steps - half, "best"))),
+  }
+  if regime not in stages:
+    raise ValueError(f"unknown regime {regime!r}: {config_file}:REGIME takes one of "
+                     f"{', '.join(REGIME_NAMES)}")
+  config.curriculum = tuple(name for name, _ in stages[regime])
+  config.stages = ml_collections.ConfigDict({name: s for name, s in stages[regime]})
+  return config

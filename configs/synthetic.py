@@ -21,7 +21,7 @@ import ml_collections
 
 from configs import common
 
-REGIMES = ("three_stage", "whole_only", "whole_patch", "patch_whole", "cascade")
+REGIMES = common.REGIME_NAMES + ("cascade",)
 TOTAL_STEPS = 600
 
 
@@ -38,22 +38,8 @@ def patch_stage(steps, init="best"):
 
 def set_regime(config, regime, total_steps=TOTAL_STEPS):
   """Sets config.curriculum and config.stages for one of REGIMES (except 'cascade')."""
-  third, half = total_steps // 3, total_steps // 2
-  stages = {
-      "three_stage": (("whole1", whole_stage(third, "scratch")), ("patch", patch_stage(third)),
-                      ("whole2", whole_stage(total_steps - 2 * third))),
-      "whole_only": (("whole", whole_stage(total_steps, "scratch")),),
-      "whole_patch": (("whole1", whole_stage(half, "scratch")),
-                      ("patch", patch_stage(total_steps - half))),
-      "patch_whole": (("patch", patch_stage(half, "scratch")),
-                      ("whole2", whole_stage(total_steps - half))),
-  }
-  if regime not in stages:
-    raise ValueError(f"unknown regime {regime!r}: configs/synthetic.py:REGIME takes one of "
-                     f"{', '.join(REGIMES)}")
-  config.curriculum = tuple(name for name, _ in stages[regime])
-  config.stages = ml_collections.ConfigDict({name: s for name, s in stages[regime]})
-  return config
+  return common.set_regime(config, regime, whole_stage, patch_stage, total_steps,
+                           "configs/synthetic.py")
 
 
 def get_config(arg=None):
