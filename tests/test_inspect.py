@@ -5,7 +5,6 @@ read-only workdir that nothing changes, and no training pipeline unless batches 
 import json
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,8 @@ from matplotlib.contour import ContourSet  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from tests import test_stages  # noqa: E402
+
 from curriculum_seg import inference, inspect  # noqa: E402
 from data_pipelines import lits, lits_tfds, pipelines  # noqa: E402
 
@@ -28,17 +29,12 @@ STAGES = ("whole1", "patch", "whole2")
 
 
 def tiny_overrides(root):
-  values = {
-      "data.lits_dir": f"{root}/lits", "data.tfds_dir": f"{root}/tfds",
-      "data.synthetic.num_cases": "4", "data.synthetic.size": "64", "data.synthetic.slices": "16",
-      "data.image_size": "32", "data.val_fraction": "0.25", "model.depth": "2",
-      "model.base_width": "4", "stages.patch.patch_size": "16", "stages.patch.patch_jitter": "4",
-      "eval.batch_size": "8"}
-  for name in STAGES:  # batches of 8: one row per virtual device
-    values.update({f"stages.{name}.steps": str(STEPS), f"stages.{name}.batch_size": "8",
-                   f"stages.{name}.eval_every": "2", f"stages.{name}.checkpoint_every": "2",
-                   f"stages.{name}.log_every": "1"})
-  return values
+  """test_stages' tiny run, with batches of 8 (one row per virtual device) and 4 steps a stage."""
+  extra = {}
+  for name in STAGES:
+    extra.update({f"stages.{name}.steps": str(STEPS), f"stages.{name}.batch_size": "8",
+                  f"stages.{name}.eval_every": "2", f"stages.{name}.checkpoint_every": "2"})
+  return test_stages.tiny_overrides(root, **extra)
 
 
 # Trains on 8 virtual CPU devices and, at every checkpoint save, writes the saved parameters as
