@@ -1,16 +1,15 @@
-"""Run directory: the lock, the saved-config check, the metrics log; the checkpoint store."""
+"""Run directory: the lock, the saved-config check, the metrics log (checkpoints: test_checkpoints)."""
 
 import json
 import subprocess
 import sys
 import textwrap
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from etils import epath
 
-from curriculum_seg import checkpoints, config_loading, rundir
+from curriculum_seg import config_loading, rundir
 
 
 def test_lock_refuses_a_second_holder_and_is_released_on_death(tmp_path):
@@ -61,22 +60,3 @@ def test_metrics_log_truncates_after_a_step_and_survives_a_cut_line(tmp_path):
   assert len(log.read()) == 6
   log.truncate_after(3)
   assert [r["global_step"] for r in log.read()] == [1, 2, 3]
-
-
-def test_checkpoints_keep_latest_and_best_and_restore(tmp_path):
-  store = checkpoints.StageCheckpoints(tmp_path, "whole1", keep_latest=2)
-  state = lambda v: {"w": jnp.full((3, 2), v), "step": jnp.int32(v)}  # noqa: E731
-  store.save(10, state(1.0), dict(step=10, position={"batch": 10}), best=True)
-  store.save(20, state(2.0), dict(step=20))
-  store.save(30, state(3.0), dict(step=30))
-  assert store.steps() == [20, 30] and store.steps("best") == [10]
-  restored, meta = store.restore(checkpoints.abstract_like(state(0.0)), "best")
-  np.testing.assert_array_equal(restored["w"], np.full((3, 2), 1.0))
-  assert meta == dict(step=10, position={"batch": 10}, kind="best")
-  store.save(30, state(4.0), dict(step=30, completed=True))  # same step replaced
-  restored, meta = store.restore(checkpoints.abstract_like(state(0.0)))
-  assert float(restored["w"][0, 0]) == 4.0 and meta["completed"]
-  store.close()
-  reader = checkpoints.StageCheckpoints(tmp_path, "whole1", read_only=True)
-  assert reader.meta()["step"] == 30
-  assert checkpoints.StageCheckpoints(tmp_path, "absent", read_only=True).meta() is None

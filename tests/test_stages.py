@@ -39,10 +39,16 @@ def tiny_config(root, **extra):
                                         tiny_overrides(root, **extra).items())
 
 
-# A training subprocess that can kill itself (SIGKILL) at an exact point:
-#   batch:<stage>:<n>     when the stage's n-th batch is requested (mid-stage, between saves)
-#   saved:<stage>:<step>  right after the checkpoint of that step is complete
-#   saving:<stage>:<step> inside that checkpoint's save, before Orbax's atomic rename
+# A training subprocess that can kill itself (SIGKILL) at an exact point, `mode:stage:step`:
+#   batch:<stage>:<n>       when the stage's n-th batch is requested (mid-stage, between saves)
+#   and at each write boundary of one checkpoint save of <stage> (StageCheckpoints' protocol:
+#   best, then latest, then drop superseded bests); <step> '*' is the step of the stage's first
+#   best save in this process:
+#   best_writing            inside the best's Orbax save, before its atomic rename
+#   best_written            the best is complete, the latest (the commit) is not
+#   latest_writing          inside the latest's save, before its rename
+#   latest_written          the latest is complete, superseded bests are not yet dropped
+#   dropped                 superseded bests are in .trash/, not yet removed
 _SCRIPT = textwrap.dedent("""
     import json, os, signal, sys
     from curriculum_seg import checkpoints, config_loading, device_feed, stages
@@ -51,23 +57,34 @@ _SCRIPT = textwrap.dedent("""
         config_loading.load_config_file("configs/synthetic.py"), overrides.items())
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)
     mode, stage_name, number = (kill.split(":") + ["", "", ""])[:3] if kill else ("", "", "0")
-    number = int(number or 0)
-    current = {"stage": None}
-    original_save = checkpoints.StageCheckpoints.save
-    def save(self, step, state, meta, best=False):
-      current["stage"], current["step"] = self.stage, step
-      original_save(self, step, state, meta, best)
-      if mode == "saved" and self.stage == stage_name and step == number:
+    current, first_best = {}, {}
+    def at(which_step):
+      if number == "*":
+        return first_best.get(stage_name) == which_step
+      return str(which_step) == number
+    C = checkpoints.StageCheckpoints
+    original_write, original_drop = C._write, C._drop_bests_except
+    def write(self, which, step, state, meta):
+      current.update(stage=self.stage, which=which, step=step)
+      if which == "best":
+        first_best.setdefault(self.stage, step)
+      original_write(self, which, step, state, meta)
+      if self.stage == stage_name and mode == which + "_written" and at(step):
         die()
-    checkpoints.StageCheckpoints.save = save
-    if mode == "saving":
-      from orbax.checkpoint._src.path import atomicity
-      original_finalize = atomicity.AtomicRenameTemporaryPath.finalize
-      async def finalize(self, *args, **kwargs):
-        if current["stage"] == stage_name and current["step"] == number:
-          die()
-        return await original_finalize(self, *args, **kwargs)
-      atomicity.AtomicRenameTemporaryPath.finalize = finalize
+    def drop(self, keep):
+      original_drop(self, keep)
+      if (mode == "dropped" and current.get("which") == "latest" and self.stage == stage_name
+          and at(current["step"])):
+        die()
+    C._write, C._drop_bests_except = write, drop
+    from orbax.checkpoint._src.path import atomicity
+    original_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+    async def finalize(self, *args, **kwargs):
+      if (current.get("stage") == stage_name and mode == current["which"] + "_writing"
+          and at(current["step"])):
+        die()
+      return await original_finalize(self, *args, **kwargs)
+    atomicity.AtomicRenameTemporaryPath.finalize = finalize
     if mode == "batch":
       running, count = {}, {}
       original_run_stage = stages.Controller._run_stage
@@ -79,7 +96,7 @@ _SCRIPT = textwrap.dedent("""
       def next_batch(self):
         name = running["stage"]
         count[name] = count.get(name, 0) + 1
-        if name == stage_name and count[name] == number:
+        if name == stage_name and count[name] == int(number):
           die()
         return original_next(self)
       device_feed.DeviceFeed.__next__ = next_batch
@@ -171,19 +188,84 @@ def test_next_stage_starts_from_exactly_the_chosen_checkpoint(reference, tmp_pat
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("kill", ["batch:patch:5", "saved:whole1:6", "saving:patch:3"])
-def test_kill_9_then_resume_ends_equal_to_an_uninterrupted_run(reference, tmp_path, kill):
+def _assert_checkpoints_agree(workdir, context):
+  """Every stage's newest latest checkpoint names a best that a reader can restore."""
+  root = epath.Path(workdir) / "checkpoints"
+  for name in checkpoints.stage_names_on_disk(root):
+    store = checkpoints.StageCheckpoints(root, name, read_only=True)
+    meta = store.meta()
+    if meta is not None and meta.get("best_step") is not None:
+      assert store.steps("best") == [meta["best_step"]], (context, name)
+      assert store.meta("best")["best_score"] == meta["best_score"], (context, name)
+    store.close()
+
+
+def _assert_same_end(workdir, config, params, rows, context):
+  got = final_params(workdir, config)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, b, err_msg=context)  # bitwise: same devices and steps
+  assert losses(workdir) == rows, context
+
+
+# Kills in sequence, each resumed by the next run: mid-stage, then every write boundary of a
+# save that writes a new best (the first such save of 'patch', then of 'whole2').
+BOUNDARY_KILLS = ["batch:whole1:2", "best_written:patch:*", "latest_written:patch:*",
+                  "best_writing:whole2:*", "latest_writing:whole2:*", "dropped:whole2:*"]
+
+
+def test_kill_9_at_every_save_boundary_then_resume_ends_equal_to_an_uninterrupted_run(
+    reference, tmp_path):
   root, overrides, config, params, rows, _ = reference
   workdir = tmp_path / "run"
-  killed = run_training(workdir, overrides, kill=kill)
-  assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+  for kill in BOUNDARY_KILLS:
+    killed = run_training(workdir, overrides, kill=kill)
+    assert killed.returncode == -signal.SIGKILL, (kill, killed.stderr[-2000:])
+    _assert_checkpoints_agree(workdir, kill)
   resumed = run_training(workdir, overrides)
   assert resumed.returncode == 0 and "FINISHED" in resumed.stdout, resumed.stderr[-3000:]
   assert "resuming" in resumed.stdout
-  got = final_params(workdir, config)
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(got)):
-    np.testing.assert_array_equal(a, b)  # bitwise: same devices, same compiled steps
-  assert losses(workdir) == rows
+  _assert_same_end(workdir, config, params, rows, "boundary kills")
+
+
+def test_kill_9_at_random_instants_then_resume_ends_equal_to_an_uninterrupted_run(
+    reference, tmp_path):
+  """SIGKILL at random instants (seeded; CURRICULUM_SEG_KILL_SEED repeats a failure) of a run
+  that checkpoints every step, so kills land inside saves as often as between them."""
+  root, overrides, config, params, rows, _ = reference
+  kills = int(os.environ.get("CURRICULUM_SEG_KILLS", "4"))
+  seed = int(os.environ.get("CURRICULUM_SEG_KILL_SEED", str(time.time_ns() % 2**31)))
+  rng = np.random.default_rng(seed)
+  dense = dict(overrides, **{f"stages.{n}.checkpoint_every": "1"
+                            for n in ("whole1", "patch", "whole2")})
+  workdir = tmp_path / "run"
+  env = dict(os.environ, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", TF_CPP_MIN_LOG_LEVEL="2")
+  args = [sys.executable, "-c", _SCRIPT, str(workdir), json.dumps(dense), ""]
+  landed = []
+  for k in range(kills):
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+      # Kill once training is under way: after the first logged row of this attempt's start.
+      start_rows = len(rundir.MetricsLog(epath.Path(workdir)).read()) if workdir.exists() else 0
+      deadline = time.time() + 300
+      while proc.poll() is None and time.time() < deadline:
+        if workdir.exists() and len(rundir.MetricsLog(epath.Path(workdir)).read()) > start_rows:
+          break
+        time.sleep(0.02)
+      time.sleep(float(rng.uniform(0.0, 3.0)))
+      if proc.poll() is None:
+        proc.kill()
+        logged = rundir.MetricsLog(epath.Path(workdir)).read()
+        landed.append(f"{logged[-1]['stage']}:{logged[-1]['step']}" if logged else "start")
+    finally:
+      proc.kill()
+      proc.communicate()
+    _assert_checkpoints_agree(workdir, f"seed {seed}, kill {k}")
+  resumed = run_training(workdir, dense)
+  context = f"seed {seed}, kills after {landed}"
+  assert resumed.returncode == 0 and "FINISHED" in resumed.stdout, (context,
+                                                                     resumed.stderr[-3000:])
+  _assert_same_end(workdir, config, params, rows, context)
 
 
 def test_sigterm_checkpoints_and_exits_and_the_run_resumes(reference, tmp_path):
