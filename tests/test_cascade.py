@@ -57,18 +57,31 @@ def _restore(workdir, config, name, which):
   return controller, state, meta
 
 
-def _global_dice(controller, state, stage, foreground, stream):
-  """Hard global Dice of `foreground(label)` over a stream, computed here, not by the step."""
-  model = controller.model_for(stage)
-  inter = pred_sum = target_sum = 0.0
-  for batch in stream:
-    logits = model.apply({"params": state.params}, batch["image"], train=False)
-    pred = (np.asarray(logits).argmax(-1) == 1) & (batch["mask"][:, None, None] > 0)
-    target = foreground(batch["label"]) & (batch["mask"][:, None, None] > 0)
-    inter += float((pred & target).sum())
-    pred_sum += float(pred.sum())
-    target_sum += float(target.sum())
+def _dice(inter, pred_sum, target_sum):
   return 2 * inter / (pred_sum + target_sum) if pred_sum + target_sum else 1.0
+
+
+def _global_dice_range(controller, state, stage, foreground, stream):
+  """Hard global Dice of `foreground(label)` over a stream, computed here, not by the step: the
+  lowest and the highest it can be. The step's compiled program rounds the logits otherwise than
+  this one (by up to 1.5e-5 on these tiny networks), so a pixel whose two logits are under 1e-4
+  apart may fall in either class: the range spans every way such pixels can fall."""
+  model = controller.model_for(stage)
+  inter = pred_sum = target_sum = tie_in = tie_out = 0
+  for batch in stream:
+    logits = np.asarray(model.apply({"params": state.params}, batch["image"], train=False))
+    real = batch["mask"][:, None, None] > 0
+    tie = (np.abs(logits[..., 1] - logits[..., 0]) < 1e-4) & real
+    pred = (logits.argmax(-1) == 1) & real & ~tie
+    target = foreground(batch["label"]) & real
+    inter += int((pred & target).sum())
+    pred_sum += int(pred.sum())
+    target_sum += int(target.sum())
+    tie_in += int((tie & target).sum())
+    tie_out += int((tie & ~target).sum())
+  # Predicting a target pixel raises the Dice, predicting any other pixel lowers it.
+  return (_dice(inter, pred_sum + tie_out, target_sum),
+          _dice(inter + tie_in, pred_sum + tie_in, target_sum))
 
 
 def test_each_stage_keeps_its_best_by_its_own_task_dice(run):
@@ -86,8 +99,9 @@ def test_each_stage_keeps_its_best_by_its_own_task_dice(run):
         stage_cfg=stage if stage.pipeline == "liver_crop" else None)
     if name == "tumour":
       assert stream.info["pipeline"] == "eval_liver_crop" and stream.info["out_size"] == 32
-    np.testing.assert_allclose(_global_dice(controller, state, stage, foreground, stream),
-                               meta["best_score"], rtol=1e-5, atol=1e-6)
+    lowest, highest = _global_dice_range(controller, state, stage, foreground, stream)
+    # The step's Dice (float32) for one of the ways the tie pixels can fall.
+    assert lowest - 1e-6 <= meta["best_score"] <= highest + 1e-6, (lowest, highest, meta)
 
 
 @pytest.fixture(scope="module")
