@@ -3,7 +3,8 @@
 For the embedded default model (configs/synthetic.py) and the LiTS-sized model
 (configs/lits_three_stage.py) it measures, per shape: step time (median over repeats after
 warm-up), slices/s, FLOPs per step from XLA's cost analysis, achieved FLOP/s, and on a GPU/TPU
-the MFU against the device's dense bf16 peak (compute in bfloat16 there, float32 on CPU). On CPU,
+the MFU against the device's dense bf16 peak (compute in bfloat16 there, float32 on CPU). It
+also times the cheaper U-Net variants of the default model (MODEL_VARIANTS, JAX only). On CPU,
 when torch is installed, it times the PyTorch twin of the same network (same widths, norm,
 blocks; float32; forward + backward + Adam step) interleaved with JAX in the same run and prints
 the JAX/PyTorch time ratio. The machine's load average is recorded: on a shared machine torch's
@@ -50,6 +51,15 @@ FALLBACK_MODELS = {
                  compute_dtype='float32'),
 }
 MODEL_CONFIGS = {'default': 'synthetic', 'lits': 'lits_three_stage'}
+# Cheaper U-Net variants (issue 13): config.model overrides of a model above. The PyTorch twin
+# builds only the original layout, so models with other layouts are timed in JAX alone.
+MODEL_VARIANTS = {
+    'default+strided': ('default', dict(downsample='strided')),
+    'default+1conv_add': ('default', dict(convs_per_level=1, skip='add')),
+    'default+half_res': ('default', dict(input_stride=2)),
+    'default+half_res_strided': ('default', dict(input_stride=2, downsample='strided')),
+    'default+width4': ('default', dict(base_width=4)),
+}
 TINY_MODEL = dict(FALLBACK_MODELS['default'], depth=1, base_width=4)
 INPUT_CHANNELS = 3
 SETTLE_S = 0.5
@@ -58,6 +68,7 @@ SETTLE_S = 0.5
 FULL_CASES = [
     ('default', 'whole', 128, 16),
     ('default', 'patch', 64, 32),
+    *[(name, 'whole', 128, 16) for name in MODEL_VARIANTS],
     ('lits', 'whole', 512, 1),
     ('lits', 'whole', 256, 2),
     ('lits', 'patch', 128, 8),
@@ -76,6 +87,10 @@ def model_config(name: str) -> tuple[dict[str, Any], str]:
   """`config.model` of configs/<MODEL_CONFIGS[name]>.py, or FALLBACK_MODELS[name] without one."""
   if name == 'tiny':
     return dict(TINY_MODEL), 'benchmarks/train_step.py TINY_MODEL'
+  if name in MODEL_VARIANTS:
+    base, overrides = MODEL_VARIANTS[name]
+    cfg, source = model_config(base)
+    return dict(cfg, **overrides), f'{source} + {overrides}'
   module_name = MODEL_CONFIGS[name]
   try:
     module = importlib.import_module(f'configs.{module_name}')
@@ -366,10 +381,12 @@ def run_cases(cases, warmup: int, repeats: int, skip_torch: bool,
         'model': model_name, 'model_source': source, 'kind': kind, 'size': size,
         'batch': batch, 'depth': model_cfg['depth'], 'widths': list(widths),
         'norm': model_cfg['norm'], 'block': model_cfg['block'], 'compute_dtype': compute_dtype,
+        **{k: model_cfg.get(k, v) for k, v in unet_lib.VARIANT_DEFAULTS.items()},
     }
     run_jax, compiled = jax_runner(model_cfg, size, batch)
     runners = {'jax': run_jax}
-    if use_torch:
+    original_layout = all(row[k] == v for k, v in unet_lib.VARIANT_DEFAULTS.items())
+    if use_torch and original_layout:  # the twin builds only the original layout
       runners['torch'] = torch_runner(dict(model_cfg, compute_dtype='float32'), size, batch,
                                       channels_last)
     times = time_interleaved(runners, warmup, repeats)
@@ -379,7 +396,8 @@ def run_cases(cases, warmup: int, repeats: int, skip_torch: bool,
     row['achieved_flops_per_s'] = compiled['flops'] / step_s
     row['mfu'] = None if peak is None else row['achieved_flops_per_s'] / peak
     line = (f'{model_name:7s} {kind:5s} {size:4d}x{size:<4d} B={batch:<3d} widths '
-            f'{widths[0]}..{widths[-1]}  step {step_s * 1e3:9.1f} ms  '
+            f'{widths[0]}..{widths[-1]}  params {compiled["params"]:,}  '
+            f'step {step_s * 1e3:9.1f} ms  '
             f'{row["slices_per_s"]:7.2f} slices/s  {compiled["flops"] / 1e9:8.2f} GFLOP/step  '
             f'{row["achieved_flops_per_s"] / 1e9:7.2f} GFLOP/s  '
             f'compile {compiled["compile_s"]:.0f} s')

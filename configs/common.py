@@ -62,18 +62,36 @@ def stage(pipeline, steps, batch_size, learning_rate, *, init="best", carry_opti
 
 
 def model(depth=4, base_width=16, width_multiplier=2.0, norm="instance", block="residual",
-          dropout=0.0, task="tumour", compute_dtype="float32", group_norm_groups=8):
-  """A 2-D U-Net (the paper's authors: residual blocks, instance norm, widths 8..128 in 3-D)."""
+          dropout=0.0, task="tumour", compute_dtype="float32", group_norm_groups=8,
+          downsample="maxpool", convs_per_level=2, skip="concat", input_stride=1,
+          foreground_prior=None):
+  """A 2-D U-Net (the paper's authors: residual blocks, instance norm, widths 8..128 in 3-D).
+
+  The defaults of the last five fields build the original network. Cheaper variants (see
+  curriculum_seg/models/unet.py): downsample='strided' (stride-2 convs instead of max-pool, as
+  MONAI's UNet), convs_per_level=1 (one 3x3 conv per block instead of two), skip='add' (skips
+  added instead of concatenated), input_stride=2 (every level at half resolution, a
+  transposed-conv head; inputs must then be multiples of 2**(depth + 1)). foreground_prior
+  (e.g. 0.01) starts the softmax foreground probability there instead of 1/classes.
+  """
   return ml_collections.ConfigDict(dict(
       name="unet", depth=depth, base_width=base_width, width_multiplier=width_multiplier,
       norm=norm, group_norm_groups=group_norm_groups, dropout=dropout, block=block, task=task,
-      compute_dtype=compute_dtype))
+      compute_dtype=compute_dtype, downsample=downsample, convs_per_level=convs_per_level,
+      skip=skip, input_stride=input_stride, foreground_prior=foreground_prior))
 
 
-def loss(name="dice", dice_smooth=1.0, class_weights=None):
-  """The paper's loss: soft Dice of tumour vs everything else."""
+def loss(name="dice", dice_smooth=1.0, class_weights=None, dice_weight=1.0, ce_weight=1.0):
+  """The paper's loss: soft Dice of tumour vs everything else.
+
+  name='dice_ce' is nnU-Net's and MONAI's Dice + cross-entropy: dice_weight * (batch-global soft
+  Dice loss of the task's foreground) + ce_weight * (pixel cross-entropy, `class_weights`
+  optional). dice_smooth is added to the Dice's numerator and denominator (nnU-Net and MONAI use
+  1e-5; the paper's loss here uses 1).
+  """
   return ml_collections.ConfigDict(dict(name=name, dice_smooth=dice_smooth,
-                                        class_weights=class_weights))
+                                        class_weights=class_weights, dice_weight=dice_weight,
+                                        ce_weight=ce_weight))
 
 
 def augment(enabled=True, flip_lr=0.5, flip_ud=0.5, rotate_deg=15.0, scale_range=(0.85, 1.15),

@@ -66,7 +66,10 @@ def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
 
 
 def _parse_value(key: str, text: str, current: Any) -> Any:
-  """Parses `text` to the type of the field's current value."""
+  """Parses `text` to the type of the field's current value ('None' clears an optional
+  number, e.g. model.foreground_prior)."""
+  if text.strip() == "None" and isinstance(current, float):
+    return None
   if isinstance(current, bool):
     lowered = text.strip().lower()
     if lowered in ("true", "1", "yes"):

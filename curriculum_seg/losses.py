@@ -6,6 +6,16 @@ padded examples contribute nothing. Losses are batch-global by default (one Dice
 pixels of the batch, as in V-Net style training: tumour-free slices then do not produce a
 degenerate per-slice Dice); `per_example=True` gives one value per example, which the eval step
 sums so a validation loss is exact whatever the batching.
+
+'dice_ce' is Dice + cross-entropy as nnU-Net trains (DC_and_CE_loss with batch Dice, background
+excluded; MONAI's DiceCELoss with batch=True, include_background=False): the soft Dice loss of
+the foreground channel over the whole batch plus the mean pixel cross-entropy, weighted by
+`loss.dice_weight` and `loss.ce_weight` (for 'three_class' the Dice is the tumour channel's
+alone, where nnU-Net would average liver and tumour). On a batch without foreground in the
+target the Dice term can only push the foreground probabilities down (smooth > 0) or is a
+constant (smooth = 0), while the cross-entropy keeps its per-pixel gradient p_fg / N on every
+real pixel: on tumour-free batches Dice alone (the paper's loss) only pulls predictions towards
+empty, while with CE every pixel keeps a calibrated signal (issue 13).
 """
 
 from __future__ import annotations
@@ -57,8 +67,12 @@ def soft_dice_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array, foreg
                    smooth: float = 1.0, per_example: bool = False) -> jax.Array:
   """1 - (2 sum(p t) + s) / (sum(p) + sum(t) + s) on the softmax channel `foreground`.
 
-  Sums run over the real examples' pixels (and the batch unless `per_example`). With s = 0 and
-  an empty prediction and target the loss is 0 (a perfect match), never NaN.
+  Sums run over the real examples' pixels (and the batch unless `per_example`). A target
+  without foreground gives 1 - s / (sum(p) + s): with s > 0 its gradient lowers every p (the
+  pull towards empty predictions), with s = 0 it is exactly 1 with zero gradient (no overlap is
+  possible; the Dice term then trains nothing). The one exception is an exactly empty
+  denominator (s = 0, target empty and every p exactly 0, which only underflow gives, or no
+  real pixels): the loss is 0, a perfect match, never NaN.
   """
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., foreground]
   target = (targets == foreground).astype(jnp.float32)
@@ -102,22 +116,37 @@ def make_loss_fn(loss_cfg: Any, task: str) -> LossFn:
   """Returns `loss(logits, targets, mask, per_example=False)` for `config.loss` and the task.
 
   'dice' is the paper's loss (soft Dice of the task's foreground channel), 'ce' cross-entropy
-  with optional `class_weights`, 'dice_ce' their unweighted sum.
+  with optional `class_weights`, 'dice_ce' `dice_weight` * Dice + `ce_weight` * CE (each term
+  of 'dice' and 'ce' is scaled by its weight too; both default to 1). Fields missing from
+  `loss_cfg` (configs saved before they existed) take their defaults.
   """
   name = loss_cfg.name
   if name not in LOSS_NAMES:
     raise ValueError(f'loss.name={name!r} is not one of {list(LOSS_NAMES)}')
   foreground = foreground_class(task)
   smooth = float(loss_cfg.get('dice_smooth', 1.0))
+  dice_weight = float(loss_cfg.get('dice_weight', 1.0))
+  ce_weight = float(loss_cfg.get('ce_weight', 1.0))
+  for key, value in (('dice_smooth', smooth), ('dice_weight', dice_weight),
+                     ('ce_weight', ce_weight)):
+    if not value >= 0.0:  # also rejects NaN
+      raise ValueError(f'loss.{key}={value} must be >= 0')
+  weights = {'dice': dict(dice_weight=dice_weight), 'ce': dict(ce_weight=ce_weight),
+             'dice_ce': dict(dice_weight=dice_weight, ce_weight=ce_weight)}[name]
+  if not any(weights.values()):
+    raise ValueError(f"{' and '.join(f'loss.{k}' for k in weights)} = 0: loss.name={name!r} "
+                     'would train nothing')
   class_weights = loss_cfg.get('class_weights', None)
   class_weights = None if class_weights is None else tuple(float(w) for w in class_weights)
 
   def loss_fn(logits, targets, mask, per_example=False):
     total = 0.0
     if name in ('dice', 'dice_ce'):
-      total = total + soft_dice_loss(logits, targets, mask, foreground, smooth, per_example)
+      total = total + dice_weight * soft_dice_loss(logits, targets, mask, foreground, smooth,
+                                                   per_example)
     if name in ('ce', 'dice_ce'):
-      total = total + cross_entropy_loss(logits, targets, mask, class_weights, per_example)
+      total = total + ce_weight * cross_entropy_loss(logits, targets, mask, class_weights,
+                                                     per_example)
     return total
 
   return loss_fn

@@ -66,6 +66,12 @@ def test_overrides_parse_to_the_fields_type():
   assert out.data.val_fraction == 0.5 and out.data.synthetic.enabled is False
   assert out.data.lits_dir == "gs://bucket/lits"
   assert config.data.val_fraction == 0.25, "the original is untouched"
+  prior = config_loading.apply_overrides(config, [("model.foreground_prior", "0.01")])
+  assert prior.model.foreground_prior == 0.01
+  cleared = config_loading.apply_overrides(prior, [("model.foreground_prior", "None")])
+  assert cleared.model.foreground_prior is None, "'None' clears an optional number"
+  with pytest.raises(config_loading.ConfigError, match="expects an int"):
+    config_loading.apply_overrides(config, [("model.depth", "None")])
   with pytest.raises(config_loading.ConfigError, match="group of settings"):
     config_loading.apply_overrides(config, [("data", "1")])
   assert cli.main(["--help"]) == 0

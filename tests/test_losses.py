@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -131,3 +132,85 @@ def test_unknown_loss_name_is_an_error_naming_the_key():
   message = r"loss.name='focal' is not one of \['dice', 'ce', 'dice_ce'\]"
   with pytest.raises(ValueError, match=message):
     losses.make_loss_fn(loss_config('focal'), 'tumour')
+
+
+# Dice + cross-entropy (issue 13): weights, smoothing, and batches without foreground.
+
+def dice_ce_config(smooth=1.0, dice_weight=1.0, ce_weight=1.0, name='dice_ce'):
+  return ml_collections.ConfigDict({'name': name, 'class_weights': None, 'dice_smooth': smooth,
+                                    'dice_weight': dice_weight, 'ce_weight': ce_weight})
+
+
+CE_OF_P = (-2 * math.log(0.75) + 2 * math.log(2)) / 4  # cross-entropy of P against T
+
+
+def test_dice_ce_weights_and_smoothing_match_hand_values():
+  logits = jnp.asarray(two_class_logits(P))
+  # smooth 0: 1 - 2 * 1.25 / (2 + 2) = 0.375; smooth 1: 0.3 (above)
+  fn = losses.make_loss_fn(dice_ce_config(smooth=0.0, dice_weight=2.0, ce_weight=0.5), 'tumour')
+  assert float(fn(logits, T, np.ones(1))) == pytest.approx(2 * 0.375 + 0.5 * CE_OF_P, abs=1e-6)
+  fn = losses.make_loss_fn(dice_ce_config(smooth=1.0, dice_weight=0.0), 'tumour')
+  assert float(fn(logits, T, np.ones(1))) == pytest.approx(CE_OF_P, abs=1e-6)
+  # The weights scale the single-term losses too; per-example values are weighted the same way.
+  fn = losses.make_loss_fn(dice_ce_config(name='dice', dice_weight=3.0), 'tumour')
+  assert float(fn(logits, T, np.ones(1))) == pytest.approx(0.9, abs=1e-6)
+  fn = losses.make_loss_fn(dice_ce_config(dice_weight=2.0, ce_weight=0.5), 'tumour')
+  per_example = fn(jnp.concatenate([logits, logits]), np.concatenate([T, T]), np.array([1., 0.]),
+                   per_example=True)
+  np.testing.assert_allclose(per_example, [2 * 0.3 + 0.5 * CE_OF_P, 0.0], atol=1e-6)
+
+
+def test_configs_saved_without_the_weights_get_one_and_one():
+  old = losses.make_loss_fn(loss_config('dice_ce'), 'tumour')  # no dice_weight / ce_weight keys
+  new = losses.make_loss_fn(dice_ce_config(), 'tumour')
+  logits = jnp.asarray(two_class_logits(P))
+  assert float(old(logits, T, np.ones(1))) == float(new(logits, T, np.ones(1)))
+
+
+@pytest.mark.parametrize('overrides,pattern', [
+    (dict(smooth=-1.0), r'loss.dice_smooth=-1.0 must be >= 0'),
+    (dict(dice_weight=-1.0), r'loss.dice_weight=-1.0 must be >= 0'),
+    (dict(ce_weight=float('nan')), r'loss.ce_weight=nan must be >= 0'),
+    (dict(dice_weight=0.0, ce_weight=0.0), r'loss.dice_weight and loss.ce_weight = 0'),
+    (dict(name='dice', dice_weight=0.0), r"loss.dice_weight = 0: loss.name='dice'"),
+])
+def test_bad_loss_weights_are_errors_naming_the_key(overrides, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    losses.make_loss_fn(dice_ce_config(**overrides), 'tumour')
+
+
+EMPTY = np.zeros_like(T)  # a batch without tumour
+
+
+def loss_and_foreground_grad(config, targets=EMPTY):
+  """Loss of P against `targets`, and its gradient w.r.t. the foreground logits (2x2)."""
+  fn = losses.make_loss_fn(config, 'tumour')
+  value, grad = jax.value_and_grad(lambda z: fn(z, targets, np.ones(1)))(
+      jnp.asarray(two_class_logits(P)))
+  np.testing.assert_allclose(grad[..., 0], -grad[..., 1], atol=1e-7)  # softmax: zero-sum
+  return float(value), np.asarray(grad[0, ..., 1])
+
+
+def test_empty_target_dice_with_smoothing_pushes_every_prediction_down():
+  # Dice = 1 - s / (sum p + s) = 1 - 1 / 3; d/dz_i = s / (sum p + s)^2 * p_i (1 - p_i)
+  value, grad = loss_and_foreground_grad(dice_ce_config(name='dice'))
+  assert value == pytest.approx(2 / 3, abs=1e-6)
+  np.testing.assert_allclose(grad, P[0] * (1 - P[0]) / 9, rtol=1e-5)
+  assert np.all(grad > 0)  # gradient descent lowers every foreground logit: towards empty
+
+
+def test_empty_target_dice_without_smoothing_is_exactly_one_with_zero_gradient():
+  value, grad = loss_and_foreground_grad(dice_ce_config(name='dice', smooth=0.0))
+  assert value == 1.0 and np.all(np.isfinite(grad))
+  np.testing.assert_array_equal(grad, 0.0)
+
+
+@pytest.mark.parametrize('smooth', [0.0, 1.0])
+def test_empty_target_cross_entropy_keeps_a_per_pixel_gradient(smooth):
+  # CE of an all-background target: mean of -log(1 - p); d/dz_i = p_i / N (N = 4 pixels)
+  expected_ce = -np.mean(np.log(1 - P))
+  dice_value, dice_grad = loss_and_foreground_grad(dice_ce_config(name='dice', smooth=smooth))
+  value, grad = loss_and_foreground_grad(dice_ce_config(smooth=smooth))
+  assert value == pytest.approx(dice_value + expected_ce, abs=1e-6)
+  np.testing.assert_allclose(grad - dice_grad, P[0] / 4, rtol=1e-5)
+  assert np.all(grad - dice_grad >= 0.0625 - 1e-6)  # at least min(p) / N at every pixel

@@ -214,3 +214,257 @@ def test_pytorch_twin_in_the_benchmark_computes_the_same_function():
   with torch.no_grad():
     got = net(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
   np.testing.assert_allclose(got, apply(model, variables, x), rtol=1e-4, atol=1e-4)
+
+
+# Cheaper variants and the foreground prior (issue 13).
+
+def _block(cin, cout, convs=2, projection=True):
+  """Expected parameter shapes of one ConvBlock (instance norm, residual)."""
+  shapes = {}
+  for i in range(1, convs + 1):
+    shapes[f'conv{i}/kernel'] = (3, 3, cin if i == 1 else cout, cout)
+    shapes[f'norm{i}/bias'] = shapes[f'norm{i}/scale'] = (cout,)
+  if projection:
+    shapes['shortcut_conv/kernel'] = (1, 1, cin, cout)
+    shapes['shortcut_norm/bias'] = shapes['shortcut_norm/scale'] = (cout,)
+  return shapes
+
+
+def _prefixed(prefix, shapes):
+  return {f'{prefix}/{k}': v for k, v in shapes.items()}
+
+
+# The tiny default model's parameters before the variants existed (printed from that code):
+# checkpoints of the default network must keep loading.
+ORIGINAL_TINY_PARAMS = {
+    'bottleneck/conv1/kernel': (3, 3, 8, 16), 'bottleneck/conv2/kernel': (3, 3, 16, 16),
+    'bottleneck/norm1/bias': (16,), 'bottleneck/norm1/scale': (16,),
+    'bottleneck/norm2/bias': (16,), 'bottleneck/norm2/scale': (16,),
+    'bottleneck/shortcut_conv/kernel': (1, 1, 8, 16),
+    'bottleneck/shortcut_norm/bias': (16,), 'bottleneck/shortcut_norm/scale': (16,),
+    'down_0/conv1/kernel': (3, 3, 3, 4), 'down_0/conv2/kernel': (3, 3, 4, 4),
+    'down_0/norm1/bias': (4,), 'down_0/norm1/scale': (4,),
+    'down_0/norm2/bias': (4,), 'down_0/norm2/scale': (4,),
+    'down_0/shortcut_conv/kernel': (1, 1, 3, 4),
+    'down_0/shortcut_norm/bias': (4,), 'down_0/shortcut_norm/scale': (4,),
+    'down_1/conv1/kernel': (3, 3, 4, 8), 'down_1/conv2/kernel': (3, 3, 8, 8),
+    'down_1/norm1/bias': (8,), 'down_1/norm1/scale': (8,),
+    'down_1/norm2/bias': (8,), 'down_1/norm2/scale': (8,),
+    'down_1/shortcut_conv/kernel': (1, 1, 4, 8),
+    'down_1/shortcut_norm/bias': (8,), 'down_1/shortcut_norm/scale': (8,),
+    'head/bias': (2,), 'head/kernel': (1, 1, 4, 2),
+    'up_0/conv1/kernel': (3, 3, 8, 4), 'up_0/conv2/kernel': (3, 3, 4, 4),
+    'up_0/norm1/bias': (4,), 'up_0/norm1/scale': (4,),
+    'up_0/norm2/bias': (4,), 'up_0/norm2/scale': (4,),
+    'up_0/shortcut_conv/kernel': (1, 1, 8, 4),
+    'up_0/shortcut_norm/bias': (4,), 'up_0/shortcut_norm/scale': (4,),
+    'up_1/conv1/kernel': (3, 3, 16, 8), 'up_1/conv2/kernel': (3, 3, 8, 8),
+    'up_1/norm1/bias': (8,), 'up_1/norm1/scale': (8,),
+    'up_1/norm2/bias': (8,), 'up_1/norm2/scale': (8,),
+    'up_1/shortcut_conv/kernel': (1, 1, 16, 8),
+    'up_1/shortcut_norm/bias': (8,), 'up_1/shortcut_norm/scale': (8,),
+    'upsample_0/bias': (4,), 'upsample_0/kernel': (2, 2, 8, 4),
+    'upsample_1/bias': (8,), 'upsample_1/kernel': (2, 2, 16, 8),
+}
+
+
+def param_shapes(model, size=16, channels=3):
+  params = init_shapes(model, (1, size, size, channels))['params']
+  return {'/'.join(p.key for p in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def test_default_config_builds_exactly_the_original_parameter_tree():
+  assert param_shapes(build_model(model_config(), 3)) == ORIGINAL_TINY_PARAMS
+  assert sum(np.prod(s) for s in ORIGINAL_TINY_PARAMS.values()) == 7966
+  # A config saved before the variant fields existed builds the same network.
+  old = model_config().to_dict()
+  for key in unet_lib.VARIANT_DEFAULTS:
+    del old[key]
+  assert build_model(ml_collections.ConfigDict(old), 3) == build_model(model_config(), 3)
+  # common.model's new fields default to the original network.
+  assert {k: common.model()[k] for k in unet_lib.VARIANT_DEFAULTS} == unet_lib.VARIANT_DEFAULTS
+
+
+def _variant_params(convs=2, add=False, transposed_head=False):
+  """Expected parameter shapes of the tiny model (widths 4, 8, 16) for a variant."""
+  shapes = {}
+  shapes.update(_prefixed('down_0', _block(3, 4, convs)))
+  shapes.update(_prefixed('down_1', _block(4, 8, convs)))
+  shapes.update(_prefixed('bottleneck', _block(8, 16, convs)))
+  shapes.update(_prefixed('up_1', _block(8 if add else 16, 8, convs, projection=not add)))
+  shapes.update(_prefixed('up_0', _block(4 if add else 8, 4, convs, projection=not add)))
+  shapes.update({'upsample_1/kernel': (2, 2, 16, 8), 'upsample_1/bias': (8,),
+                 'upsample_0/kernel': (2, 2, 8, 4), 'upsample_0/bias': (4,),
+                 'head/kernel': (2, 2, 4, 2) if transposed_head else (1, 1, 4, 2),
+                 'head/bias': (2,)})
+  return shapes
+
+
+# name -> (config overrides, expected parameter shapes, parameter count by hand)
+VARIANTS = {
+    # the same parameters as the original: conv1 of levels 1, 2 reads at stride 2 instead
+    'strided': (dict(downsample='strided'), _variant_params(), 7966),
+    # drops conv2 + norm2 of every block: 7966 - (144+8 + 576+16 + 2304+32 + 576+16 + 144+8)
+    'one_conv': (dict(convs_per_level=1), _variant_params(convs=1), 4142),
+    # adds conv3 + norm3 to every block
+    'three_convs': (dict(convs_per_level=3), _variant_params(convs=3), 11790),
+    # decoder conv1 reads C instead of 2C channels and needs no shortcut projection:
+    # 7966 - (576 + 128 + 16) - (144 + 32 + 8)
+    'add_skips': (dict(skip='add'), _variant_params(add=True), 7062),
+    # the head is a 2x2 transposed conv 4 -> 2: 7966 - 8 + 32
+    'half_res': (dict(input_stride=2), _variant_params(transposed_head=True), 7990),
+    'cheapest': (dict(downsample='strided', convs_per_level=1, skip='add', input_stride=2),
+                 _variant_params(convs=1, add=True, transposed_head=True), 3262),
+}
+
+
+@pytest.mark.parametrize('name', list(VARIANTS))
+def test_variant_parameters_match_hand_counts(name):
+  overrides, shapes, count = VARIANTS[name]
+  got = param_shapes(build_model(model_config(**overrides), 3), size=32)
+  assert got == shapes
+  assert sum(int(np.prod(s)) for s in got.values()) == count
+
+
+@pytest.mark.parametrize('name', list(VARIANTS))
+@pytest.mark.parametrize('norm', ['batch', 'group', 'none'])
+@pytest.mark.parametrize('task,classes', [('tumour', 2), ('three_class', 3)])
+def test_variants_run_with_every_norm_task_dropout_and_dtype(name, norm, task, classes):
+  # Traced only (shapes and dtypes); instance norm and float32 run in the tests below.
+  model = build_model(model_config(norm=norm, task=task, dropout=0.1,
+                                   compute_dtype='bfloat16', **VARIANTS[name][0]), 2)
+  variables = init_shapes(model, (2, 32, 32, 2))
+  assert ('batch_stats' in variables) == (norm == 'batch')
+  for height, width in ((32, 32), (32, 64)):
+    out, _ = jax.eval_shape(
+        lambda v, x: model.apply(v, x, train=True, rngs={'dropout': jax.random.key(0)},
+                                 mutable=['batch_stats']),
+        variables, jnp.zeros((2, height, width, 2)))
+    assert out.shape == (2, height, width, classes) and out.dtype == jnp.float32
+
+
+def test_half_resolution_input_needs_a_multiple_of_twice_two_to_the_depth():
+  model = build_model(model_config(input_stride=2), 1)  # depth 2: multiples of 8
+  variables = init_shapes(model, (1, 16, 16, 1))
+  assert jax.eval_shape(model.apply, variables, jnp.zeros((1, 8, 24, 1))).shape == (1, 8, 24, 2)
+  with pytest.raises(ValueError, match=r'12x16 is not divisible by input_stride \* 2\*\*depth = '
+                                       r'8 \(input_stride=2, depth=2\)'):
+    jax.eval_shape(model.apply, variables, jnp.zeros((1, 12, 16, 1)))
+
+
+@pytest.mark.parametrize('key,value,pattern', [
+    ('downsample', 'avgpool',
+     r"model.downsample='avgpool' is not one of \['maxpool', 'strided'\]"),
+    ('skip', 'sum', r"model.skip='sum' is not one of \['concat', 'add'\]"),
+    ('input_stride', 4, r'model.input_stride=4 is not one of \[1, 2\]'),
+    ('convs_per_level', 0, r'model.convs_per_level=0 must be an integer >= 1'),
+    ('convs_per_level', 1.5, r'model.convs_per_level=1.5 must be an integer >= 1'),
+    ('foreground_prior', 1.0, r'model.foreground_prior=1.0 must be None or in \(0, 1\)'),
+    ('foreground_prior', 0, r'model.foreground_prior=0 must be None or in \(0, 1\)'),
+])
+def test_bad_variant_config_names_the_key(key, value, pattern):
+  cfg = model_config()
+  with cfg.ignore_type():
+    cfg[key] = value
+  with pytest.raises(ValueError, match=pattern):
+    build_model(cfg, num_input_channels=1)
+
+
+def test_strided_downsampling_is_a_stride_two_conv_of_the_previous_level():
+  model = build_model(model_config(downsample='strided', norm='none', block='plain'), 3)
+  variables = init(model, 3)
+  x = jnp.asarray(np.random.default_rng(0).random((1, 16, 16, 3)), jnp.float32)
+  _, state = jax.jit(lambda v: model.apply(v, x, capture_intermediates=True,
+                                           mutable=['intermediates']))(variables)
+  inter = state['intermediates']
+  down_0 = inter['down_0']['__call__'][0]
+  conv = variables['params']['down_1']['conv1']
+  expected = jax.lax.conv_general_dilated(
+      down_0, conv['kernel'], (2, 2), 'SAME',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + conv['bias']
+  got = inter['down_1']['conv1']['__call__'][0]
+  assert got.shape == (1, 8, 8, 8)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_prior_channel_is_every_tasks_loss_foreground():
+  from curriculum_seg import losses  # pylint: disable=import-outside-toplevel
+  for task in ('tumour', 'liver', 'three_class'):
+    assert num_classes(task) - 1 == losses.foreground_class(task)
+
+
+@pytest.mark.parametrize('prior,overrides', [
+    (None, dict(task='tumour')), (0.01, dict(task='tumour')), (0.01, dict(task='three_class')),
+    (0.01, dict(task='tumour', input_stride=2))])
+def test_foreground_prior_sets_the_initial_foreground_probability(prior, overrides):
+  x = jnp.asarray(np.random.default_rng(0).random((2, 16, 16, 3)), jnp.float32)
+  model = build_model(model_config(foreground_prior=prior, **overrides), 3)
+  variables = init_variables(model, jax.random.key(0), (1, 16, 16, 3))
+  foreground = jax.nn.softmax(apply(model, variables, x), axis=-1)[..., -1]
+  if prior is None:  # the original head: near 1 / classes, far from a small prior
+    assert float(jnp.mean(foreground)) > 0.1
+  else:
+    assert float(jnp.mean(foreground)) == pytest.approx(prior, rel=0.05)
+    assert 0.8 * prior < float(jnp.min(foreground)) <= float(jnp.max(foreground)) < 1.2 * prior
+
+
+def _fit_one_batch(model, steps=8):
+  """Loss (Dice + CE) before and after `steps` Adam steps on one batch."""
+  import optax  # pylint: disable=import-outside-toplevel
+  from curriculum_seg import losses  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  yy, xx = np.mgrid[:16, :16]
+  targets = np.stack([((yy - c) ** 2 + (xx - c) ** 2 < 9).astype(np.int32) for c in (5, 10)])
+  x = rng.normal(0.0, 0.1, (2, 16, 16, 3)).astype(np.float32) + targets[..., None]
+  loss_fn = losses.make_loss_fn(ml_collections.ConfigDict(
+      dict(name='dice_ce', dice_smooth=1.0, class_weights=None)), 'tumour')
+  variables = init_variables(model, jax.random.key(0), (1, 16, 16, 3))
+  tx = optax.adam(1e-2)
+
+  @jax.jit
+  def train(params):
+    def loss(p):
+      return loss_fn(model.apply({'params': p}, x, train=True), targets, np.ones(2))
+
+    def step(carry, _):
+      p, opt = carry
+      value, grads = jax.value_and_grad(loss)(p)
+      updates, opt = tx.update(grads, opt, p)
+      return (optax.apply_updates(p, updates), opt), value
+
+    (p, _), values = jax.lax.scan(step, (params, tx.init(params)), None, length=steps)
+    return values, loss(p)
+
+  values, final = train(variables['params'])
+  return float(values[0]), float(final)
+
+
+@pytest.mark.parametrize('overrides', [
+    dict(downsample='strided'), dict(convs_per_level=1, skip='add'),
+    VARIANTS['cheapest'][0]], ids=['strided', 'one_conv_add', 'cheapest'])
+def test_variants_train(overrides):
+  model = build_model(model_config(foreground_prior=0.05, **overrides), 3)
+  first, last = _fit_one_batch(model)
+  assert np.isfinite(last) and last < 0.8 * first
+
+
+def test_benchmark_variants_are_the_default_model_with_overrides():
+  bench = _load_benchmark()
+  default, _ = bench.model_config('default')
+  for name, (base, overrides) in bench.MODEL_VARIANTS.items():
+    cfg, source = bench.model_config(name)
+    assert base == 'default' and cfg == dict(default, **overrides) and str(overrides) in source
+    build_model(ml_collections.ConfigDict(cfg), 3)  # every variant is a valid config
+  assert {name for name, *_ in bench.FULL_CASES} >= set(bench.MODEL_VARIANTS)
+
+
+def test_variant_fields_take_command_line_overrides():
+  from curriculum_seg import config_loading  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict({'model': model_config()})
+  config = config_loading.apply_overrides(config, [
+      ('model.downsample', 'strided'), ('model.convs_per_level', '1'), ('model.skip', 'add'),
+      ('model.input_stride', '2'), ('model.foreground_prior', '0.01')])
+  model = build_model(config.model, 3)
+  assert (model.downsample, model.convs_per_level, model.skip, model.input_stride,
+          model.foreground_prior) == ('strided', 1, 'add', 2, 0.01)

@@ -1,23 +1,34 @@
 """A 2-D U-Net in Flax (linen) for slice and patch segmentation.
 
 The network is fully convolutional: the same parameters run on patches and on whole slices of any
-height and width divisible by 2**depth. Parameters are always float32; the compute dtype
-(float32 or bfloat16) is a config choice, and the logits are returned in float32 so that losses
-and softmax are computed in full precision.
+height and width divisible by input_stride * 2**depth. Parameters are always float32; the compute
+dtype (float32 or bfloat16) is a config choice, and the logits are returned in float32 so that
+losses and softmax are computed in full precision.
+
+The defaults are the paper authors' layout (max-pool, two 3x3 convs per block, concatenated
+skips, full-resolution first level). Cheaper variants, each a `config.model` field: `downsample`
+('strided': a stride-2 first conv instead of max-pool + conv, as MONAI's UNet), `convs_per_level`
+(3x3 convs per block), `skip` ('add' halves the decoder's first conv) and `input_stride` (2 runs
+every level at half resolution, as MONAI's UNet, whose first conv already strides the input).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 TASK_NUM_CLASSES = {'tumour': 2, 'liver': 2, 'three_class': 3}
 NORMS = ('batch', 'group', 'instance', 'none')
 BLOCKS = ('plain', 'residual')
+DOWNSAMPLES = ('maxpool', 'strided')
+SKIPS = ('concat', 'add')
+INPUT_STRIDES = (1, 2)
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 # Shared by the Flax model and the PyTorch twin in benchmarks/train_step.py so both compute
@@ -26,6 +37,14 @@ NORM_EPSILON = 1e-5
 BATCH_NORM_MOMENTUM = 0.9  # Flax convention: running = m * running + (1 - m) * batch.
 
 _kernel_init = nn.initializers.he_normal()
+# Head kernel when a foreground prior is set: small, so the initial logits are the bias
+# (RetinaNet's final-layer initialisation).
+_PRIOR_HEAD_KERNEL_STDDEV = 0.01
+
+# `config.model` fields added after the first release, with the values that build the original
+# network: configs saved before them (a run's config.json) read these defaults.
+VARIANT_DEFAULTS = dict(downsample='maxpool', convs_per_level=2, skip='concat', input_stride=1,
+                        foreground_prior=None)
 
 
 def num_classes(task: str) -> int:
@@ -41,6 +60,18 @@ def level_widths(depth: int, base_width: int, width_multiplier: float) -> tuple[
   return tuple(int(round(base_width * width_multiplier**i)) for i in range(depth + 1))
 
 
+def prior_bias(n_classes: int, foreground: int, prior: float) -> jax.Array:
+  """Head bias whose softmax gives class `foreground` probability `prior`, the others equal.
+
+  Starting near the foreground rate (e.g. 0.01) instead of 1 / n_classes keeps the first
+  updates from flooding the image with foreground and the Dice term from then driving it to
+  empty (RetinaNet's prior initialisation).
+  """
+  bias = np.zeros((n_classes,), np.float32)
+  bias[foreground] = math.log(prior * (n_classes - 1) / (1.0 - prior))
+  return jnp.asarray(bias)
+
+
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2 max-pool with stride 2 as a reshape + max.
 
@@ -49,6 +80,12 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   """
   b, h, w, c = x.shape
   return jnp.max(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+
+
+def avg_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2 average pool with stride 2 (a strided residual block's shortcut, as ResNet-D)."""
+  b, h, w, c = x.shape
+  return jnp.mean(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
 
 
 def _matmul_channels(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -68,13 +105,16 @@ class PointwiseConv(nn.Module):
   features: int
   use_bias: bool = True
   dtype: Any = jnp.float32
+  kernel_init: Callable[..., jax.Array] = _kernel_init
+  bias_init: Callable[..., jax.Array] = nn.initializers.zeros
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param('kernel', _kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32)
+    kernel = self.param('kernel', self.kernel_init, (1, 1, x.shape[-1], self.features),
+                        jnp.float32)
     y = _matmul_channels(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
     if self.use_bias:
-      y = y + self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32).astype(
+      y = y + self.param('bias', self.bias_init, (self.features,), jnp.float32).astype(
           self.dtype)
     return y
 
@@ -91,12 +131,14 @@ class Upsample2x(nn.Module):
 
   features: int
   dtype: Any = jnp.float32
+  kernel_init: Callable[..., jax.Array] = _kernel_init
+  bias_init: Callable[..., jax.Array] = nn.initializers.zeros
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
-    kernel = self.param('kernel', _kernel_init, (2, 2, c, self.features), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+    kernel = self.param('kernel', self.kernel_init, (2, 2, c, self.features), jnp.float32)
+    bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
     kernel = jnp.transpose(kernel, (2, 0, 1, 3)).reshape(c, 4 * self.features)
     y = _matmul_channels(x.astype(self.dtype), kernel.astype(self.dtype))
     y = y.reshape(b, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5)
@@ -141,11 +183,14 @@ def make_norm(kind: str, groups: int, dtype: Any, train: bool,
 
 
 class ConvBlock(nn.Module):
-  """Two 3x3 conv-norm-ReLU layers; 'residual' adds a (projected) shortcut before the last ReLU.
+  """`convs` 3x3 conv-norm-ReLU layers; 'residual' adds a shortcut before the last ReLU.
 
-  The residual variant is the ResNet basic block (post-activation) used by the paper's authors
-  with instance norm; the shortcut is a 1x1 conv + norm when the width changes. Dropout, when
-  configured, sits between the two convolutions.
+  With the default two convs the residual variant is the ResNet basic block (post-activation)
+  used by the paper's authors with instance norm; the shortcut is a 1x1 conv + norm when the
+  width changes. `stride` 2 makes the first conv a stride-2 3x3 conv (learned downsampling, as
+  MONAI's residual units) and the shortcut a 2x2 average pool (then the projection, if any).
+  Dropout, when configured, follows the first conv's ReLU, or the block's output when it has
+  one conv.
   """
 
   features: int
@@ -154,33 +199,45 @@ class ConvBlock(nn.Module):
   dropout: float
   residual: bool
   dtype: Any
+  convs: int = 2
+  stride: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     use_bias = self.norm == 'none'
-    conv = lambda name: nn.Conv(  # noqa: E731
-        self.features, (3, 3), padding='SAME', use_bias=use_bias, dtype=self.dtype,
-        kernel_init=_kernel_init, name=name)
+    conv = lambda name, stride=1: nn.Conv(  # noqa: E731
+        self.features, (3, 3), strides=stride, padding='SAME', use_bias=use_bias,
+        dtype=self.dtype, kernel_init=_kernel_init, name=name)
     norm = lambda name: make_norm(self.norm, self.groups, self.dtype, train, name)  # noqa: E731
+    dropout = lambda y: (  # noqa: E731
+        nn.Dropout(self.dropout, deterministic=not train)(y) if self.dropout > 0 else y)
 
-    y = nn.relu(norm('norm1')(conv('conv1')(x)))
-    if self.dropout > 0:
-      y = nn.Dropout(self.dropout, deterministic=not train)(y)
-    y = norm('norm2')(conv('conv2')(y))
+    y = x
+    for i in range(1, self.convs + 1):
+      y = norm(f'norm{i}')(conv(f'conv{i}', self.stride if i == 1 else 1)(y))
+      if i < self.convs:
+        y = nn.relu(y)
+        y = dropout(y) if i == 1 else y
     if self.residual:
-      shortcut = x
+      shortcut = avg_pool_2x2(x) if self.stride == 2 else x
       if x.shape[-1] != self.features:
         projection = PointwiseConv(self.features, use_bias, self.dtype, name='shortcut_conv')
-        shortcut = norm('shortcut_norm')(projection(x))
-      y = y + shortcut
-    return nn.relu(y)
+        shortcut = norm('shortcut_norm')(projection(shortcut))
+      y = y + shortcut.astype(y.dtype)
+    y = nn.relu(y)
+    return dropout(y) if self.convs == 1 else y
 
 
 class UNet(nn.Module):
-  """2-D U-Net: `depth` 2x2 max-pool downsamplings, 2x2 transposed-conv upsampling, concat skips.
+  """2-D U-Net: `depth` 2x downsamplings, 2x2 transposed-conv upsampling, skip connections.
 
   Input [B, H, W, C] (C = context slices), output float32 logits [B, H, W, num_classes]. H and W
-  must be divisible by 2**depth so every skip connection lines up; other sizes raise ValueError.
+  must be divisible by input_stride * 2**depth so every skip connection lines up; other sizes
+  raise ValueError. The defaults are the original network; the other field values are the
+  cheaper variants described in the module docstring. With `input_stride` 2 the head is a 2x2
+  transposed conv from the first level's half-resolution features to full-resolution logits.
+  `foreground_prior` (None: zero head bias) sets the head's initial bias so that the last class
+  (the foreground of every task) starts at that softmax probability.
   """
 
   widths: Sequence[int]
@@ -191,22 +248,35 @@ class UNet(nn.Module):
   block: str = 'residual'
   compute_dtype: Any = jnp.float32
   num_input_channels: int | None = None
+  downsample: str = 'maxpool'
+  convs_per_level: int = 2
+  skip: str = 'concat'
+  input_stride: int = 1
+  foreground_prior: float | None = None
 
   @property
   def depth(self) -> int:
     return len(self.widths) - 1
 
+  @property
+  def size_factor(self) -> int:
+    """Input height and width must be multiples of this: input_stride * 2**depth."""
+    return self.input_stride * 2**self.depth
+
   def check_input_shape(self, shape: Sequence[int]) -> None:
-    """Raises ValueError unless `shape` is [B, H, W, C] with H, W divisible by 2**depth."""
+    """Raises ValueError unless `shape` is [B, H, W, C] with H, W divisible by size_factor."""
     if len(shape) != 4:
       raise ValueError(
           f'UNet expects input [batch, height, width, channels], got shape {tuple(shape)}')
-    factor = 2**self.depth
+    factor = self.size_factor
     height, width = shape[1], shape[2]
     if height % factor or width % factor:
+      what = (f'2**depth = {factor} (depth={self.depth})' if self.input_stride == 1 else
+              f'input_stride * 2**depth = {factor} (input_stride={self.input_stride}, '
+              f'depth={self.depth})')
       raise ValueError(
-          f'UNet input size {height}x{width} is not divisible by 2**depth = {factor} '
-          f'(depth={self.depth}); pad or crop to a multiple of {factor}')
+          f'UNet input size {height}x{width} is not divisible by {what}; pad or crop to a '
+          f'multiple of {factor}')
     if self.num_input_channels is not None and shape[3] != self.num_input_channels:
       raise ValueError(
           f'UNet built for {self.num_input_channels} input channels got {shape[3]}')
@@ -214,23 +284,33 @@ class UNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     self.check_input_shape(x.shape)
-    block = lambda features, name: ConvBlock(  # noqa: E731
+    strided = self.downsample == 'strided'
+    block = lambda features, name, stride=1: ConvBlock(  # noqa: E731
         features, self.norm, self.group_norm_groups, self.dropout,
-        self.block == 'residual', self.compute_dtype, name=name)
+        self.block == 'residual', self.compute_dtype, self.convs_per_level, stride, name=name)
 
     x = x.astype(self.compute_dtype)
     skips = []
-    for level, features in enumerate(self.widths[:-1]):
-      x = block(features, f'down_{level}')(x, train)
+    for level, features in enumerate(self.widths):
+      name = 'bottleneck' if level == self.depth else f'down_{level}'
+      stride = self.input_stride if level == 0 else 2 if strided else 1
+      if level > 0 and not strided:
+        x = max_pool_2x2(x)
+      x = block(features, name, stride)(x, train)
       skips.append(x)
-      x = max_pool_2x2(x)
-    x = block(self.widths[-1], 'bottleneck')(x, train)
     for level in reversed(range(self.depth)):
       features = self.widths[level]
       x = Upsample2x(features, self.compute_dtype, name=f'upsample_{level}')(x)
-      x = jnp.concatenate([x, skips[level]], axis=-1)
+      x = x + skips[level] if self.skip == 'add' else jnp.concatenate([x, skips[level]], axis=-1)
       x = block(features, f'up_{level}')(x, train)
-    logits = PointwiseConv(self.num_classes, dtype=self.compute_dtype, name='head')(x)
+
+    head_init = {}
+    if self.foreground_prior is not None:
+      bias = prior_bias(self.num_classes, self.num_classes - 1, self.foreground_prior)
+      head_init = dict(kernel_init=nn.initializers.normal(_PRIOR_HEAD_KERNEL_STDDEV),
+                       bias_init=lambda *_: bias)
+    head = Upsample2x if self.input_stride == 2 else PointwiseConv
+    logits = head(self.num_classes, dtype=self.compute_dtype, name='head', **head_init)(x)
     return logits.astype(jnp.float32)
 
 
@@ -258,8 +338,10 @@ def _require_choice(key: str, value: Any, allowed: Sequence[Any]) -> None:
 def build_model(model_cfg: Any, num_input_channels: int) -> UNet:
   """Builds the U-Net from `config.model`; validates every key with a message naming it.
 
-  `num_input_channels` comes from the data (number of context slices).
+  `num_input_channels` comes from the data (number of context slices). Fields missing from
+  `model_cfg` (configs saved before they existed) take VARIANT_DEFAULTS, the original network.
   """
+  variant = {key: model_cfg.get(key, default) for key, default in VARIANT_DEFAULTS.items()}
   _require_choice('model.name', model_cfg.name, ('unet',))
   _require_choice('model.norm', model_cfg.norm, NORMS)
   _require_choice('model.block', model_cfg.block, BLOCKS)
@@ -276,6 +358,15 @@ def build_model(model_cfg: Any, num_input_channels: int) -> UNet:
     raise ValueError(f'model.dropout={model_cfg.dropout} must be in [0, 1)')
   if int(num_input_channels) < 1:
     raise ValueError(f'num_input_channels={num_input_channels} must be >= 1')
+  _require_choice('model.downsample', variant['downsample'], DOWNSAMPLES)
+  _require_choice('model.skip', variant['skip'], SKIPS)
+  _require_choice('model.input_stride', variant['input_stride'], INPUT_STRIDES)
+  convs = variant['convs_per_level']
+  if isinstance(convs, bool) or not isinstance(convs, int) or convs < 1:
+    raise ValueError(f'model.convs_per_level={convs!r} must be an integer >= 1')
+  prior = variant['foreground_prior']
+  if prior is not None and not (isinstance(prior, (int, float)) and 0.0 < prior < 1.0):
+    raise ValueError(f'model.foreground_prior={prior!r} must be None or in (0, 1)')
   widths = level_widths(depth, int(model_cfg.base_width), float(model_cfg.width_multiplier))
   groups = int(model_cfg.group_norm_groups)
   if model_cfg.norm == 'group':
@@ -293,4 +384,9 @@ def build_model(model_cfg: Any, num_input_channels: int) -> UNet:
       block=model_cfg.block,
       compute_dtype=COMPUTE_DTYPES[model_cfg.compute_dtype],
       num_input_channels=int(num_input_channels),
+      downsample=variant['downsample'],
+      convs_per_level=convs,
+      skip=variant['skip'],
+      input_stride=variant['input_stride'],
+      foreground_prior=None if prior is None else float(prior),
   )
