@@ -57,6 +57,8 @@ STREAM_JITTER_ROW = 24
 STREAM_JITTER_COL = 25
 STREAM_NEGATIVE_SLICE = 26
 STREAM_NEGATIVE_PIXEL = 27
+STREAM_TUMOUR_ROWS = 28
+STREAM_TUMOUR_PERMUTATION = 29
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,35 +350,80 @@ class RecordReader:
 # Samplers: global batch number -> the examples (and patch centres) of its rows
 # ---------------------------------------------------------------------------------------------
 
-class WholeSliceSampler:
-  """Epoch-wise shuffles of the selected slices, concatenated into one endless stream."""
+class _EpochShuffle:
+  """An endless stream over `items`: epoch-wise permutations (from the counter hash of
+  `(seed, epoch * n + i)` on `stream`) concatenated; `at(positions)` is a pure function."""
 
-  def __init__(self, examples: np.ndarray, seed: int, batch_size: int):
-    self.examples = np.asarray(examples, dtype=np.int64)
-    self.seed = int(seed)
-    self.batch_size = int(batch_size)
+  def __init__(self, items: np.ndarray, seed: int, stream: int):
+    self.items = np.asarray(items, dtype=np.int64)
+    self.seed, self.stream = int(seed), int(stream)
     self._orders: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
     self._lock = threading.Lock()
 
   def _order(self, epoch: int) -> np.ndarray:
     with self._lock:
       if epoch not in self._orders:
-        n = len(self.examples)
-        keys = augment.counter_uniform(self.seed, epoch * n + np.arange(n), STREAM_PERMUTATION)
+        n = len(self.items)
+        keys = augment.counter_uniform(self.seed, epoch * n + np.arange(n), self.stream)
         self._orders[epoch] = np.argsort(keys, kind="stable")
         while len(self._orders) > 3:
           self._orders.popitem(last=False)
       return self._orders[epoch]
 
-  def global_batch(self, b: int) -> dict[str, np.ndarray]:
-    """`example` and `position` of each row of global batch b."""
-    n = len(self.examples)
-    positions = b * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
-    examples = np.empty(self.batch_size, np.int64)
+  def at(self, positions: np.ndarray) -> np.ndarray:
+    n = len(self.items)
+    out = np.empty(len(positions), np.int64)
     for epoch in np.unique(positions // n):
       rows = positions // n == epoch
-      examples[rows] = self.examples[self._order(int(epoch))[positions[rows] % n]]
-    return dict(example=examples, position=positions)
+      out[rows] = self.items[self._order(int(epoch))[positions[rows] % n]]
+    return out
+
+
+class WholeSliceSampler:
+  """Whole slices: epoch-wise shuffles of the selected slices, with a share of tumour slices.
+
+  `tumour_fraction` f puts exactly round(f*B) tumour-bearing slices (`tumour_examples`: the
+  selected slices with a visible tumour part) in every global batch, at rows that a hash of
+  the row's position shuffles (so process shares get their part of them); they come from
+  epoch-wise shuffles of the tumour slices, so every tumour slice is seen once per tumour
+  epoch, whatever the size of its tumour (small lesions count as much as large ones, which
+  is the point). The other rows continue the stream over all selected slices, drawn as with
+  f = 0, which gives exactly the batches of a sampler without oversampling.
+  """
+
+  def __init__(self, examples: np.ndarray, seed: int, batch_size: int,
+               tumour_examples: Optional[np.ndarray] = None, tumour_fraction: float = 0.0):
+    self.examples = np.asarray(examples, dtype=np.int64)
+    self.seed = int(seed)
+    self.batch_size = int(batch_size)
+    self.num_tumour = int(round(float(tumour_fraction) * self.batch_size))
+    self._all = _EpochShuffle(self.examples, seed, STREAM_PERMUTATION)
+    self.tumour_examples = np.zeros(0, np.int64)
+    if self.num_tumour:
+      tumour = np.intersect1d(np.asarray(tumour_examples if tumour_examples is not None else [],
+                                         dtype=np.int64), self.examples)
+      if len(tumour) == 0:
+        raise ValueError(
+            f"stage.tumour_fraction={tumour_fraction}: the selected training slices hold no "
+            f"visible tumour, so no batch row can be a tumour slice; set "
+            f"stage.tumour_fraction=0 for tumour-free data")
+      self.tumour_examples = tumour
+      self._tumour = _EpochShuffle(tumour, seed, STREAM_TUMOUR_PERMUTATION)
+
+  def global_batch(self, b: int) -> dict[str, np.ndarray]:
+    """`example`, `position` and `tumour_row` (rows forced to a tumour slice) of batch b."""
+    B, t = self.batch_size, self.num_tumour
+    positions = b * B + np.arange(B, dtype=np.int64)
+    if not t:
+      return dict(example=self._all.at(positions), position=positions,
+                  tumour_row=np.zeros(B, bool))
+    rank = np.argsort(np.argsort(
+        augment.counter_uniform(self.seed, positions, STREAM_TUMOUR_ROWS), kind="stable"))
+    tumour_row = rank < t
+    examples = np.empty(B, np.int64)
+    examples[tumour_row] = self._tumour.at(b * t + np.arange(t, dtype=np.int64))
+    examples[~tumour_row] = self._all.at(b * (B - t) + np.arange(B - t, dtype=np.int64))
+    return dict(example=examples, position=positions, tumour_row=tumour_row)
 
 
 class PatchSampler:
@@ -741,7 +788,8 @@ def make_train_pipeline(builder, data_cfg, augment_cfg, stage_cfg, seed: int,
                         process_index: int, process_count: int, start: int = 0) -> HostStream:
   """An endless stream of this process's training batches for one stage.
 
-  `stage_cfg.pipeline` picks 'whole' (slices chosen by data.slice_selection), 'patch'
+  `stage_cfg.pipeline` picks 'whole' (slices chosen by data.slice_selection, with
+  stage.tumour_fraction of every batch tumour-bearing slices), 'patch'
   (stage.patch_size patches, stage.positive_fraction of them on tumour parts sampled per
   stage.component_sampling with +-stage.patch_jitter pixels of jitter) or 'liver_crop' (the
   cascade's tumour network: the slices within each case's liver z-range, cropped to the case's
@@ -766,6 +814,10 @@ def make_train_pipeline(builder, data_cfg, augment_cfg, stage_cfg, seed: int,
                      f"files hold {reader.num_examples}: prepare the dataset again")
   s = reader.image_size
   crop = None
+  tumour_fraction = float(_stage_get(stage_cfg, "tumour_fraction", 0.0))
+  if not 0.0 <= tumour_fraction <= 1.0:
+    raise ValueError(f"stage.tumour_fraction must be in [0, 1], got {tumour_fraction}")
+  tumour_slices = np.unique(index.tumours[:, 0].astype(np.int64))  # with a visible tumour
   if pipeline == "whole":
     margin = int(data_cfg.get("liver_margin", 10))
     if margin < 0:
@@ -775,9 +827,11 @@ def make_train_pipeline(builder, data_cfg, augment_cfg, stage_cfg, seed: int,
     if len(examples) == 0:
       raise ValueError(f"data.slice_selection={selection!r} selects no training slice (no "
                        f"case has liver); use slice_selection='all'")
-    sampler = WholeSliceSampler(examples, seed, batch_size)
+    sampler = WholeSliceSampler(examples, seed, batch_size, tumour_slices, tumour_fraction)
     out_size = s
-    info = dict(pipeline="whole", examples=len(examples), selection=selection)
+    info = dict(pipeline="whole", examples=len(examples), selection=selection,
+                tumour_slices=len(sampler.tumour_examples),
+                tumour_rows_per_batch=sampler.num_tumour)
   elif pipeline == "liver_crop":
     out_size, margin = crop_settings(stage_cfg, s)
     boxes = case_liver_boxes(reader, index, margin, host_threads(data_cfg))
@@ -785,10 +839,10 @@ def make_train_pipeline(builder, data_cfg, augment_cfg, stage_cfg, seed: int,
     if len(examples) == 0:
       raise ValueError("stage.pipeline='liver_crop' needs liver labels, but no training case "
                        "has liver")
-    sampler = WholeSliceSampler(examples, seed, batch_size)
+    sampler = WholeSliceSampler(examples, seed, batch_size, tumour_slices, tumour_fraction)
     crop = (index, boxes)
     info = dict(pipeline="liver_crop", examples=len(examples), crop_size=out_size,
-                crop_margin=margin)
+                crop_margin=margin, tumour_rows_per_batch=sampler.num_tumour)
   else:
     out_size = int(_stage_get(stage_cfg, "patch_size", 0))
     if not 1 <= out_size <= s:

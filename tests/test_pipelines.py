@@ -320,11 +320,89 @@ def test_whole_pipeline_uses_the_selected_slices(data):
   assert {int(e) for b in range(10) for e in stream.plan(b)["example"]} <= selected
 
 
+@pytest.mark.parametrize("fraction,batch_size", [(0.5, 8), (0.3, 8), (1.0, 4), (0.25, 12)])
+def test_whole_batches_hold_the_configured_share_of_tumour_slices(data, fraction, batch_size):
+  builder, data_cfg = data
+  index = pipelines.SplitIndex.from_builder(builder, "train")
+  tumour_slices = set(np.unique(index.tumours[:, 0]).astype(int).tolist())
+  stream = pipelines.make_train_pipeline(
+      builder, data_cfg, augment_cfg(enabled=False),
+      stage(batch_size=batch_size, tumour_fraction=fraction), 5, 0, 1)
+  want = int(round(fraction * batch_size))
+  assert stream.info["tumour_rows_per_batch"] == want
+  rows_seen = np.zeros(batch_size, int)
+  for b in range(4):
+    plan = stream.plan(b)
+    batch = next(stream)
+    assert plan["tumour_row"].sum() == want
+    rows_seen += plan["tumour_row"]
+    forced = plan["example"][plan["tumour_row"]]
+    assert set(forced.tolist()) <= tumour_slices
+    assert (batch["label"][plan["tumour_row"]] == 2).any(axis=(1, 2)).all(), "whole slices"
+    assert batch["image"].shape[1:3] == (32, 32)
+  stream.close()
+  if want < batch_size:
+    assert (rows_seen > 0).sum() > want, "tumour rows move around the batch"
+  # Every tumour slice comes once per tumour epoch.
+  sampler = pipelines.WholeSliceSampler(np.arange(index.num_examples), 5, batch_size,
+                                        np.array(sorted(tumour_slices)), fraction)
+  n = len(tumour_slices)
+  epochs = [sampler.global_batch(b) for b in range(-(-3 * n // want))]
+  forced = np.concatenate([g["example"][g["tumour_row"]] for g in epochs])
+  for e in range(3):
+    assert sorted(forced[e * n:(e + 1) * n].tolist()) == sorted(tumour_slices)
+
+
+def test_whole_sampler_without_oversampling_is_unchanged_and_the_rest_keeps_that_stream():
+  examples = np.arange(10, 70)
+  tumours = np.array([12, 20, 33, 41])
+  plain = pipelines.WholeSliceSampler(examples, 3, 8)
+  zero = pipelines.WholeSliceSampler(examples, 3, 8, tumours, 0.0)
+  half = pipelines.WholeSliceSampler(examples, 3, 8, tumours, 0.5)
+  stream = np.concatenate([plain.global_batch(b)["example"] for b in range(40)])
+  # f = 0: the stream of the sampler before tumour oversampling existed (epoch-wise
+  # permutations of the selected slices), identical batch for batch.
+  for b in range(40):
+    np.testing.assert_array_equal(zero.global_batch(b)["example"], stream[b * 8:(b + 1) * 8])
+    assert not zero.global_batch(b)["tumour_row"].any()
+  assert all(sorted(stream[e * 60:(e + 1) * 60].tolist()) == examples.tolist()
+             for e in range(5))
+  # f = 0.5: the other rows continue that same stream, 4 per batch.
+  rest = np.concatenate([g["example"][~g["tumour_row"]]
+                         for g in (half.global_batch(b) for b in range(40))])
+  np.testing.assert_array_equal(rest, stream[:160])
+  # A pure function of (seed, b): a fresh sampler, batches asked in any order, agree.
+  again = pipelines.WholeSliceSampler(examples, 3, 8, tumours, 0.5)
+  for b in (17, 3, 39, 0):
+    for key, value in half.global_batch(b).items():
+      np.testing.assert_array_equal(again.global_batch(b)[key], value)
+  other = pipelines.WholeSliceSampler(examples, 4, 8, tumours, 0.5)
+  assert any((other.global_batch(b)["example"] != half.global_batch(b)["example"]).any()
+             for b in range(5))
+
+
+def test_oversampled_whole_batches_resume_and_split_over_processes(data):
+  builder, data_cfg = data
+  make = lambda p=0, n=1, start=0: pipelines.make_train_pipeline(  # noqa: E731
+      builder, data_cfg, augment_cfg(), stage(batch_size=8, tumour_fraction=0.5), 2, p, n,
+      start=start)
+  reference = take(make(), 6)
+  assert_batches_equal(take(make(start=3), 3), reference[3:])  # resume: same program, bitwise
+  for count in (2, 4):
+    shares = [take(make(p, count), 6) for p in range(count)]
+    merged = [{k: np.concatenate([s[i][k] for s in shares]) for k in shares[0][i]}
+              for i in range(6)]
+    assert_batches_equal(merged, reference, image_atol=WARP_ATOL)
+
+
 def test_patch_pipeline_over_tumour_free_data_is_a_clear_error(tumour_free):
   builder, data_cfg = tumour_free
   assert pipelines.SplitIndex.from_builder(builder, "train").tumours.shape == (0, 7)
   with pytest.raises(ValueError, match="no tumour.*positive_fraction"):
     pipelines.make_train_pipeline(builder, data_cfg, augment_cfg(), stage(pipeline="patch"),
+                                  0, 0, 1)
+  with pytest.raises(ValueError, match=r"stage\.tumour_fraction=0\.5.*no\s+visible tumour"):
+    pipelines.make_train_pipeline(builder, data_cfg, augment_cfg(), stage(tumour_fraction=0.5),
                                   0, 0, 1)
   # Negatives only is a valid request.
   batch = take(pipelines.make_train_pipeline(builder, data_cfg, augment_cfg(), stage(
@@ -345,6 +423,7 @@ def test_patch_pipeline_over_tumour_free_data_is_a_clear_error(tumour_free):
     (dict(flip_lr=2.0), "augment", "augment.flip_lr"),
     (dict(pipeline="liver_crop", crop_size=0), "stage", "stage.crop_size"),
     (dict(pipeline="liver_crop", crop_margin=-1), "stage", "stage.crop_margin"),
+    (dict(tumour_fraction=1.2), "stage", "stage.tumour_fraction"),
 ])
 def test_bad_configs_name_their_key(data, override, where, key):
   builder, data_cfg = data
