@@ -1,11 +1,16 @@
 """Cascade baseline on the synthetic data: a liver network, then a tumour network on liver crops.
 
-Same data, network size and total steps (600) as configs/synthetic.py's three-stage curriculum:
+Same data, network, loss and total steps (1,200) as configs/synthetic.py's three-stage
+curriculum, and its schedule (50 warm-up steps, cosine decay):
 
-  liver   300 steps: whole slices, model.task='liver' (liver vs the rest), batch 8, lr 1e-3
-  tumour  300 steps: a new network (from scratch, model.task='tumour') on the liver-range
+  liver   600 steps: whole slices, model.task='liver' (liver vs the rest), batch 8, lr 1e-3
+  tumour  600 steps: a new network (from scratch, model.task='tumour') on the liver-range
           slices cropped to each case's reference liver box + 8 stored pixels, resized to
-          128 x 128 (data_pipelines/crops.py), batch 8, lr 1e-3
+          128 x 128 (data_pipelines/crops.py), batch 8 with half of it tumour-bearing slices,
+          lr 1e-3
+
+The loss is the default's for both networks (config.loss is one for the run), so the liver
+network's cross-entropy also weights its foreground (liver) 10.
 
 Each stage keeps its best checkpoint by its own validation Dice (liver Dice on whole slices for
 the liver network, tumour Dice on liver crops for the tumour network). At inference
@@ -29,10 +34,12 @@ def get_config(arg=None):
   config.curriculum = ("liver", "tumour")
   config.stages = ml_collections.ConfigDict(dict(
       liver=common.stage("whole", steps=half, batch_size=8, learning_rate=1e-3, init="scratch",
-                         eval_every=50, checkpoint_every=50, model=dict(task="liver")),
+                         schedule="cosine", warmup_steps=50, eval_every=100,
+                         checkpoint_every=100, model=dict(task="liver")),
       tumour=common.stage("liver_crop", steps=synthetic.TOTAL_STEPS - half, batch_size=8,
-                          learning_rate=1e-3, init="scratch", eval_every=50,
-                          checkpoint_every=50, crop_size=128, crop_margin=8,
+                          learning_rate=1e-3, init="scratch", schedule="cosine",
+                          warmup_steps=50, tumour_fraction=0.5, eval_every=100,
+                          checkpoint_every=100, crop_size=128, crop_margin=8,
                           model=dict(task="tumour")),
   ))
   config.cascade = ml_collections.ConfigDict(dict(liver_stage="liver", tumour_stage="tumour"))

@@ -49,6 +49,7 @@ def _manager(directory: epath.Path, keep: Optional[int], read_only: bool
 
 
 def _barrier(name: str) -> None:
+  """Waits for every process (names must match across hosts: no paths, which may differ)."""
   if jax.process_count() > 1:
     multihost.sync_global_processes(multihost.unique_barrier_key(f"curriculum_seg:{name}"))
 
@@ -139,7 +140,7 @@ class StageCheckpoints:
         trash = self.directory / which / TRASH
         if trash.exists():
           trash.rmtree()
-    _barrier(f"empty_trash:{self.directory}")
+    _barrier(f"{self.stage}:empty_trash")
 
   def reconcile(self) -> None:
     """Brings the best checkpoints in line with the commit record after a crash.
@@ -178,7 +179,7 @@ class StageCheckpoints:
         shutil.rmtree(os.fspath(partial))
       shutil.copytree(os.fspath(source), os.fspath(partial))
       os.replace(os.fspath(partial), os.fspath(target))
-    _barrier(f"repair_best:{self.directory}")
+    _barrier(f"{self.stage}:repair_best")
     self._managers[BEST].reload()
 
   # --- reading -----------------------------------------------------------------------------

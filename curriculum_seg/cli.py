@@ -21,6 +21,7 @@ commands:
   synth    --out_dir DIR --num_cases N --seed S   write synthetic LiTS-format cases
   prepare  --config FILE [--config.key=value ...] build the TFDS dataset the config names
   train    --config FILE --workdir DIR [...]      run or resume the config's curriculum
+           [--coordinator_address H:P --num_processes N --process_id I]  (one process of N)
   evaluate --workdir DIR [--split validation]     score the run's chosen checkpoint on volumes
   predict  --workdir DIR --input CT --output MASK segment CT volumes (a file or a folder)
 
@@ -107,21 +108,41 @@ def cmd_train(argv: list[str]) -> int:
                    description="Run (or resume) every stage of the config's curriculum.")
   parser.add_argument("--config", help="config file, e.g. configs/synthetic.py")
   parser.add_argument("--workdir", required=True, help="run directory (local or gs://)")
+  group = parser.add_argument_group(
+      "multi-process launch (each default: the JAX_* variable named; on Cloud TPU, SLURM and "
+      "Open MPI jax detects them)")
+  group.add_argument("--coordinator_address", default=None,
+                     help="HOST:PORT of process 0's coordinator (JAX_COORDINATOR_ADDRESS)")
+  group.add_argument("--num_processes", type=int, default=None,
+                     help="number of processes (JAX_NUM_PROCESSES)")
+  group.add_argument("--process_id", type=int, default=None,
+                     help="this process's id, 0 .. num_processes-1 (JAX_PROCESS_ID)")
   args = parser.parse_args(argv)
   config = _load_config(args, overrides)
+  from curriculum_seg import sharding  # pylint: disable=g-import-not-at-top
+  distributed = dict(coordinator_address=args.coordinator_address,
+                     num_processes=args.num_processes, process_id=args.process_id)
+  try:
+    sharding.distributed_settings(**distributed)  # a half-specified launch fails before any work
+  except sharding.DistributedConfigError as e:
+    raise UsageError(str(e)) from e
   _quiet_tensorflow()
   from curriculum_seg import rundir, stages  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   try:
-    results = stages.train(config, args.workdir, log=lambda m: print(m, flush=True))
+    results = stages.train(config, args.workdir, log=lambda m: print(m, flush=True),
+                           distributed=distributed)
   except (stages.StageError, rundir.RunDirError) as e:
     raise UsageError(str(e)) from e
   except stages.Preempted as e:
     print(f"curriculum-seg train: {e}", file=sys.stderr)
     return 143
-  except stages.NonFiniteLossError as e:
+  except (stages.NonFiniteLossError, sharding.OtherProcessFailed) as e:
     print(f"curriculum-seg train: error: {e}", file=sys.stderr)
     return 1
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:  # process 0 reports for the run
+    return 0
   print(f"trained {len(results)} stages in {time.perf_counter() - start:.1f} s "
         f"(workdir {args.workdir})")
   for r in results:

@@ -67,8 +67,8 @@ def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
 
 def _parse_value(key: str, text: str, current: Any) -> Any:
   """Parses `text` to the type of the field's current value ('None' clears an optional
-  number, e.g. model.foreground_prior)."""
-  if text.strip() == "None" and isinstance(current, float):
+  number or tuple, e.g. model.foreground_prior, loss.class_weights)."""
+  if text.strip() == "None" and isinstance(current, (float, tuple, list)):
     return None
   if isinstance(current, bool):
     lowered = text.strip().lower()

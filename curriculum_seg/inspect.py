@@ -74,9 +74,12 @@ class StageInfo:
   start: int                    # global step before the stage's first step
   steps_done: int               # the last checkpointed step (0: none yet)
   completed: bool
-  best_step: Optional[int]
+  best_step: Optional[int]       # 0: the stage's starting point (a checkpoint) stayed best
   best_val_dice: Optional[float]
   checkpoints: tuple[CheckpointInfo, ...]
+  # Validation Dice of the weights the stage started from (its step-0 evaluation), for stages
+  # that start from the previous stage's checkpoint; None for stages started from scratch.
+  start_val_dice: Optional[float] = None
 
   @property
   def chosen(self) -> Optional[CheckpointInfo]:
@@ -197,7 +200,9 @@ class Run:
           steps=int(cfg.steps), start=int(starts[name]),
           steps_done=int(last_meta.get("step", 0)), completed=bool(last_meta.get("completed")),
           best_step=last_meta.get("best_step"), best_val_dice=last_meta.get("best_score"),
-          checkpoints=records))
+          checkpoints=records, start_val_dice=next(
+              (r["val_dice"] for r in self.history if r.get("stage") == name
+               and r.get("step") == 0 and "val_dice" in r), None)))
     return stages
 
   def _chosen_of(self, index: int, name: str, found: list, completed: bool) -> Optional[tuple]:
@@ -428,7 +433,9 @@ class Run:
                    position: int = 0, figsize_per_image: float = 2.2):
     """Training batches as the pipelines produce them (augmented, windowed, from the prepared
     dataset): a row per stage, `examples` rows of global batch `position`, the image's centre
-    channel with the labels over it (liver green, tumour red).
+    channel with the labels over it (liver green, tumour red). A stage with
+    stage.tumour_fraction > 0 says so under its name (that share of every batch is tumour
+    slices); rows holding tumour say '(tumour)'.
 
     Default stages: the first stage of each pipeline kind in the curriculum (e.g. whole, patch).
     Builds the pipelines here and only here; needs the run's dataset (`curriculum-seg prepare`).
@@ -471,7 +478,9 @@ class Run:
         ax.set_title(f"row {c}" + (" (tumour)" if (label[c] == TUMOUR).any() else ""),
                      fontsize=8)
       size = "x".join(str(n) for n in image.shape[1:3])
-      axes[r, 0].set_ylabel(f"{name}\n{self.stage(name).pipeline} {size}", fontsize=9)
+      fraction = float(self.config.stages[name].get("tumour_fraction", None) or 0.0)
+      share = f"\ntumour_fraction {fraction:g}" if fraction else ""
+      axes[r, 0].set_ylabel(f"{name}\n{self.stage(name).pipeline} {size}{share}", fontsize=9)
     fig.suptitle(f"training batch {position} of each stage (augmented)", fontsize=10)
     fig.tight_layout()
     return fig

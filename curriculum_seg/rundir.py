@@ -40,8 +40,9 @@ class RunLock:
   """An exclusive lock on a workdir, held for the life of a run.
 
   Local workdirs use fcntl.flock on `.lock` (released by the kernel when the process dies).
-  Remote workdirs (gs://) cannot be flocked: there only process 0 writes, and the lock file is
-  advisory, recording who holds it.
+  Remote workdirs (gs://) cannot be flocked: there the lock file is advisory, recording who
+  holds it. A multi-process run holds one lock, taken by process 0 (`stages.train`), so its
+  other processes are not refused by their own run.
   """
 
   def __init__(self, workdir: epath.Path):
@@ -89,13 +90,29 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
   return {prefix[:-1]: value}
 
 
+# Fields added after runs were saved, with the value that gives the behaviour of a run saved
+# without them (keyed by the last part of the dotted key): such a run resumes when the current
+# config keeps that value.
+ADDED_FIELD_DEFAULTS = {
+    "downsample": "maxpool", "convs_per_level": 2, "skip": "concat", "input_stride": 1,
+    "foreground_prior": None, "dice_weight": 1.0, "ce_weight": 1.0, "tumour_fraction": 0.0,
+}
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
-  """Dotted keys whose values differ, ignoring run lengths (steps, intervals) and the cache."""
+  """Dotted keys whose values differ, ignoring run lengths (steps, intervals) and the cache; a
+  field the saved config predates counts as equal when the current one has its old default."""
   a, b = _flatten(saved), _flatten(current)
   keys = sorted(set(a) | set(b))
-  return [k for k in keys
-          if k.rsplit(".", 1)[-1] not in _RESUMABLE_FIELDS and a.get(k, "<absent>") != b.get(
-              k, "<absent>")]
+
+  def differs(k):
+    field = k.rsplit(".", 1)[-1]
+    if field in _RESUMABLE_FIELDS:
+      return False
+    if k not in a and field in ADDED_FIELD_DEFAULTS:
+      return b[k] != ADDED_FIELD_DEFAULTS[field]
+    return a.get(k, "<absent>") != b.get(k, "<absent>")
+  return [k for k in keys if differs(k)]
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> dict:
@@ -137,7 +154,7 @@ def write_atomically(path: epath.PathLike, data: str | bytes) -> None:
 class MetricsLog:
   """`metrics.jsonl`: one JSON object per logged step, appended and flushed as it goes.
 
-  On resume, `truncate_after(global_step)` drops lines logged after the restored checkpoint, so
+  On resume, `truncate_to(stage, step, ...)` drops lines logged after the restored checkpoint, so
   the log of a resumed run equals an uninterrupted run's.
   """
 
@@ -159,6 +176,21 @@ class MetricsLog:
   def truncate_after(self, global_step: int) -> None:
     rows = [r for r in self.read() if r.get("global_step", 0) <= global_step]
     write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+
+  def truncate_to(self, stage: str, step: int, global_step: int, resumed: bool) -> None:
+    """Keeps the rows logged up to step `step` of `stage`, where a run resumes (`resumed`) or
+    starts it anew.
+
+    Drops rows after `global_step`, and rows of `stage` after `step` or, at a new start, all
+    of `stage`'s rows: a stage's step-0 evaluation shares `global_step` with the previous
+    stage's last row and is logged again.
+    """
+    def kept(r):
+      if r.get("stage") == stage:
+        return resumed and r.get("step", 0) <= step
+      return r.get("global_step", 0) <= global_step
+    rows = self.read()
+    write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in rows if kept(r)))
 
   def append(self, rows: Iterable[dict]) -> None:
     text = "".join(json.dumps(_jsonable(r)) + "\n" for r in rows)

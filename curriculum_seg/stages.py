@@ -173,11 +173,27 @@ def _reset_schedule_counts(opt_state: Any) -> Any:
 
 
 class _SigtermFlag:
-  """Turns SIGTERM into a flag the training loop polls (main thread only)."""
+  """Turns SIGTERM into a flag the training loop polls (main thread only).
+
+  With several processes the signal reaches them at different steps (a Cloud TPU preemption),
+  and a process that stops alone leaves the others waiting in a collective: `stop(step)` is
+  the agreed decision, taken every SYNC_EVERY steps by all processes together (one tiny host
+  all-gather), so they save the same step and exit together. One process: the flag itself.
+  """
+
+  SYNC_EVERY = 10
 
   def __init__(self):
     self.raised = False
     self._previous = None
+    self._agreed = False
+
+  def stop(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self.raised
+    if not self._agreed and step % self.SYNC_EVERY == 0:
+      self._agreed = bool(sharding.process_failures(self.raised))
+    return self._agreed
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
@@ -193,6 +209,22 @@ class _SigtermFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+class _RunClock:
+  """Wall seconds of a run, training and evaluation, continued across resumptions (each
+  checkpoint records them as `elapsed_s`; the metrics log's rows carry them)."""
+
+  def __init__(self):
+    self._base, self._start = 0.0, time.perf_counter()
+
+  def restart(self, seconds: Optional[float]) -> None:
+    """Continues from `seconds` (a checkpoint's `elapsed_s`; None keeps the current count)."""
+    if seconds is not None:
+      self._base, self._start = float(seconds), time.perf_counter()
+
+  def seconds(self) -> float:
+    return self._base + time.perf_counter() - self._start
+
+
 class Controller:
   """Composes data, model, steps and checkpoints to run one config's curriculum in a workdir."""
 
@@ -206,6 +238,7 @@ class Controller:
     self.model = build_model(config.model, int(config.data.context_slices))  # config.model's
     self._models: dict[str, Any] = {_model_key(config.model): self.model}
     self.metrics_log = rundir.MetricsLog(self.workdir)
+    self._clock = _RunClock()
     self._compiled: dict[str, Any] = {}
     self._eval_steps: dict[str, Any] = {}
     self._liver_boxes: dict[int, np.ndarray] = {}  # validation crop boxes by margin
@@ -313,8 +346,16 @@ class Controller:
   def run(self) -> list[StageResult]:
     """Runs (or resumes) every stage in order; returns what each stage chose."""
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
-    self.builder = lits_tfds.prepare(self.config.data, log=self.log)
-    if jax.process_index() == 0:
+    lead = jax.process_index() == 0
+    # Process 0 synthesises and prepares the data while the others wait; then they open it
+    # (a folder that only process 0 sees stops every process, not just the others).
+    with sharding.all_or_none("to prepare the dataset"):
+      if lead:
+        self.builder = lits_tfds.prepare(self.config.data, log=self.log)
+    with sharding.all_or_none("to open the prepared dataset"):
+      if not lead:
+        self.builder = lits_tfds.prepare(self.config.data, log=self.log, build=False)
+    if lead:
       self.writer = metric_writers.SummaryWriter(os.fspath(self.workdir / "tensorboard"))
     results: list[StageResult] = []
     previous: Optional[tuple[ckpt_lib.StageCheckpoints, StageResult, Any]] = None
@@ -330,7 +371,7 @@ class Controller:
     if self.writer is not None:
       self.writer.flush()
     summary = [dataclasses.asdict(r) for r in results]
-    if jax.process_index() == 0:
+    if lead:
       (self.workdir / "summary.json").write_text(json.dumps(summary, indent=1))
     return results
 
@@ -364,18 +405,23 @@ class Controller:
     if last_meta is not None and last_meta.get("completed"):
       self.log(f"[{name}] already complete ({last_meta['step']} steps, best val dice "
                f"{_fmt(last_meta.get('best_score'))})")
+      self._clock.restart(last_meta.get("elapsed_s"))
       return self._result(name, stage, last_meta), ckpts, tx
 
+    from_checkpoint = False
     if last_meta is not None:  # resume mid-stage
       state, meta = ckpts.restore(self._abstract_state(stage, tx), ckpt_lib.LATEST)
       step, position = int(meta["step"]), meta["position"]
       best_score, best_step = meta.get("best_score"), meta.get("best_step")
+      self._clock.restart(meta.get("elapsed_s"))
       self.log(f"[{name}] resuming at step {step}/{steps}")
     else:
       state = self._initial_state(index, name, stage, tx, previous)
       step, position, best_score, best_step = 0, 0, None, None
+      from_checkpoint = index > 0 and stage.init != "scratch"
     if jax.process_index() == 0:
-      self.metrics_log.truncate_after(global_offset + step)
+      self.metrics_log.truncate_to(name, step, global_offset + step,
+                                   resumed=last_meta is not None)
 
     host = pipelines.make_train_pipeline(
         self.builder, self.config.data, self.config.augment, stage, int(self.config.seed) + index,
@@ -389,10 +435,18 @@ class Controller:
     def checkpoint(completed=False, best=False, scores=None):
       meta = dict(stage=name, stage_index=index, step=step, global_step=global_offset + step,
                   position=feed.position, best_score=best_score, best_step=best_step,
-                  completed=completed, **(scores or {}))
+                  completed=completed, elapsed_s=self._clock.seconds(), **(scores or {}))
       ckpts.save(step, state, meta, best=best)
 
     try:
+      if from_checkpoint:
+        # The starting point is a candidate: a stage that only gets worse hands on (and a run
+        # hands out) the weights it started from, not its best bad checkpoint.
+        scores = self.evaluate(state, stage)
+        best_score, best_step = scores["val_dice"], 0
+        self._log_row(dict(stage=name, step=0, global_step=global_offset, **scores,
+                           best_val_dice=best_score, elapsed_s=self._clock.seconds()), steps)
+        checkpoint(best=True, scores=scores)
       while step < steps:
         batch = next(feed)
         state, metrics = step_fn(state, batch, rng)
@@ -422,12 +476,13 @@ class Controller:
           row = dict(row or dict(stage=name, step=step, global_step=global_offset + step),
                      **scores, best_val_dice=best_score)
         if row is not None:
-          self._log_row(row, steps)
+          self._log_row(dict(row, elapsed_s=self._clock.seconds()), steps)
+        stop = sigterm.stop(step)
         if step == steps:
           checkpoint(completed=True, best=best, scores=scores)
-        elif best or _every(step, int(stage.checkpoint_every), steps) or sigterm.raised:
+        elif best or _every(step, int(stage.checkpoint_every), steps) or stop:
           checkpoint(best=best, scores=scores)
-        if sigterm.raised and step < steps:
+        if stop and step < steps:
           raise Preempted(f"[{name}] SIGTERM: checkpoint saved at step {step}/{steps}; run the "
                           "same command to resume")
     finally:
@@ -488,15 +543,30 @@ def enable_compilation_cache(config: ml_collections.ConfigDict) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: epath.PathLike,
-          log: Callable[[str], Any] = print) -> list[StageResult]:
-  """Runs or resumes `config`'s curriculum in `workdir` (the `curriculum-seg train` command)."""
-  sharding.maybe_initialize_distributed()
+          log: Callable[[str], Any] = print,
+          distributed: Optional[dict[str, Any]] = None) -> list[StageResult]:
+  """Runs or resumes `config`'s curriculum in `workdir` (the `curriculum-seg train` command).
+
+  `distributed`: explicit multi-process settings (coordinator_address, num_processes,
+  process_id) over the JAX_* environment variables; see `sharding.distributed_settings`.
+  In a multi-process run every process calls this; only process 0 locks the workdir, writes
+  config.json, the logs and summary.json, and a refusal on process 0 stops every process.
+  """
+  sharding.maybe_initialize_distributed(**(distributed or {}))
   enable_compilation_cache(config)
   workdir = epath.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  with rundir.RunLock(workdir):
-    controller = Controller(config, workdir, log=log)
-    resumed = rundir.check_or_save_config(workdir, config)
-    if resumed:
-      log(f"resuming the run in {workdir}")
+  lead = jax.process_index() == 0
+  if not lead:
+    log = lambda message: None  # noqa: E731
+  controller = Controller(config, workdir, log=log)
+  lock = rundir.RunLock(workdir)
+  try:
+    with sharding.all_or_none("to take the workdir"):
+      if lead:
+        workdir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+        if rundir.check_or_save_config(workdir, config):
+          log(f"resuming the run in {workdir}")
     return controller.run()
+  finally:
+    lock.release()

@@ -201,13 +201,23 @@ def synth_config(data_cfg) -> synthetic.SynthConfig:
                                storage_variants=bool(s.storage_variants))
 
 
-def prepare(data_cfg, log: Callable[[str], Any] = print) -> Lits:
+def prepare(data_cfg, log: Callable[[str], Any] = print, build: bool = True) -> Lits:
   """Builds the dataset `config.data` names unless it exists; synthesises data first if asked.
 
   Returns the prepared builder. Raises `lits.CaseError` naming the file for bad input, leaving
-  no dataset that looks complete.
+  no dataset that looks complete. `build=False` only opens a dataset that another process
+  prepared (multi-process runs: process 0 builds while the others wait, then they open it) and
+  raises FileNotFoundError when there is none.
   """
   lits_dir = os.fspath(data_cfg.lits_dir)
+  if not build:
+    builder = builder_for(data_cfg)
+    if not builder.is_prepared():
+      raise FileNotFoundError(
+          f"{data_cfg.tfds_dir}: dataset lits/{builder.builder_config.name} is not prepared "
+          "here after process 0 prepared it; every process must see the same data.lits_dir and "
+          "data.tfds_dir (a shared folder or gs://)")
+    return builder
   if data_cfg.synthetic.enabled:
     s = data_cfg.synthetic
     manifest = synthetic.read_manifest(lits_dir)

@@ -92,6 +92,10 @@ class SplitIndex:
     return cls(split=split, cases=cases, tumours=tumours,
                num_examples=int(cases[:, 2].sum()) if len(cases) else 0)
 
+  def tumour_slices(self) -> np.ndarray:
+    """Sorted example indices of the slices holding a visible tumour part (stored_pixels > 0)."""
+    return np.unique(self.tumours[:, 0].astype(np.int64))
+
   def case_rows(self, examples) -> np.ndarray:
     """Row in `cases` of each example index."""
     return np.searchsorted(self.cases[:, 1], np.asarray(examples), side="right") - 1
@@ -386,9 +390,13 @@ class WholeSliceSampler:
   selected slices with a visible tumour part) in every global batch, at rows that a hash of
   the row's position shuffles (so process shares get their part of them); they come from
   epoch-wise shuffles of the tumour slices, so every tumour slice is seen once per tumour
-  epoch, whatever the size of its tumour (small lesions count as much as large ones, which
-  is the point). The other rows continue the stream over all selected slices, drawn as with
-  f = 0, which gives exactly the batches of a sampler without oversampling.
+  epoch, whatever the size of its tumour part. Slices rather than components: a whole-slice
+  row is a slice, so the slice is the unit that the batch should cover evenly, and an epoch
+  covers every tumour slice without the repeats and gaps of independent draws (per-component
+  sampling, the small-lesion emphasis, is the patch stage's job: see PatchSampler). The other
+  rows continue the stream over all selected slices, drawn as with f = 0, at a counter that
+  advances by B - round(f*B) per batch; f = 0 gives exactly the batches of the sampler before
+  oversampling existed.
   """
 
   def __init__(self, examples: np.ndarray, seed: int, batch_size: int,
@@ -396,6 +404,8 @@ class WholeSliceSampler:
     self.examples = np.asarray(examples, dtype=np.int64)
     self.seed = int(seed)
     self.batch_size = int(batch_size)
+    if not 0.0 <= float(tumour_fraction) <= 1.0:
+      raise ValueError(f"stage.tumour_fraction must be in [0, 1], got {tumour_fraction}")
     self.num_tumour = int(round(float(tumour_fraction) * self.batch_size))
     self._all = _EpochShuffle(self.examples, seed, STREAM_PERMUTATION)
     self.tumour_examples = np.zeros(0, np.int64)
@@ -817,7 +827,7 @@ def make_train_pipeline(builder, data_cfg, augment_cfg, stage_cfg, seed: int,
   tumour_fraction = float(_stage_get(stage_cfg, "tumour_fraction", 0.0))
   if not 0.0 <= tumour_fraction <= 1.0:
     raise ValueError(f"stage.tumour_fraction must be in [0, 1], got {tumour_fraction}")
-  tumour_slices = np.unique(index.tumours[:, 0].astype(np.int64))  # with a visible tumour
+  tumour_slices = index.tumour_slices()
   if pipeline == "whole":
     margin = int(data_cfg.get("liver_margin", 10))
     if margin < 0:
@@ -830,7 +840,7 @@ def make_train_pipeline(builder, data_cfg, augment_cfg, stage_cfg, seed: int,
     sampler = WholeSliceSampler(examples, seed, batch_size, tumour_slices, tumour_fraction)
     out_size = s
     info = dict(pipeline="whole", examples=len(examples), selection=selection,
-                tumour_slices=len(sampler.tumour_examples),
+                tumour_fraction=tumour_fraction, tumour_slices=len(sampler.tumour_examples),
                 tumour_rows_per_batch=sampler.num_tumour)
   elif pipeline == "liver_crop":
     out_size, margin = crop_settings(stage_cfg, s)
@@ -842,8 +852,14 @@ def make_train_pipeline(builder, data_cfg, augment_cfg, stage_cfg, seed: int,
     sampler = WholeSliceSampler(examples, seed, batch_size, tumour_slices, tumour_fraction)
     crop = (index, boxes)
     info = dict(pipeline="liver_crop", examples=len(examples), crop_size=out_size,
-                crop_margin=margin, tumour_rows_per_batch=sampler.num_tumour)
+                crop_margin=margin, tumour_fraction=tumour_fraction,
+                tumour_slices=len(sampler.tumour_examples),
+                tumour_rows_per_batch=sampler.num_tumour)
   else:
+    if tumour_fraction:
+      raise ValueError(f"stage.tumour_fraction ({tumour_fraction}) applies to 'whole' and "
+                       f"'liver_crop' stages; a patch stage's tumour share is "
+                       f"stage.positive_fraction")
     out_size = int(_stage_get(stage_cfg, "patch_size", 0))
     if not 1 <= out_size <= s:
       raise ValueError(f"stage.patch_size ({out_size}) must be in [1, data.image_size={s}]")

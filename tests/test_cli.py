@@ -65,13 +65,37 @@ def test_overrides_parse_to_the_fields_type():
                                                 ("data.lits_dir", "gs://bucket/lits")])
   assert out.data.val_fraction == 0.5 and out.data.synthetic.enabled is False
   assert out.data.lits_dir == "gs://bucket/lits"
-  assert config.data.val_fraction == 0.25, "the original is untouched"
+  assert config.data.val_fraction == 0.3, "the original is untouched"
   prior = config_loading.apply_overrides(config, [("model.foreground_prior", "0.01")])
   assert prior.model.foreground_prior == 0.01
   cleared = config_loading.apply_overrides(prior, [("model.foreground_prior", "None")])
   assert cleared.model.foreground_prior is None, "'None' clears an optional number"
+  weights = config_loading.apply_overrides(config, [("loss.class_weights", "None")])
+  assert weights.loss.class_weights is None and config.loss.class_weights == (1.0, 10.0)
   with pytest.raises(config_loading.ConfigError, match="expects an int"):
     config_loading.apply_overrides(config, [("model.depth", "None")])
   with pytest.raises(config_loading.ConfigError, match="group of settings"):
     config_loading.apply_overrides(config, [("data", "1")])
   assert cli.main(["--help"]) == 0
+
+
+@pytest.mark.parametrize("args,env,message", [
+    (["--coordinator_address", "127.0.0.1:1234", "--num_processes", "2"], {},
+     "JAX_PROCESS_ID (or --process_id) is not set"),
+    ([], {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234", "JAX_PROCESS_ID": "0"},
+     "JAX_NUM_PROCESSES (or --num_processes) is not set"),
+    (["--process_id", "3"], {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"},
+     "--process_id=3 must be in [0, 2)"),
+])
+def test_half_specified_multiprocess_train_is_one_line_and_exit_2(args, env, message, tmp_path,
+                                                                   monkeypatch, capsys):
+  for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    monkeypatch.delenv(key, raising=False)
+  for key, value in env.items():
+    monkeypatch.setenv(key, value)
+  code = cli.main(["train", "--config", "configs/synthetic.py", "--workdir",
+                   str(tmp_path / "run"), *args])
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(lines) == 1 and message in lines[0], lines
+  assert lines[0].startswith("curriculum-seg train: error: ")
+  assert not (tmp_path / "run").exists(), "refused before any work"

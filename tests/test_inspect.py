@@ -152,7 +152,11 @@ def test_run_lists_config_stages_checkpoints_and_history(trained, run):
   assert run.chosen == ("whole2", "best", run.stages[-1].best_step)
   steps, losses = run.series("loss", "patch")
   assert list(steps) == [STEPS + k for k in range(1, STEPS + 1)]
-  assert list(losses) == [r["loss"] for r in rows if r["stage"] == "patch"]
+  assert list(losses) == [r["loss"] for r in rows if r["stage"] == "patch" and "loss" in r]
+  for s in run.stages:  # stages that start from a checkpoint evaluate it at their step 0
+    start = [r["val_dice"] for r in rows if r["stage"] == s.name and r["step"] == 0]
+    assert start == ([] if s.init == "scratch" or s.index == 0 else [s.start_val_dice])
+  assert run.stages[0].start_val_dice is None and run.stages[1].start_val_dice is not None
   text = repr(run)
   assert "whole1" in text and "<- chosen" in text and "hands out whole2's best" in text
 

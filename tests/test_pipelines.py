@@ -395,6 +395,143 @@ def test_oversampled_whole_batches_resume_and_split_over_processes(data):
     assert_batches_equal(merged, reference, image_atol=WARP_ATOL)
 
 
+# ---------------------------------------------------------------------------------------------
+# Whole-slice tumour oversampling (stage.tumour_fraction): the sampler over many batches
+# ---------------------------------------------------------------------------------------------
+
+# Global batches of WholeSliceSampler before tumour oversampling existed (commit e21690c),
+# written down from that code: batches 0, 7 (across the first epoch's end) and 8 of
+# (examples 10..69, seed 3, B 8), and the first 12 batches of (examples 5..27, seed 11, B 6).
+# tumour_fraction 0 must keep them bit for bit, so that runs resume onto the same batches.
+PRE_OVERSAMPLING_3_8 = {0: [31, 12, 37, 49, 58, 46, 36, 65], 7: [33, 41, 51, 24, 25, 33, 52, 43],
+                        8: [56, 11, 15, 45, 29, 39, 53, 57]}
+PRE_OVERSAMPLING_11_6 = [
+    25, 17, 15, 24, 13, 5, 6, 10, 27, 11, 8, 18, 12, 26, 19, 20, 23, 16, 7, 21, 22, 14, 9, 24,
+    9, 20, 7, 6, 8, 14, 22, 25, 12, 10, 5, 19, 16, 13, 18, 23, 21, 17, 15, 11, 26, 27, 6, 22,
+    13, 14, 7, 23, 8, 24, 16, 20, 26, 21, 27, 11, 25, 19, 17, 9, 12, 15, 18, 10, 5, 22, 21, 10]
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.04])  # 0.04 * 8 rounds to no tumour row
+def test_whole_sampler_without_tumour_rows_gives_the_pre_oversampling_batches(fraction):
+  for tumours in (None, np.array([12, 20, 33]), np.zeros(0, np.int64)):
+    sampler = pipelines.WholeSliceSampler(np.arange(10, 70), 3, 8, tumours, fraction)
+    for b, want in PRE_OVERSAMPLING_3_8.items():
+      np.testing.assert_array_equal(sampler.global_batch(b)["example"], want)
+    sampler = pipelines.WholeSliceSampler(np.arange(5, 28), 11, 6, tumours, fraction / 2)
+    got = np.concatenate([sampler.global_batch(b)["example"] for b in range(12)])
+    np.testing.assert_array_equal(got, PRE_OVERSAMPLING_11_6)
+
+
+@pytest.mark.parametrize("fraction,batch_size", [
+    (0.5, 8), (1 / 3, 6), (0.3, 16), (0.61, 32), (0.125, 8), (1.0, 4), (0.5, 2)])
+def test_whole_sampler_fills_exactly_round_f_b_rows_with_visible_tumour_slices(fraction,
+                                                                               batch_size):
+  examples = np.arange(100, 400)
+  tumours = np.array([3, 105, 150, 151, 152, 260, 399, 400])  # 3 and 400 are not selected
+  visible = {105, 150, 151, 152, 260, 399}
+  sampler = pipelines.WholeSliceSampler(examples, 7, batch_size, tumours, fraction)
+  want = int(round(fraction * batch_size))
+  assert sampler.num_tumour == want
+  assert sampler.tumour_examples.tolist() == sorted(visible)
+  at_row = np.zeros(batch_size, int)
+  batches = 300
+  for b in range(batches):
+    g = sampler.global_batch(b)
+    np.testing.assert_array_equal(g["position"], b * batch_size + np.arange(batch_size))
+    assert g["tumour_row"].sum() == want
+    assert set(g["example"][g["tumour_row"]].tolist()) <= visible
+    assert set(g["example"].tolist()) <= set(examples.tolist())
+    at_row += g["tumour_row"]
+  if want < batch_size:
+    # Tumour rows move around the batch, so every process's share gets its part of them.
+    assert (at_row > 0).all(), at_row
+    half = batch_size // 2
+    assert abs(at_row[:half].sum() / (batches * half) - want / batch_size) < 0.15
+
+
+@pytest.mark.parametrize("fraction,batch_size", [(0.3, 16), (0.5, 8), (1.0, 4)])
+def test_whole_sampler_shows_every_tumour_slice_once_per_tumour_epoch(fraction, batch_size):
+  examples = np.arange(40)
+  tumours = np.array([2, 3, 9, 17, 18, 30, 31])
+  sampler = pipelines.WholeSliceSampler(examples, 1, batch_size, tumours, fraction)
+  want, n = sampler.num_tumour, len(tumours)
+  batches = [sampler.global_batch(b) for b in range(-(-10 * n // want))]
+  forced = np.concatenate([g["example"][g["tumour_row"]] for g in batches])
+  epochs = [forced[e * n:(e + 1) * n] for e in range(10)]
+  for epoch in epochs:
+    assert sorted(epoch.tolist()) == tumours.tolist()
+  assert len({tuple(e.tolist()) for e in epochs}) > 1, "each tumour epoch is shuffled anew"
+  # The other rows are the uniform stream over all slices (f = 0's), B - round(f*B) a batch.
+  rest = np.concatenate([g["example"][~g["tumour_row"]] for g in batches])
+  plain = pipelines.WholeSliceSampler(examples, 1, 1)
+  np.testing.assert_array_equal(
+      rest, [plain.global_batch(i)["example"][0] for i in range(len(rest))])
+
+
+def test_whole_sampler_rows_are_a_pure_function_of_seed_and_batch_number():
+  examples, tumours = np.arange(50), np.array([4, 5, 6, 20, 44])
+  sampler = pipelines.WholeSliceSampler(examples, 9, 12, tumours, 0.25)
+  reference = [sampler.global_batch(b) for b in range(30)]
+  for b in (29, 0, 17, 3, 17):  # a fresh sampler (a resumed run), batches in any order
+    fresh = pipelines.WholeSliceSampler(examples, 9, 12, tumours, 0.25)
+    for key, value in reference[b].items():
+      np.testing.assert_array_equal(fresh.global_batch(b)[key], value, err_msg=key)
+
+
+def test_split_index_tumour_slices_are_those_with_visible_tumour_parts():
+  class Builder:  # the builder's metadata, as SplitIndex reads it
+    class info:  # noqa: N801
+      metadata = {"index": {"train": {
+          "cases": [[0, 0, 10, 2, 8], [3, 10, 6, -1, -1]],
+          # example, component, centre row, centre col, diameter, area, stored_pixels
+          "tumours": [[4, 1, 5, 5, 3, 7, 6], [5, 1, 5, 5, 3, 7, 0], [7, 2, 9, 9, 2, 3, 1],
+                      [4, 2, 1, 1, 2, 3, 2], [12, 1, 3, 3, 1, 1, 0]]}}}
+
+  index = pipelines.SplitIndex.from_builder(Builder, "train")
+  assert index.tumour_slices().tolist() == [4, 7]  # 5 and 12 lost their tumour when stored
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.01, float("nan")])
+def test_whole_sampler_rejects_a_fraction_outside_0_1(fraction):
+  with pytest.raises(ValueError, match=r"stage\.tumour_fraction must be in \[0, 1\]"):
+    pipelines.WholeSliceSampler(np.arange(10), 0, 4, np.array([1]), fraction)
+
+
+def test_whole_sampler_without_selected_tumour_slices_is_a_clear_error():
+  with pytest.raises(ValueError, match=r"stage\.tumour_fraction=0\.25.*no\s+visible tumour"):
+    pipelines.WholeSliceSampler(np.arange(10), 0, 4, np.array([20, 31]), 0.25)
+  pipelines.WholeSliceSampler(np.arange(10), 0, 4, np.array([20, 31]), 0.0)  # 0: fine
+
+
+def test_liver_crop_batches_hold_the_configured_share_of_tumour_slices(data):
+  builder, data_cfg = data
+  index = pipelines.SplitIndex.from_builder(builder, "train")
+  make = lambda p=0, n=1, start=0: pipelines.make_train_pipeline(  # noqa: E731
+      builder, data_cfg, augment_cfg(), stage(pipeline="liver_crop", tumour_fraction=0.5), 4,
+      p, n, start=start)
+  stream = make()
+  assert stream.info["tumour_fraction"] == 0.5 and stream.info["tumour_rows_per_batch"] == 4
+  visible = set(index.tumour_slices().tolist())
+  assert stream.info["tumour_slices"] == len(visible) > 0
+  for b in range(20):
+    plan = stream.plan(b)
+    assert plan["tumour_row"].sum() == 4
+    assert set(plan["example"][plan["tumour_row"]].tolist()) <= visible
+  reference = take(stream, 4)
+  assert_batches_equal(take(make(start=2), 2), reference[2:])
+  shares = [take(make(p, 2), 4) for p in range(2)]
+  merged = [{k: np.concatenate([s[i][k] for s in shares]) for k in shares[0][i]}
+            for i in range(4)]
+  assert_batches_equal(merged, reference, image_atol=WARP_ATOL)
+
+
+def test_liver_crop_tumour_oversampling_over_tumour_free_data_is_a_clear_error(tumour_free):
+  builder, data_cfg = tumour_free
+  with pytest.raises(ValueError, match=r"stage\.tumour_fraction=1\.0.*no\s+visible tumour"):
+    pipelines.make_train_pipeline(builder, data_cfg, augment_cfg(), stage(
+        pipeline="liver_crop", tumour_fraction=1.0), 0, 0, 1)
+
+
 def test_patch_pipeline_over_tumour_free_data_is_a_clear_error(tumour_free):
   builder, data_cfg = tumour_free
   assert pipelines.SplitIndex.from_builder(builder, "train").tumours.shape == (0, 7)
@@ -424,6 +561,9 @@ def test_patch_pipeline_over_tumour_free_data_is_a_clear_error(tumour_free):
     (dict(pipeline="liver_crop", crop_size=0), "stage", "stage.crop_size"),
     (dict(pipeline="liver_crop", crop_margin=-1), "stage", "stage.crop_margin"),
     (dict(tumour_fraction=1.2), "stage", "stage.tumour_fraction"),
+    (dict(tumour_fraction=-0.1), "stage", "stage.tumour_fraction"),
+    (dict(pipeline="liver_crop", tumour_fraction=1.5), "stage", "stage.tumour_fraction"),
+    (dict(pipeline="patch", tumour_fraction=0.5), "stage", "stage.tumour_fraction"),
 ])
 def test_bad_configs_name_their_key(data, override, where, key):
   builder, data_cfg = data

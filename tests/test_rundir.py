@@ -60,3 +60,27 @@ def test_metrics_log_truncates_after_a_step_and_survives_a_cut_line(tmp_path):
   assert len(log.read()) == 6
   log.truncate_after(3)
   assert [r["global_step"] for r in log.read()] == [1, 2, 3]
+
+
+def test_metrics_log_truncates_to_a_stage_resume_point_or_new_start(tmp_path):
+  log = rundir.MetricsLog(epath.Path(tmp_path))
+  rows = [dict(stage="a", step=s, global_step=s) for s in (1, 2, 3)] + [
+      dict(stage="b", step=s, global_step=3 + s) for s in (0, 1, 2)] + [
+      dict(stage="c", step=0, global_step=5)]
+  log.append(rows)
+  log.truncate_to("b", 1, 4, resumed=True)  # resumed at b's step 1: its step-0 row stays
+  assert [(r["stage"], r["step"]) for r in log.read()] == [("a", 1), ("a", 2), ("a", 3),
+                                                          ("b", 0), ("b", 1)]
+  log.truncate_to("b", 0, 3, resumed=False)  # b starts anew: its step-0 row is logged again
+  assert [(r["stage"], r["step"]) for r in log.read()] == [("a", 1), ("a", 2), ("a", 3)]
+
+
+def test_a_run_saved_before_a_field_existed_resumes_when_the_field_keeps_its_old_default():
+  saved = {"model": {"depth": 3}, "loss": {"name": "dice"}}
+  same = {"model": {"depth": 3, "input_stride": 1, "foreground_prior": None},
+          "loss": {"name": "dice", "dice_weight": 1.0}}
+  assert rundir.config_differences(saved, same) == []
+  changed = {"model": {"depth": 3, "input_stride": 2}, "loss": {"name": "dice"}}
+  assert rundir.config_differences(saved, changed) == ["model.input_stride"]
+  assert rundir.config_differences(saved, {"model": {"depth": 3, "extra": 1},
+                                           "loss": {"name": "dice"}}) == ["model.extra"]

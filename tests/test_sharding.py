@@ -91,11 +91,70 @@ def test_host_to_global_splits_rows_over_eight_devices():
     ({'SLURM_NTASKS': '4'}, False),
     ({'OMPI_COMM_WORLD_SIZE': '2'}, True),
     ({'OMPI_COMM_WORLD_SIZE': '1'}, False),
+    ({'JAX_NUM_PROCESSES': '2'}, True),
+    ({'JAX_PROCESS_ID': '0'}, True),
 ])
 def test_multiprocess_environment_detection(environ, expected):
   assert sharding.is_multiprocess_environment(environ) is expected
 
 
+EXPLICIT = {'JAX_COORDINATOR_ADDRESS': '127.0.0.1:1234', 'JAX_NUM_PROCESSES': '2',
+            'JAX_PROCESS_ID': '1'}
+
+
+def test_explicit_launch_settings_come_from_the_environment_and_flags_win():
+  assert sharding.distributed_settings({}) is None
+  assert sharding.distributed_settings(EXPLICIT) == dict(
+      coordinator_address='127.0.0.1:1234', num_processes=2, process_id=1)
+  assert sharding.distributed_settings(
+      EXPLICIT, coordinator_address='10.0.0.1:99', process_id=0, num_processes=None) == dict(
+          coordinator_address='10.0.0.1:99', num_processes=2, process_id=0)
+  assert sharding.distributed_settings(
+      {}, coordinator_address='h:1', num_processes=4, process_id=3) == dict(
+          coordinator_address='h:1', num_processes=4, process_id=3)
+
+
+@pytest.mark.parametrize('environ,flags,message', [
+    ({'JAX_COORDINATOR_ADDRESS': 'h:1', 'JAX_NUM_PROCESSES': '2'}, {},
+     'JAX_PROCESS_ID (or --process_id) is not set'),
+    ({'JAX_COORDINATOR_ADDRESS': 'h:1'}, {},
+     'JAX_NUM_PROCESSES (or --num_processes) and JAX_PROCESS_ID (or --process_id) are not set'),
+    ({}, {'num_processes': 2, 'process_id': 0},
+     'JAX_COORDINATOR_ADDRESS (or --coordinator_address) is not set'),
+    (dict(EXPLICIT, JAX_NUM_PROCESSES='two'), {}, "JAX_NUM_PROCESSES='two' is not an integer"),
+    (EXPLICIT, {'process_id': 2}, '--process_id=2 must be in [0, 2)'),
+    (EXPLICIT, {'num_processes': 0}, '--num_processes=0 must be >= 1'),
+])
+def test_half_specified_launch_names_what_is_missing(environ, flags, message):
+  with pytest.raises(sharding.DistributedConfigError) as info:
+    sharding.distributed_settings(environ, **flags)
+  assert message in str(info.value)
+
+
+def test_clusters_jax_detects_fill_in_what_is_not_given():
+  slurm = {'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '4'}
+  assert sharding.distributed_settings(slurm) == {}
+  assert sharding.distributed_settings(
+      dict(slurm, JAX_COORDINATOR_ADDRESS='h:1')) == dict(coordinator_address='h:1')
+  assert sharding.distributed_settings({'TPU_WORKER_HOSTNAMES': 'a,b'}) == {}
+  assert sharding.distributed_settings({'TPU_WORKER_HOSTNAMES': 'localhost'}) is None
+  assert sharding.cluster_environment({'OMPI_COMM_WORLD_SIZE': '2'}) == 'Open MPI'
+  assert sharding.cluster_environment({}) is None
+
+
 def test_distributed_initialisation_is_a_no_op_on_one_machine():
   assert sharding.maybe_initialize_distributed({}) is False
   assert not jax.distributed.is_initialized()
+  with pytest.raises(sharding.DistributedConfigError):
+    sharding.maybe_initialize_distributed({'JAX_COORDINATOR_ADDRESS': 'h:1'})
+  assert not jax.distributed.is_initialized()
+
+
+def test_all_or_none_on_one_process_passes_errors_through():
+  assert sharding.process_failures(False) == [] and sharding.process_failures(True) == [0]
+  with sharding.all_or_none('to do nothing'):
+    pass
+  with pytest.raises(KeyError, match='boom'):
+    with sharding.all_or_none('to fail'):
+      raise KeyError('boom')
+  sharding.barrier('nothing to wait for')

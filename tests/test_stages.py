@@ -149,13 +149,16 @@ def test_three_stage_run_hands_over_the_chosen_checkpoints(reference):
   assert [s["name"] for s in summary] == ["whole1", "patch", "whole2"]
   assert {r[0] for r in rows} == {"whole1", "patch", "whole2"}
   assert [r[1] for r in rows if r[0] == "patch" and r[2] is not None] == list(range(1, STEPS + 1))
-  assert sum(1 for r in rows if r[3] is not None) == 6, "evaluated at steps 3 and 6 per stage"
+  evaluated = [(r[0], r[1]) for r in rows if r[3] is not None]
+  assert evaluated == [("whole1", 3), ("whole1", 6), ("patch", 0), ("patch", 3), ("patch", 6),
+                       ("whole2", 0), ("whole2", 3), ("whole2", 6)], \
+      "at steps 3 and 6, and at step 0 of the stages that start from a checkpoint"
   assert json.loads((workdir / "config.json").read_text())["stages"]["patch"]["steps"] == STEPS
   assert any(f.startswith("events") for f in os.listdir(workdir / "tensorboard"))
   for name in ("whole1", "patch", "whole2"):
     store = checkpoints.StageCheckpoints(workdir / "checkpoints", name, read_only=True)
     assert store.meta()["completed"] and store.steps() == [3, 6]
-    assert store.meta("best")["step"] in (3, 6)
+    assert store.meta("best")["step"] in ((3, 6) if name == "whole1" else (0, 3, 6))
 
 
 def test_next_stage_starts_from_exactly_the_chosen_checkpoint(reference, tmp_path):
@@ -188,6 +191,37 @@ def test_next_stage_starts_from_exactly_the_chosen_checkpoint(reference, tmp_pat
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_a_stage_that_never_improves_hands_on_the_weights_it_started_from(reference, tmp_path):
+  """whole2 at learning rate 0 never beats its start (ties keep the earlier checkpoint), so its
+  step-0 evaluation stays its best, and the run hands out the patch stage's chosen weights."""
+  from curriculum_seg import inference, inspect  # pylint: disable=g-import-not-at-top
+  root, overrides, _, _, _, _ = reference
+  flat = dict(overrides, **{"curriculum": "('patch', 'whole2')", "stages.patch.steps": "3",
+                            "stages.whole2.steps": "3",
+                            "stages.whole2.optimizer.learning_rate": "0.0"})
+  config = config_loading.apply_overrides(config_loading.load_config_file(
+      "configs/synthetic.py"), flat.items())
+  workdir = tmp_path / "run"
+  results = stages.train(config, workdir, log=lambda s: None)
+  assert [r.best_step for r in results] == [3, 0]
+  rows = rundir.MetricsLog(epath.Path(workdir)).read()
+  start = [r for r in rows if r["stage"] == "whole2" and r["step"] == 0]
+  assert len(start) == 1 and start[0]["global_step"] == 3
+  assert start[0]["val_dice"] == results[0].best_score, "the same weights, the same score"
+  assert all("elapsed_s" in r for r in rows)
+  assert [r["elapsed_s"] for r in rows] == sorted(r["elapsed_s"] for r in rows)
+  assert inference.chosen_checkpoint(workdir, config) == ("whole2", "best", 0)
+  run = inspect.load_run(workdir)
+  info = {s.name: s for s in run.stages}
+  assert info["whole2"].best_step == 0 and info["patch"].start_val_dice is None
+  assert info["whole2"].start_val_dice == results[0].best_score
+  handed_out = run.params()
+  patch = checkpoints.StageCheckpoints(workdir / "checkpoints", "patch", read_only=True)
+  patch_best = run.params(stage="patch", which="best", step=patch.steps("best")[0])
+  for a, b in zip(jax.tree.leaves(handed_out), jax.tree.leaves(patch_best)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # a restore is a copy
+
+
 def _assert_checkpoints_agree(workdir, context):
   """Every stage's newest latest checkpoint names a best that a reader can restore."""
   root = epath.Path(workdir) / "checkpoints"
@@ -208,9 +242,9 @@ def _assert_same_end(workdir, config, params, rows, context):
 
 
 # Kills in sequence, each resumed by the next run: mid-stage, then every write boundary of a
-# save that writes a new best (the first such save of 'patch', then of 'whole2').
-BOUNDARY_KILLS = ["batch:whole1:2", "best_written:patch:*", "latest_written:patch:*",
-                  "best_writing:whole2:*", "latest_writing:whole2:*", "dropped:whole2:*"]
+# save (the first best save of 'patch' and 'whole2' is their step-0 evaluation's).
+BOUNDARY_KILLS = ["batch:whole1:2", "best_written:patch:*", "latest_written:patch:3",
+                  "best_writing:whole2:*", "latest_writing:whole2:3", "dropped:whole2:6"]
 
 
 def test_kill_9_at_every_save_boundary_then_resume_ends_equal_to_an_uninterrupted_run(
