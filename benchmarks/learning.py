@@ -259,21 +259,32 @@ def main(argv: Optional[list[str]] = None) -> int:
       workdir = os.path.join(out, "runs", recipe, f"seed{seed}")
       log = lambda m, r=recipe, s=seed: print(f"[{r} seed {s}] {m}", flush=True)  # noqa: E731
       runs.setdefault(recipe, {})[seed] = train_one(config, workdir, log)
+      # Partial results after every run, so an interrupted invocation leaves readable figures.
+      table = write_results(out, runs, args, raw, data_dir, start,
+                            complete=(recipe, seed) == (args.recipes[-1], args.seeds[-1]))
+  print(table)
+  return 0
+
+
+def write_results(out: str, runs: dict, args, raw, data_dir: str, start: float,
+                  complete: bool) -> str:
+  """learning.json, learning.md and learning.png of the runs finished so far."""
   summary = summarise(runs)
   machine = machine_info.describe("jax", "flax", "optax")
   command = ("python benchmarks/learning.py " + " ".join(raw)).strip()
   table = markdown_table(summary, args.steps, command, machine)
+  if not complete:
+    table = "(partial: not every recipe and seed has finished)\n\n" + table
   result = dict(benchmark="learning", command=command, machine=machine, regime=args.regime,
                 steps=args.steps, eval_every=args.eval_every, data_dir=data_dir,
-                recipes={r: list(RECIPES[r]) for r in args.recipes},
+                complete=complete, recipes={r: list(RECIPES[r]) for r in args.recipes},
                 wall_seconds_this_invocation=time.perf_counter() - start, summary=summary,
                 runs={r: {str(s): v for s, v in seeds.items()} for r, seeds in runs.items()})
   machine_info.write_result(os.path.join(out, "learning.json"), result)
   with open(os.path.join(out, "learning.md"), "w") as f:
     f.write(table)
   plot(runs, os.path.join(out, "learning.png"))
-  print(table)
-  return 0
+  return table
 
 
 if __name__ == "__main__":

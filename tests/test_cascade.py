@@ -23,7 +23,7 @@ def tiny_cascade_config(root):
   for name in ("liver", "tumour"):
     overrides.update({f"stages.{name}.steps": str(STEPS), f"stages.{name}.batch_size": "4",
                       f"stages.{name}.eval_every": "2", f"stages.{name}.checkpoint_every": "2",
-                      f"stages.{name}.log_every": "1"})
+                      f"stages.{name}.log_every": "1", f"stages.{name}.schedule.warmup_steps": "0"})
   return config_loading.apply_overrides(
       config_loading.load_config_file("configs/synthetic_cascade.py"), overrides.items())
 

@@ -16,7 +16,8 @@ TINY = ["--config.data.synthetic.num_cases=4", "--config.data.synthetic.size=32"
         "--config.eval.batch_size=8", "--config.stages.*.patch_size=16",
         "--config.stages.*.patch_jitter=4", "--config.stages.*.crop_size=32",
         "--config.stages.*.crop_margin=2", "--config.stages.*.batch_size=4",
-        "--config.stages.*.eval_every=0", "--config.stages.*.log_every=3"]
+        "--config.stages.*.eval_every=0", "--config.stages.*.log_every=3",
+        "--config.stages.*.schedule.warmup_steps=0"]
 REGIMES = ["whole_only", "cascade"]
 
 

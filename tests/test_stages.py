@@ -29,7 +29,8 @@ def tiny_overrides(root, **extra):
   for name in ("whole1", "patch", "whole2"):
     values.update({f"stages.{name}.steps": str(STEPS), f"stages.{name}.batch_size": "4",
                    f"stages.{name}.eval_every": "3", f"stages.{name}.checkpoint_every": "3",
-                   f"stages.{name}.log_every": "1"})
+                   f"stages.{name}.log_every": "1",
+                   f"stages.{name}.schedule.warmup_steps": "0"})  # the default's 50 > 6 steps
   values.update(extra)
   return values
 
