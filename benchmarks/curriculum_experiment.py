@@ -339,14 +339,20 @@ def parse_args(argv: Optional[list[str]] = None):
   unknown = [r for r in args.regimes if r not in REGIMES]
   if unknown:
     parser.error(f"unknown regime(s) {unknown}; choose from {', '.join(REGIMES)}")
-  try:
-    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-  except ValueError:
-    parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
-  if not args.seeds:
-    parser.error("--seeds names no seed")
+  args.seeds = parse_seeds(parser, args.seeds)
   args.overrides = overrides
   return args
+
+
+def parse_seeds(parser: argparse.ArgumentParser, text: str) -> list[int]:
+  """`--seeds` (comma-separated integers, at least one), or the parser's error."""
+  try:
+    seeds = [int(s) for s in text.split(",") if s.strip()]
+  except ValueError:
+    parser.error(f"--seeds must be comma-separated integers, got {text!r}")
+  if not seeds:
+    parser.error("--seeds names no seed")
+  return seeds
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -44,6 +44,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
+import curriculum_experiment  # noqa: E402  this folder: step scaling, --seeds parsing
 import machine_info  # noqa: E402  benchmarks/machine_info.py (this script's folder)
 
 # name -> config overrides on top of configs/synthetic.py:REGIME (applied to every stage that
@@ -75,12 +76,8 @@ def recipe_config(recipe: str, seed: int, steps: int, eval_every: int, regime: s
     pairs = [("data.lits_dir", os.path.join(data_dir, "lits")),
              ("data.tfds_dir", os.path.join(data_dir, "tfds"))] + pairs
   names = list(config.curriculum)
-  configured = [int(config.stages[n].steps) for n in names]
-  scaled = [max(1, s * steps // sum(configured)) for s in configured[:-1]]
-  scaled.append(steps - sum(scaled))
-  for name, n in zip(names, scaled):
-    pairs += [(f"stages.{name}.steps", str(n)), (f"stages.{name}.eval_every", str(eval_every)),
-              (f"stages.{name}.checkpoint_every", str(eval_every))]
+  pairs += [("stages.*.eval_every", str(eval_every)), ("stages.*.checkpoint_every",
+                                                        str(eval_every))]
   expanded = []
   for key, value in pairs:
     if key.startswith("stages.*."):
@@ -91,6 +88,9 @@ def recipe_config(recipe: str, seed: int, steps: int, eval_every: int, regime: s
       expanded.append((key, value))
   config = config_loading.apply_overrides(config, expanded)
   config.seed = int(seed)
+  if steps < len(names):
+    raise LearningError(f"--steps={steps} is fewer than the {len(names)} stages of {regime}")
+  curriculum_experiment.scale_steps(config, int(steps))
   return config
 
 
@@ -231,10 +231,7 @@ def parse_args(argv: Optional[list[str]] = None):
   unknown = [r for r in args.recipes if r not in RECIPES]
   if unknown:
     parser.error(f"unknown recipe(s) {unknown}: choose from {', '.join(RECIPES)}")
-  try:
-    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-  except ValueError:
-    parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+  args.seeds = curriculum_experiment.parse_seeds(parser, args.seeds)
   if args.steps < 1 or args.eval_every < 1:
     parser.error("--steps and --eval_every must be >= 1")
   args.overrides = overrides
@@ -290,6 +287,6 @@ def write_results(out: str, runs: dict, args, raw, data_dir: str, start: float,
 if __name__ == "__main__":
   try:
     sys.exit(main())
-  except LearningError as e:
+  except (LearningError, curriculum_experiment.ExperimentError) as e:
     print(f"learning: error: {e}", file=sys.stderr)
     sys.exit(2)
