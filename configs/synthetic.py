@@ -24,7 +24,8 @@ The training recipe (issue 13, chosen on validation data; README "Training recip
 Each later stage starts from the previous stage's best checkpoint (by validation tumour Dice),
 its starting point included (evaluated at its step 0); whole stages use batch 8 at lr 1e-3,
 the patch stage batch 16 of 64x64 patches at lr 3e-4.
-The data: 14 cases, 4 held out for validation (15 lesions, 8 of them 10 mm or larger), so the
+The data: 14 cases, 4 held out for validation (15 lesions, 11 of them 10 mm or larger, as
+`curriculum-seg evaluate` measures them), so the
 demo's lesion recall is measured on more than a handful of lesions.
 """
 
