@@ -15,6 +15,9 @@ inherit the pinning, stay on them):
   equality                        the first batches of both pipelines (whole slices with
                                   tumour_fraction 0.5, patches, 2 processes' shares) compared
                                   key by key: they must be equal bitwise
+  transfer_1core                  what a batch of whole slices costs to cross from a worker
+                                  process (Grain's shared memory: copy in, open, free) against
+                                  a plain copy, per slice
 
 Both pipelines draw the augmentation parameters on the host and leave the warp to the device
 (augment.on_device=True, the design), so these are host figures. 'legacy' is
@@ -152,6 +155,24 @@ def _equality(job: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
+def _transfer(job: dict[str, Any]) -> dict[str, Any]:
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from grain._src.python.ipc import shared_memory_array  # pylint: disable=import-outside-toplevel
+  n, s = job["batch_size"], job["image_size"]
+  batch = dict(image=np.ones((n, s, s, 3), np.int16), label=np.ones((n, s, s), np.uint8))
+
+  def through_shared_memory():
+    opened = shared_memory_array.open_from_shm(shared_memory_array.copy_to_shm(batch))
+    del opened  # the receiving side unlinks
+
+  def plain_copy():
+    return {k: v.copy() for k, v in batch.items()}
+
+  return dict(shared_memory=_rates(through_shared_memory, n, job["warmup"], job["steps"],
+                                   job["repeats"]),
+              plain_copy=_rates(plain_copy, n, job["warmup"], job["steps"], job["repeats"]))
+
+
 def _warp(job: dict[str, Any]) -> dict[str, Any]:
   import numpy as np  # pylint: disable=import-outside-toplevel
   from data_pipelines import augment  # pylint: disable=import-outside-toplevel
@@ -200,6 +221,8 @@ def _job(job: dict[str, Any]) -> dict[str, Any]:
   out: dict[str, Any] = dict(kind=job["kind"], cores=len(job["cpus"]))
   if job["kind"] == "equality":
     return dict(out, **_equality(job))
+  if job["kind"] == "transfer":
+    return dict(out, **_transfer(job))
   if job["kind"].startswith("warp_"):
     return dict(out, **_warp(job), **_memory())
   from data_pipelines import lits_tfds  # pylint: disable=import-outside-toplevel
@@ -263,7 +286,8 @@ def main(argv=None) -> int:
   repeats = 2 if args.quick else args.repeats
   base = dict(data_dir=args.data_dir, image_size=args.image_size, warmup=warmup, steps=steps,
               repeats=repeats)
-  jobs = [dict(base, kind="equality", name="equality", cpus=cpus)]
+  jobs = [dict(base, kind="equality", name="equality", cpus=cpus),
+          dict(base, kind="transfer", name="transfer_1core", cpus=cpus[:1], batch_size=32)]
   for impl in ("legacy", "grain"):
     jobs.append(dict(base, kind="whole", impl=impl, workers=0, cpus=cpus[:1], threads=2,
                      batch_size=32, name=f"whole_1core_{impl}"))
@@ -285,6 +309,11 @@ def main(argv=None) -> int:
     if job["kind"] == "equality":
       print(f"{'equality':22s} legacy and grain batches equal bitwise: {result['all_equal']}")
       continue
+    if job["kind"] == "transfer":
+      print(f"{'transfer_1core':22s} per slice: shared memory "
+            f"{result['shared_memory']['cpu_ms_per_item']:.3f} CPU-ms, plain copy "
+            f"{result['plain_copy']['cpu_ms_per_item']:.3f}")
+      continue
     line = (f"{job['name']:22s} {result['per_s']:8.1f} items/s  ({result['cores']} core(s), "
             f"{result['cpu_ms_per_item']:.3f} CPU-ms/item)  RSS {result['rss_mib']:.0f} MiB")
     if result.get("processes", 1) > 1:
@@ -295,6 +324,9 @@ def main(argv=None) -> int:
   r = results
   summary = dict(
       batches_equal_to_legacy=r["equality"]["all_equal"],
+      transfer_cpu_ms_per_slice=dict(
+          shared_memory=r["transfer_1core"]["shared_memory"]["cpu_ms_per_item"],
+          plain_copy=r["transfer_1core"]["plain_copy"]["cpu_ms_per_item"]),
       whole_slices_per_s_1core=dict(legacy=r["whole_1core_legacy"]["per_s"],
                                     grain=r["whole_1core_grain"]["per_s"]),
       **{f"{kind}_per_s_{len(cpus)}cores": {name.split("_", 1)[1]: r[name]["per_s"]
@@ -305,7 +337,7 @@ def main(argv=None) -> int:
                                      for name in r if name.startswith(kind + "_")}
          for kind in ("whole", "patch")},
       rss_mib={name: dict(process=r[name]["rss_mib"], workers=r[name]["workers_rss_mib"])
-               for name in r if "rss_mib" in r[name] and not name.startswith("warp")},
+               for name in r if "workers_rss_mib" in r[name] and not name.startswith("warp")},
       goal_whole_per_core=GOAL_WHOLE_PER_CORE, goal_patches_2_cores=GOAL_PATCHES_2_CORES)
   if args.warp:
     summary.update(host_warp_ms_per_slice_tf=1e3 / r["warp_tf_1core"]["per_s"],
