@@ -23,7 +23,6 @@ Evaluation batches are finished on the host and also carry `case_number` and `sl
 from __future__ import annotations
 
 import math
-import os
 import sys
 from typing import Optional
 
@@ -32,82 +31,13 @@ import numpy as np
 
 from data_pipelines import augment, index as index_lib, records, samplers, stream
 from data_pipelines import transforms as T
+# The settings' public names, as callers know them (pipelines.hu_window, ...).
+from data_pipelines.settings import (DEFAULT_HU_WINDOW, crop_settings, host_threads,  # noqa: F401
+                                     hu_window, worker_count)
+from data_pipelines.settings import process_rows, stage_get, stream_settings
 
 PIPELINES = ("whole", "patch", "liver_crop")
-DEFAULT_HU_WINDOW = (-60.0, 140.0)
 _ENDLESS = 1 << 62  # rows of an endless training dataset (Grain datasets have a length)
-
-
-# ---- settings from the config ------------------------------------------------------------------
-
-def hu_window(data_cfg) -> tuple[float, float]:
-  window = tuple(data_cfg.get("hu_window", DEFAULT_HU_WINDOW))
-  if len(window) != 2 or not float(window[0]) < float(window[1]):
-    raise ValueError(f"data.hu_window must be (lo, hi) with lo < hi, got {window!r}")
-  return float(window[0]), float(window[1])
-
-
-def worker_count(data_cfg) -> int:
-  workers = int(data_cfg.get("worker_count", 0))
-  if workers < 0:
-    raise ValueError(f"data.worker_count must be >= 0 (0: batches are made in the training "
-                     f"process), got {workers}")
-  return workers
-
-
-def host_threads(data_cfg) -> int:
-  """Read threads in each process that makes batches (0: the available cores shared out over
-  the worker processes, or all of them without workers)."""
-  threads = int(data_cfg.get("host_threads", 0))
-  if threads < 0:
-    raise ValueError(f"data.host_threads must be >= 0 (0: one per available core), got "
-                     f"{threads}")
-  return threads or max(1, len(os.sched_getaffinity(0)) // max(1, worker_count(data_cfg)))
-
-
-def _prefetch(data_cfg, threads: int) -> int:
-  prefetch = int(data_cfg.get("prefetch_batches", 0))
-  if prefetch < 0:
-    raise ValueError(f"data.prefetch_batches must be >= 0 (0: automatic), got {prefetch}")
-  return prefetch or max(2, 2 * threads)
-
-
-def _stream_settings(data_cfg) -> dict:
-  threads = host_threads(data_cfg)
-  return dict(read_threads=threads, prefetch=_prefetch(data_cfg, threads),
-              worker_count=worker_count(data_cfg))
-
-
-def _process_rows(batch_size: int, process_index: int, process_count: int,
-                  key: str) -> tuple[int, int]:
-  if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(f"process_index ({process_index}) must be in [0, process_count "
-                     f"({process_count}))")
-  if batch_size < 1:
-    raise ValueError(f"{key} must be >= 1, got {batch_size}")
-  if batch_size % process_count:
-    raise ValueError(f"{key} ({batch_size}) must be divisible by the number of processes "
-                     f"({process_count}): each process feeds an equal share of a global batch")
-  per = batch_size // process_count
-  return process_index * per, (process_index + 1) * per
-
-
-def _stage_get(stage_cfg, key: str, default=None):
-  value = stage_cfg.get(key, default) if hasattr(stage_cfg, "get") else getattr(
-      stage_cfg, key, default)
-  return default if value is None else value
-
-
-def crop_settings(stage_cfg, image_size: int) -> tuple[int, int]:
-  """(crop_size, crop_margin) of a 'liver_crop' stage, validated (defaults: the stored slice
-  size and 0)."""
-  size = int(_stage_get(stage_cfg, "crop_size", image_size))
-  margin = int(_stage_get(stage_cfg, "crop_margin", 0))
-  if size < 1:
-    raise ValueError(f"stage.crop_size must be >= 1, got {size}")
-  if margin < 0:
-    raise ValueError(f"stage.crop_margin must be >= 0 (stored pixels), got {margin}")
-  return size, margin
 
 
 def _keep_tensorflow_off_accelerators() -> None:
@@ -147,7 +77,7 @@ def _rows(num_batches: int, batch_size: int, rows: tuple[int, int]) -> grain.Map
 def _train_sampler(pipeline, stage_cfg, data_cfg, index, split_records, seed, batch_size):
   """The stage's sampler, its output size, the liver boxes (liver_crop) and a description."""
   s = split_records.image_size
-  tumour_fraction = float(_stage_get(stage_cfg, "tumour_fraction", 0.0))
+  tumour_fraction = float(stage_get(stage_cfg, "tumour_fraction", 0.0))
   if not 0.0 <= tumour_fraction <= 1.0:
     raise ValueError(f"stage.tumour_fraction must be in [0, 1], got {tumour_fraction}")
   tumour_slices = index.tumour_slices()
@@ -184,17 +114,17 @@ def _train_sampler(pipeline, stage_cfg, data_cfg, index, split_records, seed, ba
     raise ValueError(f"stage.tumour_fraction ({tumour_fraction}) applies to 'whole' and "
                      f"'liver_crop' stages; a patch stage's tumour share is "
                      f"stage.positive_fraction")
-  out_size = int(_stage_get(stage_cfg, "patch_size", 0))
+  out_size = int(stage_get(stage_cfg, "patch_size", 0))
   if not 1 <= out_size <= s:
     raise ValueError(f"stage.patch_size ({out_size}) must be in [1, data.image_size={s}]")
-  fraction = float(_stage_get(stage_cfg, "positive_fraction", 0.5))
+  fraction = float(stage_get(stage_cfg, "positive_fraction", 0.5))
   if not 0.0 <= fraction <= 1.0:
     raise ValueError(f"stage.positive_fraction must be in [0, 1], got {fraction}")
-  sampling = _stage_get(stage_cfg, "component_sampling", "component")
+  sampling = stage_get(stage_cfg, "component_sampling", "component")
   if sampling not in samplers.COMPONENT_SAMPLING:
     raise ValueError(f"stage.component_sampling must be one of {samplers.COMPONENT_SAMPLING}, "
                      f"got {sampling!r}")
-  jitter = float(_stage_get(stage_cfg, "patch_jitter", 0))
+  jitter = float(stage_get(stage_cfg, "patch_jitter", 0))
   if not 0.0 <= jitter < out_size / 2:
     raise ValueError(f"stage.patch_jitter ({jitter}) must be in [0, patch_size/2 = "
                      f"{out_size / 2}): the tumour must stay in the patch")
@@ -221,14 +151,14 @@ def make_train_pipeline(builder, data_cfg, augment_cfg, stage_cfg, seed: int,
   augment.on_device is False: the batches are then finished here).
   """
   _keep_tensorflow_off_accelerators()
-  pipeline = _stage_get(stage_cfg, "pipeline", "whole")
+  pipeline = stage_get(stage_cfg, "pipeline", "whole")
   if pipeline not in PIPELINES:
     raise ValueError(f"stage.pipeline must be one of {PIPELINES}, got {pipeline!r}")
-  batch_size = int(_stage_get(stage_cfg, "batch_size", 0))
-  rows = _process_rows(batch_size, process_index, process_count, "stage.batch_size")
+  batch_size = int(stage_get(stage_cfg, "batch_size", 0))
+  rows = process_rows(batch_size, process_index, process_count, "stage.batch_size")
   spec = augment.AugmentSpec.from_config(augment_cfg)
   window = hu_window(data_cfg)
-  settings = _stream_settings(data_cfg)
+  settings = stream_settings(data_cfg)
   index, split_records = _open_split(builder, "train")
   sampler, out_size, boxes, info = _train_sampler(pipeline, stage_cfg, data_cfg, index,
                                                   split_records, seed, batch_size)
@@ -283,12 +213,12 @@ def make_eval_pipeline(builder, data_cfg, split: str, batch_size: int, process_i
   reading every liver slice's label again when a caller evaluates repeatedly.
   """
   _keep_tensorflow_off_accelerators()
-  rows = _process_rows(int(batch_size), process_index, process_count, "eval batch_size")
+  rows = process_rows(int(batch_size), process_index, process_count, "eval batch_size")
   lo, hi = hu_window(data_cfg)
-  settings = _stream_settings(data_cfg)
+  settings = stream_settings(data_cfg)
   index, split_records = _open_split(builder, split)
   s = split_records.image_size
-  cropped = stage_cfg is not None and _stage_get(stage_cfg, "pipeline", "whole") == "liver_crop"
+  cropped = stage_cfg is not None and stage_get(stage_cfg, "pipeline", "whole") == "liver_crop"
   if cropped:
     out, margin = crop_settings(stage_cfg, s)
     boxes = (index_lib.case_liver_boxes(split_records.labels, index, margin,
