@@ -126,18 +126,23 @@ def set_regime(config, regime, whole_stage, patch_stage, total_steps, config_fil
   """Sets `config.curriculum` and `config.stages` for one of the authors' ablations, each at
   `total_steps` optimiser steps in all: three_stage (whole1 -> patch -> whole2, a third each),
   whole_only, whole_patch and patch_whole (half each). `whole_stage(steps, init)` and
-  `patch_stage(steps, init)` build the config's stages; later stages start from the previous
-  stage's best checkpoint, the first from scratch."""
+  `patch_stage(steps, init)` build the config's stages. The first stage starts from scratch; a
+  patch stage after a whole stage starts from that stage's best checkpoint; a whole stage after
+  a patch stage starts from the patch stage's last checkpoint, as the paper retrains the
+  patch-trained network on whole slices. (Chosen by whole-slice validation Dice, the patch
+  stage's best is almost always its step 0, the weights it started from: patch training
+  over-segments whole slices until whole2 adapts it, so 'best' there would skip the patch stage
+  and make three_stage whole-slice training with idle steps.)"""
   third, half = total_steps // 3, total_steps // 2
   stages = {
       "three_stage": (("whole1", whole_stage(third, "scratch")),
                       ("patch", patch_stage(third, "best")),
-                      ("whole2", whole_stage(total_steps - 2 * third, "best"))),
+                      ("whole2", whole_stage(total_steps - 2 * third, "last"))),
       "whole_only": (("whole", whole_stage(total_steps, "scratch")),),
       "whole_patch": (("whole1", whole_stage(half, "scratch")),
                       ("patch", patch_stage(total_steps - half, "best"))),
       "patch_whole": (("patch", patch_stage(half, "scratch")),
-                      ("whole2", whole_stage(total_steps - half, "best"))),
+                      ("whole2", whole_stage(total_steps - half, "last"))),
   }
   if regime not in stages:
     raise ValueError(f"unknown regime {regime!r}: {config_file}:REGIME takes one of "

@@ -144,11 +144,15 @@ def test_run_lists_config_stages_checkpoints_and_history(trained, run):
       logged = [r["val_dice"] for r in rows if r["stage"] == s.name and r["step"] == c.step
                 and "val_dice" in r]
       assert c.val_dice == logged[0] and c.global_step == s.start + c.step
-    # The stage hands on its best checkpoint (the next stage's init='best'); the last stage,
-    # the one the run hands out.
+    # The stage hands on the checkpoint the next stage's init names (whole1 its best for
+    # the patch stage; the patch stage its latest for whole2); the last stage its best, the
+    # one the run hands out.
     chosen = [c for c in s.checkpoints if c.chosen]
     assert len(chosen) == 1 and chosen[0] == s.chosen
-    assert (chosen[0].which, chosen[0].step) == ("best", s.best_step)
+    nxt = run.stages[s.index + 1].init if s.index + 1 < len(run.stages) else "best"
+    assert (chosen[0].which, chosen[0].step) == (
+        ("latest", STEPS) if nxt == "last" else ("best", s.best_step))
+  assert [s.init for s in run.stages] == ["scratch", "best", "last"]
   assert run.chosen == ("whole2", "best", run.stages[-1].best_step)
   steps, losses = run.series("loss", "patch")
   assert list(steps) == [STEPS + k for k in range(1, STEPS + 1)]

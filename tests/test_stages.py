@@ -145,7 +145,8 @@ def test_three_stage_run_hands_over_the_chosen_checkpoints(reference):
   root, _, config, params, rows, stdout = reference
   workdir = root / "uninterrupted"
   assert "[patch] starts from whole1's best checkpoint" in stdout
-  assert "[whole2] starts from patch's best checkpoint" in stdout
+  assert f"[whole2] starts from patch's latest checkpoint (step {STEPS})" in stdout, \
+      "whole2 retrains the patch stage's last weights (configs/common.py:set_regime)"
   summary = json.loads((workdir / "summary.json").read_text())
   assert [s["name"] for s in summary] == ["whole1", "patch", "whole2"]
   assert {r[0] for r in rows} == {"whole1", "patch", "whole2"}
