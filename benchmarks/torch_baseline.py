@@ -23,9 +23,9 @@ threads, load averages) as JSON and prints a table.
 
 Shared with the JAX side (data access and the yardstick, not the recipe):
   - the data: the prepared TFDS dataset `config.data` names, read with data_pipelines'
-    SplitIndex and RecordReader: the same cases, splits, in-plane size and context slices
+    SplitIndex and SplitRecords: the same cases, splits, in-plane size and context slices
     (`data.context_slices` neighbouring slices as channels);
-  - the intensity window: pipelines.hu_window + pipelines.window_into (HU -> [0, 1] float32,
+  - the intensity window: pipelines.hu_window + transforms.window_into (HU -> [0, 1] float32,
     clipped), exactly as our evaluation windows slices;
   - the training slices: SplitIndex.select(data.slice_selection, data.liver_margin), the slices
     our whole-slice training draws from (the liver z-range +- margin by default), and which of
@@ -91,14 +91,14 @@ FORMAT = 1
 def _read_windowed(reader, examples: np.ndarray, lo: float, hi: float, chunk: int = 64
                    ) -> tuple[np.ndarray, np.ndarray]:
   """Images [N, C, S, S] float32 windowed to [0, 1] and labels [N, S, S] uint8 of `examples`."""
-  from data_pipelines import pipelines  # pylint: disable=import-outside-toplevel
+  from data_pipelines import transforms  # pylint: disable=import-outside-toplevel
   s, c = reader.image_size, reader.channels
   images = np.empty((len(examples), c, s, s), np.float32)
   labels = np.empty((len(examples), s, s), np.uint8)
   hwc = np.empty((s, s, c), np.float32)
   for start in range(0, len(examples), chunk):
     for k, (image, label) in enumerate(reader.read(examples[start:start + chunk]), start):
-      pipelines.window_into(hwc, image, lo, hi)
+      transforms.window_into(hwc, image, lo, hi)
       images[k] = hwc.transpose(2, 0, 1)
       labels[k] = label
   return images, labels
@@ -108,7 +108,8 @@ def export(config_spec: str, overrides: list[tuple[str, str]], out: str) -> dict
   """Writes the training and validation slices of the dataset `config.data` names to `out`."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from curriculum_seg import config_loading  # pylint: disable=import-outside-toplevel
-  from data_pipelines import lits_tfds, pipelines  # pylint: disable=import-outside-toplevel
+  from data_pipelines import index as index_lib  # pylint: disable=import-outside-toplevel
+  from data_pipelines import lits_tfds, pipelines, records  # pylint: disable=import-outside-toplevel
 
   config = config_loading.apply_overrides(config_loading.load_config_file(config_spec),
                                           overrides)
@@ -121,8 +122,8 @@ def export(config_spec: str, overrides: list[tuple[str, str]], out: str) -> dict
 
   splits = {}
   for split, name, how in (("train", "train", selection), ("validation", "val", "all")):
-    index = pipelines.SplitIndex.from_builder(builder, split)
-    reader = pipelines.RecordReader(builder, split)
+    index = index_lib.SplitIndex.from_builder(builder, split)
+    reader = records.SplitRecords(builder, split)
     if reader.num_examples != index.num_examples:
       raise SystemExit(f"{split}: the index lists {index.num_examples} slices but the files "
                        f"hold {reader.num_examples}: prepare the dataset again")

@@ -114,8 +114,11 @@ def add_input_settings(data):
   data.hu_window = (-60.0, 140.0)           # the paper's window, scaled to [0, 1]
   data.slice_selection = "liver"            # liver z-range +- margin ("all": every slice)
   data.liver_margin = 10                    # slices, as the paper
-  data.host_threads = 0                     # 0: one per core
-  data.prefetch_batches = 0                 # 0: automatic
+  # How batches are made (Grain; none of these changes a batch, see data_pipelines/stream.py):
+  data.worker_count = 0                     # Grain worker processes (0: the training process)
+  data.host_threads = 0                     # read threads per process that makes batches
+                                            # (0: the available cores over the processes)
+  data.prefetch_batches = 0                 # batches each such process makes ahead (0: auto)
   return data
 
 

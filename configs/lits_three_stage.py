@@ -70,6 +70,9 @@ def get_config(arg=None):
       storage_variants=True))
 
   common.add_input_settings(config.data)          # HU window, slice selection, host threads
+  # Grain worker processes: the README's estimate for a v5e-8 host ("Input pipelines (Grain)")
+  # is --config.data.worker_count=96 --config.data.host_threads=1
+  # --config.data.prefetch_batches=1; the default makes batches in the training process.
 
   # Joint image/label augmentation, drawn on the host and applied on the device.
   config.augment = common.augment()

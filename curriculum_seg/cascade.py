@@ -28,7 +28,7 @@ import numpy as np
 from etils import epath
 
 from curriculum_seg import inference
-from data_pipelines import crops, pipelines, slices
+from data_pipelines import crops, pipelines, slices, transforms
 
 # Class index of tumour in each tumour task's output.
 _TUMOUR_CLASS = {"tumour": 1, "three_class": 2}
@@ -97,7 +97,7 @@ class CascadePredictor(inference.Predictor):
       hu, _ = crops.crop_slices(net.slice_stacks(image, z0, z1, window=False), box,
                                    self.crop_size)
       stacks = np.empty_like(hu)
-      pipelines.window_into(stacks, hu, lo, hi)
+      transforms.window_into(stacks, hu, lo, hi)
       probs = net.slice_probabilities(stacks, options)
       probs = crops.uncrop_probabilities(probs, box, size)
       probs = slices.resample_probabilities_back(probs, image.shape[:2])

@@ -1,11 +1,11 @@
 """Host batches -> global jax.Arrays on the mesh, kept ahead of the training loop.
 
-`DeviceFeed` wraps a host stream (data_pipelines.pipelines): a background thread turns each
-per-process batch into global arrays sharded on the mesh's 'data' axis
-(`sharding.host_to_global`), applies the stream's `finish` (the augmentation warp, windowing and
-jitter, jitted with the batch sharding so every device works on its own rows), and keeps up to
-`buffer_size` batches ready. `position` is the position of the next batch the consumer will get,
-not of what is buffered, so a checkpoint that stores it resumes exactly.
+`DeviceFeed` wraps a host stream (data_pipelines.stream.Stream, from data_pipelines.pipelines):
+a background thread turns each per-process batch into global arrays sharded on the mesh's
+'data' axis (`sharding.host_to_global`), applies the stream's `finish` (the augmentation warp,
+windowing and jitter, jitted with the batch sharding so every device works on its own rows),
+and keeps up to `buffer_size` batches ready. `position` is the position of the next batch the
+consumer will get, not of what is buffered, so a checkpoint that stores it resumes exactly.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A volume (canonical int16 HU, from `data_pipelines.lits.load_case`) is cut into axial slices with
 their neighbours as channels, resampled in-plane to the training size and windowed exactly as the
-dataset builder and pipelines do (`data_pipelines.slices`, `pipelines.window_into`), batched
+dataset builder and pipelines do (`data_pipelines.slices`, `transforms.window_into`), batched
 through a compiled predict step sharded over the local devices, and the softmax probabilities
 are resampled back to the volume's own grid. Slices go through a chunk at a time
 (`InferenceOptions.chunk_slices`), so only one chunk's probabilities ever exist: a
@@ -35,7 +35,7 @@ from scipy import ndimage
 from curriculum_seg import checkpoints as ckpt_lib
 from curriculum_seg import sharding, stages, train_step
 from curriculum_seg.models import build_model, num_classes
-from data_pipelines import lits, pipelines, slices
+from data_pipelines import lits, pipelines, slices, transforms
 
 TUMOUR, LIVER = 2, 1
 _LESION_STRUCTURE = ndimage.generate_binary_structure(3, 1)  # lesions: 6-connected (LiTS)
@@ -177,7 +177,7 @@ class Network:
     if not window:
       return hu
     stacks = np.empty((z1 - z0, size, size, context), np.float32)
-    pipelines.window_into(stacks, hu, *self.hu_window)
+    transforms.window_into(stacks, hu, *self.hu_window)
     return stacks
 
   def volume_probabilities(self, image: np.ndarray,

@@ -495,14 +495,12 @@ class Run:
     with _quiet_absl_warnings():
       builder = self._prepared_builder()
     data = ml_collections.ConfigDict(self.config.data.to_dict())
-    data.host_threads, data.prefetch_batches = 1, 1  # one batch is wanted: no read-ahead
-    stream = pipelines.make_train_pipeline(
+    # One batch is wanted: no read-ahead, no worker processes.
+    data.host_threads, data.prefetch_batches, data.worker_count = 1, 1, 0
+    with pipelines.make_train_pipeline(
         builder, data, self.config.augment, self.config.stages[stage],
-        int(self.config.seed) + info.index, 0, 1, start=int(position))
-    try:
+        int(self.config.seed) + info.index, 0, 1, start=int(position)) as stream:
       batch = next(stream)
-    finally:
-      stream.close()
     if stream.finish is not None:
       cpu = jax.local_devices(backend="cpu")[0]
       batch = jax.jit(stream.finish)(jax.device_put(batch, cpu))

@@ -24,8 +24,12 @@ LOCK_FILE = ".lock"
 # Keys whose values may change between a run and its resumption: how long stages run and how
 # often they log, evaluate and checkpoint. Everything else must match the saved config.
 RUN_LENGTH_FIELDS = ("steps", "log_every", "eval_every", "checkpoint_every")
+# How the input pipeline makes its batches (Grain worker processes, read threads, read-ahead):
+# the batches are the same for any values (tests/test_pipelines.py), so a run may resume with
+# others (another machine), and runs saved before `worker_count` existed resume.
+INPUT_SPEED_FIELDS = ("worker_count", "host_threads", "prefetch_batches")
 # Fields that do not change results either and may differ on resume.
-_RESUMABLE_FIELDS = RUN_LENGTH_FIELDS + ("compilation_cache_dir",)
+_RESUMABLE_FIELDS = RUN_LENGTH_FIELDS + ("compilation_cache_dir",) + INPUT_SPEED_FIELDS
 
 
 class RunDirError(RuntimeError):

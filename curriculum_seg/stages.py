@@ -322,9 +322,7 @@ class Controller:
       _, margin = pipelines.crop_settings(stage, int(self.config.data.image_size))
       if margin not in self._liver_boxes:
         self._liver_boxes[margin] = pipelines.case_liver_boxes(
-            pipelines.RecordReader(self.builder, "validation"),
-            pipelines.SplitIndex.from_builder(self.builder, "validation"), margin,
-            pipelines.host_threads(self.config.data))
+            self.builder, "validation", margin, self.config.data)
       boxes = self._liver_boxes[margin]
     stream = pipelines.make_eval_pipeline(
         self.builder, self.config.data, "validation", batch_size, jax.process_index(),

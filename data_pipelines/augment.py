@@ -8,7 +8,7 @@ and pads with air where it leaves the slice.
 
 The warp is a jitted JAX function (`make_finish`), run on the accelerator by
 `curriculum_seg.device_feed` or, with `augment.on_device=False`, on the host CPU inside the
-pipeline. Measured (benchmarks/pipeline.py, 2-core Xeon @ 2.5 GHz): one 256x256x3 slice costs
+pipeline. Measured (benchmarks/pipeline.py --warp, 2-core Xeon @ 2.5 GHz): one 256x256x3 slice costs
 ~6.5 ms per core with TF's ImageProjectiveTransformV3 and ~3.5 ms with XLA:CPU, against a budget
 of 1 ms per slice for the whole host pipeline, while an accelerator warps a batch in
 microseconds. So the host only draws parameters and the device does the pixel work.

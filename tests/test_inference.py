@@ -107,7 +107,7 @@ def test_chunking_does_not_change_the_mask_and_bounds_the_chunks():
 
 def test_slice_stacks_match_the_training_examples():
   """Inference builds each slice's input exactly as the dataset builder and pipelines do."""
-  from data_pipelines import pipelines, slices
+  from data_pipelines import slices, transforms
   rng = np.random.default_rng(1)
   hu = rng.integers(-200, 300, (48, 40, 9)).astype(np.int16)
   labels = np.zeros(hu.shape, np.uint8)
@@ -116,7 +116,7 @@ def test_slice_stacks_match_the_training_examples():
   examples = dict(slices.case_examples(hu, labels, (1.0, 1.0, 1.0), 0, 5, 32))
   for k in range(2, 7):
     expected = np.empty((32, 32, 5), np.float32)
-    pipelines.window_into(expected, examples[k]["image"], *WINDOW)
+    transforms.window_into(expected, examples[k]["image"], *WINDOW)
     np.testing.assert_array_equal(stacks[k - 2], expected)
 
 

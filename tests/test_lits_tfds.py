@@ -214,6 +214,8 @@ def test_shards_are_written_with_the_configured_compression(prepared, tmp_path):
   for shard in shards:
     reader = array_record_module.ArrayRecordReader(shard)
     assert "uncompressed" in reader.writer_options_string()
+    # One record per group: a random read decodes one record (Grain's ArrayRecord source).
+    assert "group_size:1," in reader.writer_options_string()
     reader.close()
   bad = config_loading.apply_overrides(config, [("data.record_compression", "lz4"),
                                                 ("data.tfds_dir", str(tmp_path))])

@@ -1,13 +1,23 @@
-"""Whole-slice, tumour-patch and liver-crop pipelines: sharding, determinism, resume, sampling,
-crops, errors."""
+"""The pipelines as assembled per stage: whole slices, tumour patches, liver crops and evaluation
+on a tiny prepared dataset; the same global batches for any process, worker-process or thread
+count; resume at a position; sampling as configured; crops; errors."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
 
 import ml_collections
 import numpy as np
 import pytest
 
 from configs import synthetic as synthetic_config
-from data_pipelines import crops, lits_tfds, pipelines
+from data_pipelines import crops, lits_tfds, pipelines, samplers
+from data_pipelines.index import SplitIndex
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AUGMENT = dict(enabled=True, flip_lr=0.5, flip_ud=0.5, rotate_deg=15.0, scale_range=(0.9, 1.1),
                intensity_shift=0.05, intensity_scale=0.05, on_device=False)
 # Tolerance for images that the augmentation warp computed in another XLA program (another batch
@@ -86,7 +96,7 @@ def assert_batches_equal(a, b, image_atol=0.0):
 def test_process_shards_are_disjoint_cover_the_data_and_form_the_same_global_batches(
     data, pipeline):
   builder, data_cfg = data
-  num_examples = pipelines.SplitIndex.from_builder(builder, "train").num_examples
+  num_examples = SplitIndex.from_builder(builder, "train").num_examples
   reference = None
   for count in (1, 2, 4):
     streams = [pipelines.make_train_pipeline(builder, data_cfg, augment_cfg(), stage(
@@ -118,7 +128,7 @@ def test_process_shards_are_disjoint_cover_the_data_and_form_the_same_global_bat
 
 def test_eval_shards_cover_each_slice_once_with_a_padded_last_batch(data):
   builder, data_cfg = data
-  index = pipelines.SplitIndex.from_builder(builder, "validation")
+  index = SplitIndex.from_builder(builder, "validation")
   expected = {(int(c), k) for c, _, n, _, _ in index.cases for k in range(n)}
   for count in (1, 2, 4):
     seen, lengths, padding = [], set(), 0
@@ -178,6 +188,79 @@ def test_threads_do_not_change_the_batches(data):
   assert_batches_equal(*results)
 
 
+def test_worker_processes_do_not_change_the_batches(data):
+  """Batches made in 1 or 2 Grain worker processes (spawned; the pipeline pickled into them)
+  are those made in the training process, bitwise, and a stream with workers resumes at a
+  position. Tested once, on the patch pipeline (the most transforms): workers take seconds to
+  start."""
+  builder, data_cfg = data
+
+  def make(workers, start=0, pipeline="patch", **kw):
+    cfg = ml_collections.ConfigDict(data_cfg.to_dict())
+    cfg.worker_count, cfg.host_threads = workers, 1
+    return pipelines.make_train_pipeline(builder, cfg, augment_cfg(on_device=True), stage(
+        pipeline=pipeline, **kw), 4, 0, 1, start=start)
+
+  reference = take(make(0), 5)
+  with make(1) as one:
+    assert one.info["workers"] == 1
+    assert_batches_equal([next(one) for _ in range(5)], reference)
+  with make(2, start=2) as two:  # batches 2, 3, 4: workers make batches 2 + w, 2 + w + 2, ...
+    assert_batches_equal([next(two) for _ in range(3)], reference[2:])
+    assert two.position == 5
+
+
+_KILLED_TRAINER = textwrap.dedent("""
+    import json, multiprocessing, sys, time
+    import ml_collections
+    from data_pipelines import lits_tfds, pipelines
+    data = ml_collections.ConfigDict(json.loads(sys.argv[1]))
+    stage = ml_collections.ConfigDict(dict(pipeline="whole", batch_size=4))
+    stream = pipelines.make_train_pipeline(lits_tfds.builder_for(data), data, None, stage, 0, 0, 1)
+    next(stream)
+    print(json.dumps([p.pid for p in multiprocessing.active_children()]), flush=True)
+    time.sleep(120)
+    """)
+
+
+def test_worker_processes_leave_when_the_trainer_is_killed(data):
+  """kill -9 of the training process does not leave its worker processes behind."""
+  _, data_cfg = data
+  cfg = dict(data_cfg.to_dict(), worker_count=1, host_threads=1)
+  trainer = subprocess.Popen([sys.executable, "-c", _KILLED_TRAINER, json.dumps(cfg)],
+                             stdout=subprocess.PIPE, text=True, cwd=REPO,
+                             env=dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2"))
+  children = json.loads(trainer.stdout.readline())
+  assert children, "no worker process was started"
+  trainer.kill()
+  trainer.wait()
+  deadline = time.time() + 20
+  while time.time() < deadline and any(_alive(pid) for pid in children):
+    time.sleep(0.2)
+  assert not any(_alive(pid) for pid in children)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  with open(f"/proc/{pid}/stat") as f:  # a zombie (exited, not yet reaped) is gone too
+    return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_a_closed_stream_goes_on_at_its_position(data):
+  builder, data_cfg = data
+  make = lambda: pipelines.make_train_pipeline(  # noqa: E731
+      builder, data_cfg, augment_cfg(), stage(pipeline="whole", batch_size=4), 3, 0, 1)
+  reference = take(make(), 4)
+  stream = make()
+  first = [next(stream), next(stream)]
+  stream.close()  # drops the batches made ahead
+  assert stream.position == 2
+  assert_batches_equal(first + take(stream, 2), reference)
+
+
 @pytest.mark.parametrize("pipeline", ["whole", "patch", "liver_crop"])
 def test_resumed_stream_equals_the_uninterrupted_one(data, pipeline):
   builder, data_cfg = data
@@ -224,7 +307,7 @@ def test_patches_are_centred_on_components_within_the_jitter(data):
   stream = pipelines.make_train_pipeline(
       builder, data_cfg, augment_cfg(enabled=False), stage(
           pipeline="patch", batch_size=16, positive_fraction=0.5, patch_jitter=jitter), 0, 0, 1)
-  index = pipelines.SplitIndex.from_builder(builder, "train")
+  index = SplitIndex.from_builder(builder, "train")
   source = builder.as_data_source("train")
   offsets = []
   for b in range(4):
@@ -262,58 +345,11 @@ def test_patches_crossing_the_border_are_padded_with_air(data):
     assert (batch["image"][k][outside] == 0).all() and (batch["label"][k][outside] == 0).all()
 
 
-@pytest.mark.parametrize("mode", ["component", "voxel"])
-def test_component_sampling_modes(data, mode):
-  builder, data_cfg = data
-  stream = pipelines.make_train_pipeline(builder, data_cfg, augment_cfg(), stage(
-      pipeline="patch", batch_size=32, positive_fraction=1.0, component_sampling=mode), 0, 0, 1)
-  index = pipelines.SplitIndex.from_builder(builder, "train")
-  parts = np.concatenate([stream.plan(b)["part"] for b in range(150)])
-  keys = index.case_rows(index.tumours[:, 0].astype(int)) * 1000 + index.tumours[:, 1]
-  components, inverse = np.unique(keys, return_inverse=True)
-  assert len(components) >= 3
-  share = np.bincount(inverse[parts], minlength=len(components)) / len(parts)
-  if mode == "component":
-    expected = np.full(len(components), 1 / len(components))
-  else:
-    area = np.bincount(inverse, weights=index.tumours[:, 5], minlength=len(components))
-    expected = area / area.sum()
-  np.testing.assert_allclose(share, expected, atol=0.03)
-
-
-def test_negative_centre_avoids_tumour_and_falls_back():
-  index = pipelines.SplitIndex(split="train", cases=np.array([[0, 0, 1, 0, 0]]),
-                               tumours=np.array([[0, 1, 5.0, 5.0, 5.0, 1.0]]), num_examples=1)
-  sampler = pipelines.PatchSampler(index, 0, 4, 0.5, "component", 0, patch_size=8)
-  label = np.zeros((24, 24), np.uint8)
-  label[2:22, 2:22] = 1
-  label[4:7, 4:7] = 2
-  for u in np.linspace(0, 0.999, 25):
-    r, c = sampler.negative_centre(label, True, u)
-    assert label[r, c] == 1 and not (label[max(r - 4, 0):r + 4, max(c - 4, 0):c + 4] == 2).any()
-  label[2:22, 2:22] = 2
-  label[12, 12] = 1  # only one liver pixel, next to tumour: the fallback picks it
-  assert sampler.negative_centre(label, True, 0.5) == (12, 12)
-  assert sampler.negative_centre(np.zeros((24, 24), np.uint8), False, 0.5) == (12, 12)
-
-
-def test_slice_selection_liver_range_with_margin():
-  index = pipelines.SplitIndex(split="train", cases=np.array(
-      [[0, 0, 20, 5, 10], [3, 20, 10, -1, -1], [7, 30, 10, 0, 9]]), tumours=np.zeros((0, 6)),
-      num_examples=40)
-  np.testing.assert_array_equal(index.select("liver", 2),
-                                np.r_[3:13, 30:40])
-  np.testing.assert_array_equal(index.select("all", 2), np.arange(40))
-  cases, slices_ = index.case_and_slice([0, 25, 39])
-  np.testing.assert_array_equal(cases, [0, 3, 7])
-  np.testing.assert_array_equal(slices_, [0, 5, 9])
-
-
 def test_whole_pipeline_uses_the_selected_slices(data):
   builder, data_cfg = data
   cfg = ml_collections.ConfigDict(data_cfg.to_dict())
   cfg.slice_selection, cfg.liver_margin = "liver", 0
-  index = pipelines.SplitIndex.from_builder(builder, "train")
+  index = SplitIndex.from_builder(builder, "train")
   stream = pipelines.make_train_pipeline(builder, cfg, augment_cfg(), stage(), 0, 0, 1)
   selected = set(index.liver_range_slices(0).tolist())
   assert stream.info["examples"] == len(selected)
@@ -323,7 +359,7 @@ def test_whole_pipeline_uses_the_selected_slices(data):
 @pytest.mark.parametrize("fraction,batch_size", [(0.5, 8), (0.3, 8), (1.0, 4), (0.25, 12)])
 def test_whole_batches_hold_the_configured_share_of_tumour_slices(data, fraction, batch_size):
   builder, data_cfg = data
-  index = pipelines.SplitIndex.from_builder(builder, "train")
+  index = SplitIndex.from_builder(builder, "train")
   tumour_slices = set(np.unique(index.tumours[:, 0]).astype(int).tolist())
   stream = pipelines.make_train_pipeline(
       builder, data_cfg, augment_cfg(enabled=False),
@@ -344,41 +380,13 @@ def test_whole_batches_hold_the_configured_share_of_tumour_slices(data, fraction
   if want < batch_size:
     assert (rows_seen > 0).sum() > want, "tumour rows move around the batch"
   # Every tumour slice comes once per tumour epoch.
-  sampler = pipelines.WholeSliceSampler(np.arange(index.num_examples), 5, batch_size,
+  sampler = samplers.WholeSliceSampler(np.arange(index.num_examples), 5, batch_size,
                                         np.array(sorted(tumour_slices)), fraction)
   n = len(tumour_slices)
   epochs = [sampler.global_batch(b) for b in range(-(-3 * n // want))]
   forced = np.concatenate([g["example"][g["tumour_row"]] for g in epochs])
   for e in range(3):
     assert sorted(forced[e * n:(e + 1) * n].tolist()) == sorted(tumour_slices)
-
-
-def test_whole_sampler_without_oversampling_is_unchanged_and_the_rest_keeps_that_stream():
-  examples = np.arange(10, 70)
-  tumours = np.array([12, 20, 33, 41])
-  plain = pipelines.WholeSliceSampler(examples, 3, 8)
-  zero = pipelines.WholeSliceSampler(examples, 3, 8, tumours, 0.0)
-  half = pipelines.WholeSliceSampler(examples, 3, 8, tumours, 0.5)
-  stream = np.concatenate([plain.global_batch(b)["example"] for b in range(40)])
-  # f = 0: the stream of the sampler before tumour oversampling existed (epoch-wise
-  # permutations of the selected slices), identical batch for batch.
-  for b in range(40):
-    np.testing.assert_array_equal(zero.global_batch(b)["example"], stream[b * 8:(b + 1) * 8])
-    assert not zero.global_batch(b)["tumour_row"].any()
-  assert all(sorted(stream[e * 60:(e + 1) * 60].tolist()) == examples.tolist()
-             for e in range(5))
-  # f = 0.5: the other rows continue that same stream, 4 per batch.
-  rest = np.concatenate([g["example"][~g["tumour_row"]]
-                         for g in (half.global_batch(b) for b in range(40))])
-  np.testing.assert_array_equal(rest, stream[:160])
-  # A pure function of (seed, b): a fresh sampler, batches asked in any order, agree.
-  again = pipelines.WholeSliceSampler(examples, 3, 8, tumours, 0.5)
-  for b in (17, 3, 39, 0):
-    for key, value in half.global_batch(b).items():
-      np.testing.assert_array_equal(again.global_batch(b)[key], value)
-  other = pipelines.WholeSliceSampler(examples, 4, 8, tumours, 0.5)
-  assert any((other.global_batch(b)["example"] != half.global_batch(b)["example"]).any()
-             for b in range(5))
 
 
 def test_oversampled_whole_batches_resume_and_split_over_processes(data):
@@ -395,117 +403,9 @@ def test_oversampled_whole_batches_resume_and_split_over_processes(data):
     assert_batches_equal(merged, reference, image_atol=WARP_ATOL)
 
 
-# ---------------------------------------------------------------------------------------------
-# Whole-slice tumour oversampling (stage.tumour_fraction): the sampler over many batches
-# ---------------------------------------------------------------------------------------------
-
-# Global batches of WholeSliceSampler before tumour oversampling existed (commit e21690c),
-# written down from that code: batches 0, 7 (across the first epoch's end) and 8 of
-# (examples 10..69, seed 3, B 8), and the first 12 batches of (examples 5..27, seed 11, B 6).
-# tumour_fraction 0 must keep them bit for bit, so that runs resume onto the same batches.
-PRE_OVERSAMPLING_3_8 = {0: [31, 12, 37, 49, 58, 46, 36, 65], 7: [33, 41, 51, 24, 25, 33, 52, 43],
-                        8: [56, 11, 15, 45, 29, 39, 53, 57]}
-PRE_OVERSAMPLING_11_6 = [
-    25, 17, 15, 24, 13, 5, 6, 10, 27, 11, 8, 18, 12, 26, 19, 20, 23, 16, 7, 21, 22, 14, 9, 24,
-    9, 20, 7, 6, 8, 14, 22, 25, 12, 10, 5, 19, 16, 13, 18, 23, 21, 17, 15, 11, 26, 27, 6, 22,
-    13, 14, 7, 23, 8, 24, 16, 20, 26, 21, 27, 11, 25, 19, 17, 9, 12, 15, 18, 10, 5, 22, 21, 10]
-
-
-@pytest.mark.parametrize("fraction", [0.0, 0.04])  # 0.04 * 8 rounds to no tumour row
-def test_whole_sampler_without_tumour_rows_gives_the_pre_oversampling_batches(fraction):
-  for tumours in (None, np.array([12, 20, 33]), np.zeros(0, np.int64)):
-    sampler = pipelines.WholeSliceSampler(np.arange(10, 70), 3, 8, tumours, fraction)
-    for b, want in PRE_OVERSAMPLING_3_8.items():
-      np.testing.assert_array_equal(sampler.global_batch(b)["example"], want)
-    sampler = pipelines.WholeSliceSampler(np.arange(5, 28), 11, 6, tumours, fraction / 2)
-    got = np.concatenate([sampler.global_batch(b)["example"] for b in range(12)])
-    np.testing.assert_array_equal(got, PRE_OVERSAMPLING_11_6)
-
-
-@pytest.mark.parametrize("fraction,batch_size", [
-    (0.5, 8), (1 / 3, 6), (0.3, 16), (0.61, 32), (0.125, 8), (1.0, 4), (0.5, 2)])
-def test_whole_sampler_fills_exactly_round_f_b_rows_with_visible_tumour_slices(fraction,
-                                                                               batch_size):
-  examples = np.arange(100, 400)
-  tumours = np.array([3, 105, 150, 151, 152, 260, 399, 400])  # 3 and 400 are not selected
-  visible = {105, 150, 151, 152, 260, 399}
-  sampler = pipelines.WholeSliceSampler(examples, 7, batch_size, tumours, fraction)
-  want = int(round(fraction * batch_size))
-  assert sampler.num_tumour == want
-  assert sampler.tumour_examples.tolist() == sorted(visible)
-  at_row = np.zeros(batch_size, int)
-  batches = 300
-  for b in range(batches):
-    g = sampler.global_batch(b)
-    np.testing.assert_array_equal(g["position"], b * batch_size + np.arange(batch_size))
-    assert g["tumour_row"].sum() == want
-    assert set(g["example"][g["tumour_row"]].tolist()) <= visible
-    assert set(g["example"].tolist()) <= set(examples.tolist())
-    at_row += g["tumour_row"]
-  if want < batch_size:
-    # Tumour rows move around the batch, so every process's share gets its part of them.
-    assert (at_row > 0).all(), at_row
-    half = batch_size // 2
-    assert abs(at_row[:half].sum() / (batches * half) - want / batch_size) < 0.15
-
-
-@pytest.mark.parametrize("fraction,batch_size", [(0.3, 16), (0.5, 8), (1.0, 4)])
-def test_whole_sampler_shows_every_tumour_slice_once_per_tumour_epoch(fraction, batch_size):
-  examples = np.arange(40)
-  tumours = np.array([2, 3, 9, 17, 18, 30, 31])
-  sampler = pipelines.WholeSliceSampler(examples, 1, batch_size, tumours, fraction)
-  want, n = sampler.num_tumour, len(tumours)
-  batches = [sampler.global_batch(b) for b in range(-(-10 * n // want))]
-  forced = np.concatenate([g["example"][g["tumour_row"]] for g in batches])
-  epochs = [forced[e * n:(e + 1) * n] for e in range(10)]
-  for epoch in epochs:
-    assert sorted(epoch.tolist()) == tumours.tolist()
-  assert len({tuple(e.tolist()) for e in epochs}) > 1, "each tumour epoch is shuffled anew"
-  # The other rows are the uniform stream over all slices (f = 0's), B - round(f*B) a batch.
-  rest = np.concatenate([g["example"][~g["tumour_row"]] for g in batches])
-  plain = pipelines.WholeSliceSampler(examples, 1, 1)
-  np.testing.assert_array_equal(
-      rest, [plain.global_batch(i)["example"][0] for i in range(len(rest))])
-
-
-def test_whole_sampler_rows_are_a_pure_function_of_seed_and_batch_number():
-  examples, tumours = np.arange(50), np.array([4, 5, 6, 20, 44])
-  sampler = pipelines.WholeSliceSampler(examples, 9, 12, tumours, 0.25)
-  reference = [sampler.global_batch(b) for b in range(30)]
-  for b in (29, 0, 17, 3, 17):  # a fresh sampler (a resumed run), batches in any order
-    fresh = pipelines.WholeSliceSampler(examples, 9, 12, tumours, 0.25)
-    for key, value in reference[b].items():
-      np.testing.assert_array_equal(fresh.global_batch(b)[key], value, err_msg=key)
-
-
-def test_split_index_tumour_slices_are_those_with_visible_tumour_parts():
-  class Builder:  # the builder's metadata, as SplitIndex reads it
-    class info:  # noqa: N801
-      metadata = {"index": {"train": {
-          "cases": [[0, 0, 10, 2, 8], [3, 10, 6, -1, -1]],
-          # example, component, centre row, centre col, diameter, area, stored_pixels
-          "tumours": [[4, 1, 5, 5, 3, 7, 6], [5, 1, 5, 5, 3, 7, 0], [7, 2, 9, 9, 2, 3, 1],
-                      [4, 2, 1, 1, 2, 3, 2], [12, 1, 3, 3, 1, 1, 0]]}}}
-
-  index = pipelines.SplitIndex.from_builder(Builder, "train")
-  assert index.tumour_slices().tolist() == [4, 7]  # 5 and 12 lost their tumour when stored
-
-
-@pytest.mark.parametrize("fraction", [-0.1, 1.01, float("nan")])
-def test_whole_sampler_rejects_a_fraction_outside_0_1(fraction):
-  with pytest.raises(ValueError, match=r"stage\.tumour_fraction must be in \[0, 1\]"):
-    pipelines.WholeSliceSampler(np.arange(10), 0, 4, np.array([1]), fraction)
-
-
-def test_whole_sampler_without_selected_tumour_slices_is_a_clear_error():
-  with pytest.raises(ValueError, match=r"stage\.tumour_fraction=0\.25.*no\s+visible tumour"):
-    pipelines.WholeSliceSampler(np.arange(10), 0, 4, np.array([20, 31]), 0.25)
-  pipelines.WholeSliceSampler(np.arange(10), 0, 4, np.array([20, 31]), 0.0)  # 0: fine
-
-
 def test_liver_crop_batches_hold_the_configured_share_of_tumour_slices(data):
   builder, data_cfg = data
-  index = pipelines.SplitIndex.from_builder(builder, "train")
+  index = SplitIndex.from_builder(builder, "train")
   make = lambda p=0, n=1, start=0: pipelines.make_train_pipeline(  # noqa: E731
       builder, data_cfg, augment_cfg(), stage(pipeline="liver_crop", tumour_fraction=0.5), 4,
       p, n, start=start)
@@ -534,7 +434,7 @@ def test_liver_crop_tumour_oversampling_over_tumour_free_data_is_a_clear_error(t
 
 def test_patch_pipeline_over_tumour_free_data_is_a_clear_error(tumour_free):
   builder, data_cfg = tumour_free
-  assert pipelines.SplitIndex.from_builder(builder, "train").tumours.shape == (0, 7)
+  assert SplitIndex.from_builder(builder, "train").tumours.shape == (0, 7)
   with pytest.raises(ValueError, match="no tumour.*positive_fraction"):
     pipelines.make_train_pipeline(builder, data_cfg, augment_cfg(), stage(pipeline="patch"),
                                   0, 0, 1)
@@ -564,6 +464,9 @@ def test_patch_pipeline_over_tumour_free_data_is_a_clear_error(tumour_free):
     (dict(tumour_fraction=-0.1), "stage", "stage.tumour_fraction"),
     (dict(pipeline="liver_crop", tumour_fraction=1.5), "stage", "stage.tumour_fraction"),
     (dict(pipeline="patch", tumour_fraction=0.5), "stage", "stage.tumour_fraction"),
+    (dict(worker_count=-1), "data", "data.worker_count"),
+    (dict(host_threads=-2), "data", "data.host_threads"),
+    (dict(prefetch_batches=-1), "data", "data.prefetch_batches"),
 ])
 def test_bad_configs_name_their_key(data, override, where, key):
   builder, data_cfg = data
@@ -578,41 +481,6 @@ def test_eval_batch_not_divisible_by_processes(data):
   builder, data_cfg = data
   with pytest.raises(ValueError, match="divisible"):
     pipelines.make_eval_pipeline(builder, data_cfg, "validation", 6, 0, 4)
-
-
-def _example(features):
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  def feature(v):
-    if isinstance(v, bytes):
-      return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
-    return tf.train.Feature(int64_list=tf.train.Int64List(value=v))
-  return tf.train.Example(features=tf.train.Features(
-      feature={k: feature(v) for k, v in features.items()})).SerializeToString()
-
-
-def test_example_decoder_handles_decoys_and_the_legacy_int64_encoding():
-  import zlib  # pylint: disable=import-outside-toplevel
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  f = tfds.features
-  rng = np.random.default_rng(0)
-  image = rng.integers(-1024, 2000, (6, 6, 3)).astype(np.int16)
-  label = rng.integers(0, 3, (6, 6)).astype(np.uint8)
-  decoder = pipelines.ExampleDecoder(
-      f.Tensor(shape=(6, 6, 3), dtype=np.int16, encoding=f.Encoding.BYTES),
-      f.Tensor(shape=(6, 6), dtype=np.uint8, encoding=f.Encoding.ZLIB), 6, 3)
-  zlabel = zlib.compress(label.tobytes())
-  decoy = b"\x0a\x05image\x12\x04\x0a\x02\x0a\x00" + b"\x0a\x05label\x12\x03\x0a\x01\x0a"
-  records = [
-      _example(dict(image=image.tobytes(), label=zlabel, case_number=[3])),
-      _example(dict(aaa=decoy, image=image.tobytes(), label=zlabel, zzz=decoy)),
-      _example(dict(image=image.ravel().astype(np.int64).tolist(), label=zlabel)),
-  ]
-  for record in records:
-    got_image, got_label = decoder(record)
-    np.testing.assert_array_equal(got_image, image)
-    np.testing.assert_array_equal(got_label, label)
-  with pytest.raises(ValueError, match="lacks"):
-    decoder(_example(dict(image=image.tobytes())))
 
 
 # ---- the cascade's liver crops ----------------------------------------------------------------
@@ -664,7 +532,7 @@ def reference_boxes(data):
   """Each training case's liver box from the stored labels, and its slices (example ids)."""
   builder, _ = data
   source = builder.as_data_source("train")
-  index = pipelines.SplitIndex.from_builder(builder, "train")
+  index = SplitIndex.from_builder(builder, "train")
   boxes = {}
   for row, (case, first, n, lo, hi) in enumerate(index.cases):
     labels = np.stack([source[int(first + k)]["label"] for k in range(n)], axis=-1)
@@ -704,7 +572,7 @@ def test_liver_crop_eval_holds_the_training_crops(data):
   st = stage(pipeline="liver_crop", batch_size=4, crop_size=24, crop_margin=2)
   evaluation = list(pipelines.make_eval_pipeline(builder, data_cfg, "train", 8, 0, 1,
                                                  stage_cfg=st))
-  index = pipelines.SplitIndex.from_builder(builder, "train")
+  index = SplitIndex.from_builder(builder, "train")
   assert sum(int(b["mask"].sum()) for b in evaluation) == len(index.liver_range_slices(0))
   by_slice = {}
   for b in evaluation:

@@ -84,3 +84,14 @@ def test_a_run_saved_before_a_field_existed_resumes_when_the_field_keeps_its_old
   assert rundir.config_differences(saved, changed) == ["model.input_stride"]
   assert rundir.config_differences(saved, {"model": {"depth": 3, "extra": 1},
                                            "loss": {"name": "dice"}}) == ["model.extra"]
+
+
+def test_input_speed_settings_may_change_on_resume_and_runs_saved_before_them_resume():
+  """How batches are made (worker processes, read threads, read-ahead) does not change them, so
+  a run resumes with other values, and a run saved before `data.worker_count` existed resumes."""
+  saved = {"data": {"image_size": 32, "host_threads": 0, "prefetch_batches": 0}}
+  current = {"data": {"image_size": 32, "host_threads": 4, "prefetch_batches": 3,
+                      "worker_count": 2}}
+  assert rundir.config_differences(saved, current) == []
+  current["data"]["image_size"] = 64
+  assert rundir.config_differences(saved, current) == ["data.image_size"]

@@ -1,0 +1,243 @@
+"""The pipelines' named transforms, each one step of turning a global position into a batch row.
+
+Element transforms (one batch row) run in Grain's read threads and worker processes:
+
+  ProcessRows       this process's k-th row -> its global position (rows [p*B/P, (p+1)*B/P) of
+                    every global batch of B rows)
+  SelectSlice       position -> the sampler's plan of that row (`example`, patch `centre`, ...)
+  ReadSlice         + `image` int16 [S, S, C] and `label` uint8 [S, S] of the planned example
+  CropPatch         image and label -> the patch's footprint around its centre (air outside)
+
+Batch transforms (after `MapDataset.batch`; a dict of arrays with a leading row axis):
+
+  DrawAugmentation  + per-row `affine` [2, 3] and `intensity` (scale, shift) from the positions
+  MapIntoLiverBox   the affine composed with the map into each row's case liver box
+  TrainRows         the training batch's keys: image, label, mask, affine, intensity
+  EvalRows          + `mask` (1 real, 0 padding), `case_number`, `slice_index` (-1 padding)
+  Window            image HU -> float32 [0, 1] through the HU window, label int32
+
+and, in the training process only (they run JAX on the host CPU, which worker processes do not
+load): `CropToLiverBox` (evaluation of a liver-crop stage) and `FinishOnHost` (augment.
+on_device=False: the augmentation warp on the host).
+
+Every random quantity is drawn from a counter-based hash of (seed, global position) by the
+sampler or augment.sample_params, never from Grain's per-element seeds, so a row is a pure
+function of (seed, position) wherever and in whatever order it is made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import grain
+import numpy as np
+
+from data_pipelines import augment, crops
+from data_pipelines.index import SplitIndex
+
+
+def window_into(dst: np.ndarray, hu: np.ndarray, lo: float, hi: float) -> None:
+  """dst[...] = clip((hu - lo) / (hi - lo), 0, 1) in float32 (the model's input scaling)."""
+  np.subtract(hu, np.float32(lo), out=dst, dtype=np.float32)
+  np.multiply(dst, np.float32(1.0 / (hi - lo)), out=dst)
+  np.clip(dst, 0.0, 1.0, out=dst)
+
+
+def crop_into(dst: np.ndarray, src: np.ndarray, top: int, left: int, fill) -> None:
+  """dst[:] = src[top:top+F, left:left+F] with `fill` where that leaves src."""
+  f = dst.shape[0]
+  h, w = src.shape[:2]
+  r0, c0, r1, c1 = max(top, 0), max(left, 0), min(top + f, h), min(left + f, w)
+  if r0 != top or c0 != left or r1 != top + f or c1 != left + f:
+    dst[...] = fill
+  if r1 > r0 and c1 > c0:
+    dst[r0 - top:r1 - top, c0 - left:c1 - left] = src[r0:r1, c0:c1]
+
+
+# ---- element transforms ----------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ProcessRows(grain.transforms.Map):
+  """Per-process slicing: this process's k-th row -> its global position. Global batch b holds
+  positions b*B .. b*B+B-1; the process keeps `rows` of them from `first_row` on."""
+
+  batch_size: int
+  first_row: int
+  rows: int
+
+  def map(self, k: int) -> int:
+    b, r = divmod(int(k), self.rows)
+    return b * self.batch_size + self.first_row + r
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectSlice(grain.transforms.Map):
+  """position -> the sampler's plan of that batch row (`sampler.row`)."""
+
+  sampler: Any
+
+  def map(self, position: int) -> dict[str, np.ndarray]:
+    return self.sampler.row(position)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadSlice(grain.transforms.Map):
+  """+ the planned example's `image` and `label` (read-only, as decoded); a row with no
+  example (evaluation padding, `example` -1) gets zeros."""
+
+  records: Any  # records.SplitRecords
+
+  def map(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    example = int(row["example"])
+    if example < 0:
+      s, c = self.records.image_size, self.records.channels
+      image, label = np.zeros((s, s, c), np.int16), np.zeros((s, s), np.uint8)
+    else:
+      image, label = self.records[example]
+    return dict(row, image=image, label=label)
+
+
+@dataclasses.dataclass(frozen=True)
+class CropPatch(grain.transforms.Map):
+  """image and label -> the `size` x `size` footprint around the row's patch centre, air
+  (and background) outside the slice. A negative row (no tumour part planned) is centred on a
+  liver pixel chosen from the label (`PatchSampler.negative_centre`)."""
+
+  sampler: Any  # samplers.PatchSampler
+  size: int
+
+  def map(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    image, label = row["image"], row["label"]
+    if row["positive"]:
+      r, c = (int(v) for v in row["centre"])
+    else:
+      r, c = self.sampler.negative_centre(label, self.sampler.has_tumour(row["example"]),
+                                          float(row["pixel_u"]))
+    f = self.size
+    top, left = r - f // 2, c - f // 2
+    patch = np.empty((f, f, image.shape[2]), np.int16)
+    patch_label = np.empty((f, f), np.uint8)
+    crop_into(patch, image, top, left, np.int16(augment.AIR_HU))
+    crop_into(patch_label, label, top, left, 0)
+    return dict(row, image=patch, label=patch_label)
+
+
+# ---- batch transforms --------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class DrawAugmentation(grain.transforms.Map):
+  """+ `affine` [n, 2, 3] (output pixel -> input pixel) and `intensity` [n, 2] of each row,
+  drawn from (seed, position) by augment.sample_params (identity when augmentation is off)."""
+
+  spec: augment.AugmentSpec
+  seed: int
+  out_centre: float
+  in_centre: float
+
+  def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    params = augment.sample_params(self.spec, self.seed, batch["position"])
+    return dict(batch, affine=augment.affine_matrices(params, self.out_centre, self.in_centre),
+                intensity=augment.intensity_pairs(params))
+
+
+@dataclasses.dataclass(frozen=True)
+class MapIntoLiverBox(grain.transforms.Map):
+  """The affine of each row composed with the map from the crop's frame into its case's liver
+  box (crops.crop_affine), so crop, resize and augmentation are one warp."""
+
+  index: SplitIndex
+  boxes: np.ndarray  # [num_cases, 4], see index.case_liver_boxes
+  out_size: int
+
+  def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    box_maps = np.stack([crops.crop_affine(self.boxes[r], self.out_size)
+                         for r in self.index.case_rows(batch["example"])])
+    return dict(batch, affine=crops.compose(box_maps, batch["affine"]).astype(np.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainRows(grain.transforms.Map):
+  """The training batch as it leaves the host: `image` int16 HU, `label` uint8, `mask` float32
+  ones, `affine`, `intensity` (the plan's fields are dropped)."""
+
+  def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return dict(image=batch["image"], label=batch["label"],
+                mask=np.ones(len(batch["image"]), np.float32), affine=batch["affine"],
+                intensity=batch["intensity"])
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalRows(grain.transforms.Map):
+  """+ `mask` (1 for a real row, 0 for padding), `case_number` and `slice_index` (-1 for
+  padding) of an evaluation batch; keeps image and label."""
+
+  index: SplitIndex
+
+  def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    real = batch["real"]
+    n = len(real)
+    case_number, slice_index = np.full(n, -1, np.int32), np.full(n, -1, np.int32)
+    if real.any():
+      case_number[real], slice_index[real] = self.index.case_and_slice(batch["example"][real])
+    return dict(image=batch["image"], label=batch["label"], mask=real.astype(np.float32),
+                case_number=case_number, slice_index=slice_index, example=batch["example"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Window(grain.transforms.Map):
+  """image HU -> float32 in [0, 1] through the window (lo, hi), zeros on padding rows (mask
+  0); label -> int32; drops the `example` column."""
+
+  lo: float
+  hi: float
+
+  def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    image = np.empty(batch["image"].shape, np.float32)
+    window_into(image, batch["image"], self.lo, self.hi)
+    image[batch["mask"] == 0] = 0.0
+    out = {k: v for k, v in batch.items() if k != "example"}
+    return dict(out, image=image, label=batch["label"].astype(np.int32))
+
+
+# ---- batch transforms of the training process (JAX on the host CPU) ----------------------------
+
+@dataclasses.dataclass(frozen=True)
+class CropToLiverBox(grain.transforms.Map):
+  """Evaluation rows cropped to their case's liver box and resized to `out_size` as training
+  crops them (crops.crop_slices, no augmentation), then windowed; padding rows stay zeros."""
+
+  index: SplitIndex
+  boxes: np.ndarray
+  out_size: int
+  lo: float
+  hi: float
+
+  def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    n, c, o = len(batch["mask"]), batch["image"].shape[-1], self.out_size
+    image, label = np.zeros((n, o, o, c), np.float32), np.zeros((n, o, o), np.int32)
+    rows = np.flatnonzero(batch["mask"])
+    case_rows = self.index.case_rows(batch["example"][rows])
+    for case_row in np.unique(case_rows):
+      which = rows[case_rows == case_row]
+      hu, labels = crops.crop_slices(batch["image"][which], tuple(self.boxes[case_row]), o,
+                                     labels=batch["label"][which])
+      for j, k in enumerate(which):
+        window_into(image[k], hu[j], self.lo, self.hi)
+        label[k] = labels[j]
+    out = {k: v for k, v in batch.items() if k != "example"}
+    return dict(out, image=image, label=label)
+
+
+class FinishOnHost(grain.transforms.Map):
+  """Applies a batch's device half (augment.make_finish: warp, window, jitter) with XLA on this
+  host's CPU, numpy in and out (augment.on_device=False)."""
+
+  def __init__(self, finish: Callable[[dict], dict]):
+    import jax  # pylint: disable=g-import-not-at-top
+    self._cpu = jax.local_devices(backend="cpu")[0]
+    self._finish = jax.jit(finish)
+
+  def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import jax  # pylint: disable=g-import-not-at-top
+    return jax.tree.map(np.asarray, self._finish(jax.device_put(batch, self._cpu)))
