@@ -75,6 +75,7 @@ if _ROOT not in sys.path:
 
 import machine_info  # noqa: E402  benchmarks/machine_info.py (this script's folder)
 import paired_stats  # noqa: E402  benchmarks/paired_stats.py
+from curriculum_seg import metrics  # noqa: E402  numpy and scipy only: json_safe
 
 REGIMES = ("three_stage", "whole_only", "whole_patch", "patch_whole", "cascade")
 REFERENCE = "three_stage"  # the differences are REFERENCE − each other regime
@@ -358,7 +359,7 @@ def run_one(regime: str, seed: int, config, workdir: str, split: str = "test",
       liver_dice_per_case=_as_float(aggregate.get("liver", {}).get("dice_per_case")),
       num_cases=aggregate.get("num_cases"), curve=read_curve(workdir, stage_records),
       cases=cases, aggregate=aggregate)
-  record = paired_stats.json_safe(record)
+  record = metrics.json_safe(record)
   _atomic_write(os.path.join(workdir, "experiment.json"), json.dumps(record, indent=1))
   return record
 
@@ -626,7 +627,7 @@ def write_results(out: str, records: list[dict], args, raw: list[str], data: dic
       summary=summary, comparisons=comparisons,
       runs=[{k: v for k, v in r.items() if k not in ("aggregate", "config", "skipped")}
             for r in records])
-  machine_info.write_result(os.path.join(out, "results.json"), paired_stats.json_safe(result))
+  machine_info.write_result(os.path.join(out, "results.json"), metrics.json_safe(result))
   _atomic_write(os.path.join(out, "results.md"), table)
   if records:
     plot(summary, os.path.join(out, "results.png"), args.total_steps)

@@ -328,26 +328,3 @@ def compare(runs_a: Mapping[int, CaseTable], runs_b: Mapping[int, CaseTable], *,
                    over_cases=dict(over_cases, n_cases=int(numbers.size)))
     result[key] = entry
   return result
-
-
-def json_safe(obj: Any) -> Any:
-  """A copy for json.dumps(allow_nan=False): non-finite floats become "nan"/"inf"/"-inf",
-  numpy values plain Python values."""
-  if isinstance(obj, Mapping):
-    return {str(k): json_safe(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [json_safe(v) for v in obj]
-  if isinstance(obj, np.ndarray):
-    return json_safe(obj.tolist())
-  if isinstance(obj, (bool, np.bool_)):
-    return bool(obj)
-  if isinstance(obj, (int, np.integer)):
-    return int(obj)
-  if isinstance(obj, (float, np.floating)):
-    v = float(obj)
-    if math.isnan(v):
-      return "nan"
-    if math.isinf(v):
-      return "inf" if v > 0 else "-inf"
-    return v
-  return obj

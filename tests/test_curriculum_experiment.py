@@ -13,6 +13,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(_ROOT, "benchmarks"))
 import curriculum_experiment as ce  # noqa: E402
 import paired_stats as ps  # noqa: E402
+from curriculum_seg import metrics  # noqa: E402
 import count_test_lesions  # noqa: E402
 
 SCRIPT = os.path.join(_ROOT, "benchmarks", "curriculum_experiment.py")
@@ -125,7 +126,7 @@ def test_scores_and_differences_are_computed_from_the_runs_per_case_scores(first
   for run in result["runs"]:
     table = ps.case_table(run["cases"])
     tables.setdefault(run["regime"], {})[run["seed"]] = table
-    assert ps.json_safe(ps.point_scores(table)) == run["scores"]
+    assert metrics.json_safe(ps.point_scores(table)) == run["scores"]
     aggregate = json.loads((out / "runs" / run["regime"] / f"seed{run['seed']}" / "eval" /
                             "experiment" / "metrics.json").read_text())["aggregate"]
     scores = {k: float(v) for k, v in run["scores"].items()}
@@ -137,7 +138,7 @@ def test_scores_and_differences_are_computed_from_the_runs_per_case_scores(first
       for b in ps.BINS:
         assert scores[f"recall_{crit}_{b}"] == pytest.approx(
             float(aggregate["detection"][crit]["by_diameter"][b]["recall"]), nan_ok=True)
-  again = ps.json_safe(ps.compare(tables["whole_only"], tables["cascade"]))
+  again = metrics.json_safe(ps.compare(tables["whole_only"], tables["cascade"]))
   assert dict(again, a="whole_only", b="cascade") == result["comparisons"][PAIR]
 
 

@@ -232,7 +232,7 @@ def test_undefined_and_infinite_scores():
   assert math.isnan(point["recall_iou_>20mm"]) and math.isnan(point["precision_iou_>20mm"])
   assert math.isnan(ps.point_scores(b[0])["precision_iou"])  # nothing predicted, none found
   result = ps.compare(a, b, n_resamples=200)
-  json.dumps(ps.json_safe(result), allow_nan=False)
+  json.dumps(metrics.json_safe(result), allow_nan=False)
   big = result["recall_iou_>20mm"]
   assert math.isnan(big["estimate"]) and big["seeds"] == []
   assert big["over_cases"]["n_undefined"] == 200
