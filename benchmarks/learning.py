@@ -22,7 +22,8 @@ Recipes:
 Wall seconds are the run's clock (`elapsed_s` in metrics.jsonl: training and validation,
 compilation included), on whatever else the machine was doing: the table records the load.
 Each run is a workdir under OUT/runs/RECIPE/seedK; an interrupted invocation resumes every
-unfinished run at its exact step and skips finished ones. Run from the repository root:
+unfinished run at its exact step and skips finished ones (refusing a finished one of another
+`--steps`). Run from the repository root:
 
   .venv/bin/python benchmarks/learning.py --out docs/learning --recipes old,new --seeds 0,1,2 \\
       --steps 3000 --eval_every 100
@@ -113,10 +114,34 @@ def train_one(config, workdir: str, log) -> dict:
   summary = os.path.join(workdir, "summary.json")
   if not os.path.exists(summary):
     stages.train(config, workdir, log=log)
+  else:
+    check_finished_length(config, workdir)
   rows = rundir.MetricsLog(epath.Path(workdir)).read()
   rates = [r["steps_per_s"] for r in rows if "steps_per_s" in r]
   return dict(curve=curve(workdir), steps_per_s=float(np.median(rates)) if rates else math.nan,
               steps=sum(int(config.stages[n].steps) for n in config.curriculum))
+
+
+def check_finished_length(config, workdir: str) -> None:
+  """Refuses a finished run whose stage lengths are not the ones asked for now.
+
+  The stage controller hands back a completed stage as it is (and the schedule's length is part
+  of the run), so reusing a run of another `--steps` would report its curve as this one's.
+  """
+  path = os.path.join(workdir, "config.json")
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    raise LearningError(f"{path}: cannot read the finished run's config ({e}); delete "
+                        f"{workdir} to rerun it") from e
+  saved_steps = {n: int(saved.get("stages", {}).get(n, {}).get("steps", -1))
+                 for n in saved.get("curriculum", [])}
+  asked = {n: int(config.stages[n].steps) for n in config.curriculum}
+  if saved_steps != asked:
+    raise LearningError(
+        f"{workdir} holds a finished run of other stage lengths ({saved_steps}) than asked "
+        f"({asked}, from --steps); use another --out, or delete that run to retrain it")
 
 
 def _interp(points: list[dict], key: str, at: float) -> float:

@@ -54,3 +54,25 @@ def test_summary_reads_the_curves():
   table = learning.markdown_table(summary, 500, "cmd", dict(cpu="X", cores=2,
                                                              load_average=(1.0, 1.0, 1.0)))
   assert "| a | 2 | 0.450 ± 0.071 |" in table and "n/a" in table
+
+
+def test_a_finished_run_is_reused_only_at_the_length_asked(tmp_path, monkeypatch):
+  import json  # pylint: disable=g-import-not-at-top
+  from curriculum_seg import rundir, stages  # pylint: disable=g-import-not-at-top
+
+  def no_training(*args, **kwargs):
+    raise AssertionError("a finished run of the asked length must not be retrained")
+  monkeypatch.setattr(stages, "train", no_training)
+  finished = learning.recipe_config("new", 0, 300, 100, "whole_only", str(tmp_path / "d"))
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(json.dumps(rundir.config_to_json(finished)))
+  (workdir / "summary.json").write_text("{}")
+  (workdir / "metrics.jsonl").write_text(
+      json.dumps(dict(global_step=100, stage="whole", elapsed_s=5.0, val_dice=0.5)) + "\n")
+  again = learning.train_one(finished, str(workdir), print)
+  assert again["steps"] == 300 and [p["val_dice"] for p in again["curve"]] == [0.5]
+  longer = learning.recipe_config("new", 0, 1200, 100, "whole_only", str(tmp_path / "d"))
+  with pytest.raises(learning.LearningError, match=r"other stage lengths \(\{'whole': 300\}\).*"
+                                                   r"\{'whole': 1200\}"):
+    learning.train_one(longer, str(workdir), print)
