@@ -267,12 +267,19 @@ def _atomic_write(path: str, text: str) -> None:
 
 
 def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+  """Dotted keys where saved config `a` and current config `b` differ; a field that `a` predates
+  counts as equal when `b` holds the value that gives the old behaviour
+  (rundir.ADDED_FIELD_DEFAULTS)."""
+  from curriculum_seg import rundir  # pylint: disable=g-import-not-at-top
   keys = sorted(set(a) | set(b))
   out = []
   for k in keys:
     x, y = a.get(k, "<absent>"), b.get(k, "<absent>")
     if isinstance(x, dict) and isinstance(y, dict):
       out += _differences(x, y, f"{prefix}{k}.")
+    elif k not in a and k in rundir.ADDED_FIELD_DEFAULTS:
+      if y != rundir.ADDED_FIELD_DEFAULTS[k]:
+        out.append(f"{prefix}{k}")
     elif x != y:
       out.append(f"{prefix}{k}")
   return out

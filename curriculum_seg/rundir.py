@@ -100,6 +100,7 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 ADDED_FIELD_DEFAULTS = {
     "downsample": "maxpool", "convs_per_level": 2, "skip": "concat", "input_stride": 1,
     "foreground_prior": None, "dice_weight": 1.0, "ce_weight": 1.0, "tumour_fraction": 0.0,
+    "lesion_scale": [1.0, 1.0], "lesion_invert": 0.0,
 }
 
 

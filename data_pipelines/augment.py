@@ -1,6 +1,6 @@
 """Joint image/label augmentation: parameters drawn on the host, pixels moved on the device.
 
-Parameters (flips, rotation, scaling, intensity jitter) are a pure function of (seed, global
+Parameters (flips, rotation, scaling, intensity jitter, lesion contrast) are a pure function of (seed, global
 example position) through a counter-based hash, so they never depend on threads, processes or
 devices. Pixels move by one affine map per example that the image (bilinear) and the label
 (nearest neighbour) share, which keeps them aligned by construction; the same map centres a patch
@@ -12,6 +12,13 @@ pipeline. Measured (benchmarks/pipeline.py --warp, 2-core Xeon @ 2.5 GHz): one 2
 ~6.5 ms per core with TF's ImageProjectiveTransformV3 and ~3.5 ms with XLA:CPU, against a budget
 of 1 ms per slice for the whole host pipeline, while an accelerator warps a batch in
 microseconds. So the host only draws parameters and the device does the pixel work.
+
+Lesion contrast (`lesion_scale`, `lesion_invert`) is label-guided: inside the (warped) tumour
+label, each voxel's difference from the slice's mean liver HU is multiplied by a factor whose
+size is drawn from `lesion_scale` and whose sign is negative with probability `lesion_invert`,
+so a hypo-dense training lesion may become a fainter, stronger or hyper-dense one (liver
+lesions are either, depending on the tumour and the contrast phase). It applies to every context
+channel through the centre slice's label, before windowing; slices without liver are unchanged.
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ STREAM_FLIP_LR = 3
 STREAM_FLIP_UD = 4
 STREAM_INTENSITY_SCALE = 5
 STREAM_INTENSITY_SHIFT = 6
+STREAM_LESION_SCALE = 7
+STREAM_LESION_INVERT = 8
+LIVER, TUMOUR = 1, 2  # LiTS label values
 
 _MASK64 = (1 << 64) - 1
 
@@ -69,6 +79,8 @@ class AugmentSpec:
   scale_range: tuple[float, float] = (1.0, 1.0)  # uniform zoom factor (>1 magnifies)
   intensity_shift: float = 0.0  # uniform additive shift in [-s, s] after windowing
   intensity_scale: float = 0.0  # uniform factor in [1 - s, 1 + s] after windowing
+  lesion_scale: tuple[float, float] = (1.0, 1.0)  # |factor| on a lesion's contrast to the liver
+  lesion_invert: float = 0.0    # probability that the factor is negative (polarity flipped)
   on_device: bool = True        # warp in the device feed (True) or in the host pipeline
 
   def __post_init__(self):
@@ -86,6 +98,13 @@ class AugmentSpec:
       raise ValueError(f"augment.intensity_shift must be in [0, 1], got {self.intensity_shift}")
     if not 0.0 <= self.intensity_scale < 1.0:
       raise ValueError(f"augment.intensity_scale must be in [0, 1), got {self.intensity_scale}")
+    lo, hi = self.lesion_scale
+    if not 0.0 <= lo <= hi:
+      raise ValueError(f"augment.lesion_scale must be (lo, hi) with 0 <= lo <= hi, got "
+                       f"{self.lesion_scale}")
+    if not 0.0 <= self.lesion_invert <= 1.0:
+      raise ValueError(f"augment.lesion_invert must be a probability in [0, 1], got "
+                       f"{self.lesion_invert}")
 
   @classmethod
   def from_config(cls, cfg: Any) -> "AugmentSpec":
@@ -94,13 +113,17 @@ class AugmentSpec:
       return cls()
     get = cfg.get
     scale = get("scale_range", (1.0, 1.0))
-    if len(tuple(scale)) != 2:
-      raise ValueError(f"augment.scale_range must be a pair (lo, hi), got {scale!r}")
+    lesion = get("lesion_scale", (1.0, 1.0))
+    for key, pair in (("scale_range", scale), ("lesion_scale", lesion)):
+      if len(tuple(pair)) != 2:
+        raise ValueError(f"augment.{key} must be a pair (lo, hi), got {pair!r}")
     return cls(enabled=bool(get("enabled", False)), flip_lr=float(get("flip_lr", 0.0)),
                flip_ud=float(get("flip_ud", 0.0)), rotate_deg=float(get("rotate_deg", 0.0)),
                scale_range=(float(scale[0]), float(scale[1])),
                intensity_shift=float(get("intensity_shift", 0.0)),
                intensity_scale=float(get("intensity_scale", 0.0)),
+               lesion_scale=(float(lesion[0]), float(lesion[1])),
+               lesion_invert=float(get("lesion_invert", 0.0)),
                on_device=bool(get("on_device", True)))
 
   @property
@@ -108,6 +131,11 @@ class AugmentSpec:
     """True when pixels move (flips, rotation or scaling), i.e. a warp is needed."""
     return self.enabled and (self.flip_lr > 0 or self.flip_ud > 0 or self.rotate_deg > 0
                              or self.scale_range != (1.0, 1.0))
+
+  @property
+  def lesion_contrast(self) -> bool:
+    """True when lesion contrast changes (the batches then carry a third intensity column)."""
+    return self.enabled and (self.lesion_scale != (1.0, 1.0) or self.lesion_invert > 0)
 
   def footprint(self, out_size: int) -> int:
     """Side of the input square around a patch centre that any drawn map can sample."""
@@ -127,7 +155,7 @@ def sample_params(spec: AugmentSpec, seed: int, positions) -> dict[str, np.ndarr
     zeros = np.zeros(n, np.float32)
     return dict(angle=zeros, scale=np.ones(n, np.float32), flip_lr=np.zeros(n, bool),
                 flip_ud=np.zeros(n, bool), intensity_scale=np.ones(n, np.float32),
-                intensity_shift=zeros)
+                intensity_shift=zeros, lesion_factor=np.ones(n, np.float32))
   u = lambda stream: counter_uniform(seed, positions, stream)  # noqa: E731
   lo, hi = spec.scale_range
   return dict(
@@ -138,7 +166,10 @@ def sample_params(spec: AugmentSpec, seed: int, positions) -> dict[str, np.ndarr
       intensity_scale=(1 + (2 * u(STREAM_INTENSITY_SCALE) - 1) * spec.intensity_scale
                        ).astype(np.float32),
       intensity_shift=((2 * u(STREAM_INTENSITY_SHIFT) - 1) * spec.intensity_shift
-                       ).astype(np.float32))
+                       ).astype(np.float32),
+      lesion_factor=(np.where(u(STREAM_LESION_INVERT) < spec.lesion_invert, -1.0, 1.0)
+                     * (spec.lesion_scale[0] + (spec.lesion_scale[1] - spec.lesion_scale[0])
+                        * u(STREAM_LESION_SCALE))).astype(np.float32))
 
 
 def affine_matrices(params: Mapping[str, np.ndarray], out_centre: float,
@@ -157,9 +188,11 @@ def affine_matrices(params: Mapping[str, np.ndarray], out_centre: float,
   return np.concatenate([m, t[..., None]], -1).astype(np.float32)
 
 
-def intensity_pairs(params: Mapping[str, np.ndarray]) -> np.ndarray:
-  """[n, 2] float32 (scale, shift) applied after windowing."""
-  return np.stack([params["intensity_scale"], params["intensity_shift"]], -1).astype(np.float32)
+def intensity_pairs(params: Mapping[str, np.ndarray], lesion: bool = False) -> np.ndarray:
+  """[n, 2] float32 (scale, shift) applied after windowing; with `lesion`, [n, 3] with the lesion
+  contrast factor third (`AugmentSpec.lesion_contrast`; `make_finish` applies it)."""
+  keys = ("intensity_scale", "intensity_shift") + (("lesion_factor",) if lesion else ())
+  return np.stack([params[k] for k in keys], -1).astype(np.float32)
 
 
 # ---- pixel ops (JAX; run jitted on the accelerator or the host CPU) ----
@@ -207,6 +240,19 @@ def warp_nearest(label, affine, out_size: int, fill: int = 0):
   return _take(label, yi, xi, fill)
 
 
+def scale_lesion_contrast(hu, label, factor):
+  """HU [H, W, C] with every channel's voxels under the tumour label (of [H, W] `label`) moved to
+  ref + factor * (hu - ref), ref the mean HU of the centre channel's liver voxels (label 1);
+  unchanged where the slice holds no liver."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  hu = hu.astype(jnp.float32)
+  liver = (label == LIVER).astype(jnp.float32)
+  count = liver.sum()
+  ref = (hu[..., hu.shape[-1] // 2] * liver).sum() / jnp.maximum(count, 1.0)
+  tumour = ((label == TUMOUR) & (count > 0))[..., None]
+  return jnp.where(tumour, ref + factor * (hu - ref), hu)
+
+
 def window(hu, hu_window: tuple[float, float]):
   """HU -> [0, 1] through the window (lo, hi), clipped (the paper: -60..140 HU)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -225,7 +271,7 @@ def make_finish(hu_window: tuple[float, float], out_size: int,
   """The device half of a training batch: warp, window, jitter; returns the model's batch.
 
   In: `image` int16 HU [b, F, F, C], `label` uint8 [b, F, F], `mask` [b], `affine` [b, 2, 3],
-  `intensity` [b, 2]. Out: `image` float32 [b, O, O, C] in [0, 1], `label` int32 [b, O, O],
+  `intensity` [b, 2] (scale, shift) or [b, 3] (+ the lesion contrast factor). Out: `image` float32 [b, O, O, C] in [0, 1], `label` int32 [b, O, O],
   `mask` float32 [b]. Row-wise, so the result does not depend on how rows are sharded.
   """
   import jax  # pylint: disable=g-import-not-at-top
@@ -237,6 +283,8 @@ def make_finish(hu_window: tuple[float, float], out_size: int,
       label = warp_nearest(label, affine, out_size)
     else:
       hu = image
+    if intensity.shape[-1] == 3:
+      hu = scale_lesion_contrast(hu, label, intensity[2])
     return jitter_intensity(window(hu, hu_window), intensity[0], intensity[1]), label
 
   def finish(batch):

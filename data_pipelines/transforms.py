@@ -127,7 +127,8 @@ class CropPatch(grain.transforms.Map):
 
 @dataclasses.dataclass(frozen=True)
 class DrawAugmentation(grain.transforms.Map):
-  """+ `affine` [n, 2, 3] (output pixel -> input pixel) and `intensity` [n, 2] of each row,
+  """+ `affine` [n, 2, 3] (output pixel -> input pixel) and `intensity` [n, 2] ([n, 3] with lesion
+  contrast) of each row,
   drawn from (seed, position) by augment.sample_params (identity when augmentation is off)."""
 
   spec: augment.AugmentSpec
@@ -138,7 +139,7 @@ class DrawAugmentation(grain.transforms.Map):
   def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     params = augment.sample_params(self.spec, self.seed, batch["position"])
     return dict(batch, affine=augment.affine_matrices(params, self.out_centre, self.in_centre),
-                intensity=augment.intensity_pairs(params))
+                intensity=augment.intensity_pairs(params, lesion=self.spec.lesion_contrast))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,7 +29,7 @@ def _finish(spec, images, labels, seed=0, out_size=None, out_centre=None, in_cen
   params = augment.sample_params(spec, seed, np.arange(n))
   batch = dict(image=images, label=labels, mask=np.ones(n, np.float32),
                affine=augment.affine_matrices(params, out_centre, in_centre),
-               intensity=augment.intensity_pairs(params))
+               intensity=augment.intensity_pairs(params, lesion=spec.lesion_contrast))
   finish = jax.jit(augment.make_finish((-60.0, 140.0), out_size, warp=True))
   return jax.tree.map(np.asarray, finish(batch)), batch
 
@@ -145,9 +145,69 @@ def test_intensity_jitter_scales_and_shifts_windowed_values():
 
 @pytest.mark.parametrize("key,value", [("flip_lr", 1.5), ("flip_ud", -0.1), ("rotate_deg", -1),
                                        ("scale_range", (1.2, 0.8)), ("intensity_shift", 2.0),
-                                       ("intensity_scale", 1.0)])
+                                       ("intensity_scale", 1.0), ("lesion_scale", (1.5, 0.5)),
+                                       ("lesion_scale", (-0.5, 1.0)), ("lesion_scale", (1.0,)),
+                                       ("lesion_invert", 1.2)])
 def test_bad_augment_values_name_their_key(key, value):
   cfg = dict(enabled=True)
   cfg[key] = value
   with pytest.raises(ValueError, match=f"augment.{key}"):
     augment.AugmentSpec.from_config(cfg)
+
+
+LESION = augment.AugmentSpec(enabled=True, lesion_scale=(0.5, 1.5), lesion_invert=0.25)
+
+
+def test_lesion_contrast_factors_are_drawn_as_asked_and_leave_the_rest_alone():
+  params = augment.sample_params(LESION, 7, np.arange(4000))
+  f = params["lesion_factor"]
+  assert (np.abs(f) >= 0.5).all() and (np.abs(f) <= 1.5).all() and np.abs(f).std() > 0.2
+  assert abs((f < 0).mean() - 0.25) < 0.03
+  plain = augment.sample_params(augment.AugmentSpec(enabled=True), 7, np.arange(4000))
+  assert (plain["lesion_factor"] == 1).all()
+  for key in ("angle", "scale", "flip_lr", "flip_ud", "intensity_scale", "intensity_shift"):
+    np.testing.assert_array_equal(params[key], plain[key])  # its own hash streams
+  assert LESION.lesion_contrast and not augment.AugmentSpec(enabled=True).lesion_contrast
+  assert not augment.AugmentSpec(lesion_invert=1.0).lesion_contrast, "augmentation off"
+  assert augment.intensity_pairs(params, lesion=True).shape == (4000, 3)
+  assert augment.intensity_pairs(params).shape == (4000, 2)
+  spec = augment.AugmentSpec.from_config(dict(enabled=True, lesion_scale=[0.5, 1.5],
+                                              lesion_invert=0.25))
+  assert spec == LESION
+
+
+def _liver_with_lesion(n=1):
+  """Liver at 100 HU (slice 0: 90 / 100 / 110 over the context channels), a 60 HU lesion."""
+  label = np.zeros((n, 8, 8), np.uint8)
+  label[:, 1:7, 1:7] = 1
+  label[:, 3:5, 3:5] = 2
+  image = np.full((n, 8, 8, 3), -200, np.int16)
+  image[:, 1:7, 1:7] = np.array([90, 100, 110], np.int16)
+  image[:, 3:5, 3:5] = np.array([50, 60, 70], np.int16)
+  return image, label
+
+
+def test_lesion_contrast_moves_only_tumour_voxels_about_the_liver_mean():
+  image, label = _liver_with_lesion()
+  ref = 100.0  # the centre channel's mean over liver voxels (label 1 only)
+  for factor, centre in ((-1.0, 140.0), (0.5, 80.0), (1.0, 60.0), (0.0, 100.0)):
+    out = np.asarray(augment.scale_lesion_contrast(image[0], label[0], factor))
+    np.testing.assert_allclose(out[3, 3], ref + factor * (image[0, 3, 3] - ref))
+    assert out[3, 3, 1] == pytest.approx(centre)
+    np.testing.assert_array_equal(out[label[0] != 2], image[0][label[0] != 2])
+  no_liver = np.where(label[0] == 1, 0, label[0])
+  np.testing.assert_array_equal(
+      np.asarray(augment.scale_lesion_contrast(image[0], no_liver, -1.0)), image[0])
+
+
+def test_the_device_finish_applies_the_drawn_lesion_factor():
+  image, label = _liver_with_lesion(64)
+  out, batch = _finish(LESION, image, label, seed=3)
+  assert batch["intensity"].shape == (64, 3)
+  f = batch["intensity"][:, 2]
+  expected = np.clip((100 + f * (60 - 100) + 60) / 200, 0, 1)  # windowed -60..140
+  np.testing.assert_allclose(out["image"][:, 3, 3, 1], expected, atol=1e-5)
+  np.testing.assert_allclose(out["image"][:, 2, 2, 1], 160 / 200, atol=1e-6)
+  assert (f < 0).any() and (out["image"][f < 0, 3, 3, 1] > 0.8).all(), "inverted: brighter"
+  plain, _ = _finish(augment.AugmentSpec(), image, label, seed=3)
+  np.testing.assert_allclose(plain["image"][:, 3, 3, 1], 0.6, atol=1e-6)

@@ -589,3 +589,22 @@ def test_liver_crop_eval_holds_the_training_crops(data):
       np.testing.assert_array_equal(batch["label"][k], label)
       np.testing.assert_allclose(batch["image"][k], image, atol=1e-5)
   stream.close()
+
+
+def test_lesion_contrast_changes_tumour_pixels_only(data):
+  builder, data_cfg = data
+  still = dict(enabled=True, flip_lr=0.0, flip_ud=0.0, rotate_deg=0.0, scale_range=(1.0, 1.0),
+               intensity_shift=0.0, intensity_scale=0.0)
+
+  def batches(**lesion):
+    return take(pipelines.make_train_pipeline(
+        builder, data_cfg, augment_cfg(**still, **lesion), stage(
+            pipeline="patch", batch_size=16, positive_fraction=0.5), 0, 0, 1), 3)
+  plain, inverted = batches(), batches(lesion_invert=1.0)
+  changed = 0
+  for a, b in zip(plain, inverted):
+    np.testing.assert_array_equal(a["label"], b["label"])
+    tumour = np.broadcast_to((a["label"] == 2)[..., None], a["image"].shape)
+    np.testing.assert_array_equal(a["image"][~tumour], b["image"][~tumour])
+    changed += int((np.abs(a["image"] - b["image"])[tumour] > 0.05).sum())
+  assert changed > 0, "inverted lesions must look different"
