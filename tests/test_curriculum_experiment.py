@@ -249,3 +249,14 @@ def test_the_default_experiment_data_and_budget():
   assert splits["validation"] == [0, 2, 3, 5]
   assert splits["train"] == [1, 4, 6, 7, 8, 9, 10, 11, 12, 13]
   assert splits["test"] == list(range(14, 54))
+
+
+def test_a_record_saved_before_a_config_field_existed_still_matches():
+  saved = {"augment": {"enabled": True, "flip_lr": 0.5}, "stages": {"whole": {"steps": 1200}}}
+  current = {"augment": {"enabled": True, "flip_lr": 0.5, "lesion_scale": [1.0, 1.0],
+                         "lesion_invert": 0.0}, "stages": {"whole": {"steps": 1200}}}
+  assert ce._differences(saved, current) == []  # pylint: disable=protected-access
+  current["augment"]["lesion_invert"] = 0.3
+  current["stages"]["whole"]["steps"] = 600
+  assert ce._differences(saved, current) == [  # pylint: disable=protected-access
+      "augment.lesion_invert", "stages.whole.steps"]
