@@ -1,8 +1,8 @@
 """Joint image/label augmentation: parameters drawn on the host, pixels moved on the device.
 
-Parameters (flips, rotation, scaling, intensity jitter, lesion contrast) are a pure function of (seed, global
-example position) through a counter-based hash, so they never depend on threads, processes or
-devices. Pixels move by one affine map per example that the image (bilinear) and the label
+Parameters (flips, rotation, scaling, intensity jitter, lesion contrast) are a pure function of
+(seed, global example position) through a counter-based hash, so they never depend on threads,
+processes or devices. Pixels move by one affine map per example that the image (bilinear) and the label
 (nearest neighbour) share, which keeps them aligned by construction; the same map centres a patch
 and pads with air where it leaves the slice.
 
