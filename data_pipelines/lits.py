@@ -15,6 +15,7 @@ import gzip
 import os
 import shutil
 import tempfile
+import threading
 import zlib
 from typing import Optional
 
@@ -89,8 +90,10 @@ def write_nifti_atomically(image: nib.Nifti1Image, path: str | os.PathLike) -> N
   """Saves a NIfTI image so that `path` is either absent or complete (never half-written)."""
   path = epath.Path(path)
   suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
-  fd, tmp = tempfile.mkstemp(suffix=suffix, dir=_local_dir_for(path))
-  os.close(fd)
+  # A temporary name of our own rather than mkstemp's: open() applies the process umask, so
+  # the mask gets the permissions of any other file the user writes (mkstemp's are 0600).
+  folder = _local_dir_for(path) or tempfile.gettempdir()
+  tmp = os.path.join(folder, f".tmp-{os.getpid()}-{threading.get_ident()}{suffix}")
   try:
     nib.save(image, tmp)
     if _is_local(path):
@@ -278,28 +281,64 @@ def load_case(volume_path: str | os.PathLike,
               segmentation_path=None if segmentation_path is None else os.fspath(segmentation_path))
 
 
-def find_cases(lits_dir: str | os.PathLike) -> dict[int, tuple[epath.Path, epath.Path]]:
-  """Lists `volume-N` / `segmentation-N` pairs in a LiTS folder, keyed by N.
+def check_segmentation(path: str | os.PathLike) -> None:
+  """Validates a segmentation file on its own: readable, 3-D, whole data, labels in {0, 1, 2}.
 
-  Raises CaseError if the folder is missing, holds no volume, or a volume has no segmentation.
+  `load_case` stops at a bad volume; a folder check (`data_pipelines.verify`) uses this to name a
+  bad segmentation of the same case too. Raises CaseError naming the file.
+  """
+  temps: list[str] = []
+  try:
+    seg = _open_nifti(path, "segmentation", temps)
+    shape = _shape3(seg, path, "segmentation")
+    slope, inter = _scaling(seg, path, "segmentation")
+    _to_labels(_read_raw(seg, shape, path, "segmentation"), slope, inter, path)
+  finally:
+    for t in temps:
+      os.remove(t)
+
+
+def list_case_files(lits_dir: str | os.PathLike
+                    ) -> dict[int, tuple[list[epath.Path], list[epath.Path]]]:
+  """Every `volume-N` and `segmentation-N` file of a LiTS folder, by N, without judging them.
+
+  Returns {N: (volume files, segmentation files)}, each list sorted by name and possibly empty
+  or holding duplicates (`volume-1.nii` and `volume-1.nii.gz`): `find_cases` refuses those, a
+  folder check lists them all. Raises CaseFileNotFoundError if the folder does not exist.
   """
   root = epath.Path(lits_dir)
   if not root.is_dir():
     raise CaseFileNotFoundError(f"{lits_dir}: LiTS folder does not exist")
-  volumes, segmentations = {}, {}
+  found: dict[int, tuple[list[epath.Path], list[epath.Path]]] = {}
   for p in root.iterdir():
     name = p.name
-    for prefix, table in (("volume-", volumes), ("segmentation-", segmentations)):
+    for role, prefix in enumerate(("volume-", "segmentation-")):
       for ext in (".nii.gz", ".nii"):
         if name.startswith(prefix) and name.endswith(ext):
           number = name[len(prefix):-len(ext)]
           if number.isdigit():
-            if int(number) in table:
-              raise CaseError(f"{p}: case {number} is stored twice in {lits_dir}")
-            table[int(number)] = p
-  if not volumes:
+            found.setdefault(int(number), ([], []))[role].append(p)
+  for volumes, segmentations in found.values():
+    volumes.sort(key=lambda p: p.name)
+    segmentations.sort(key=lambda p: p.name)
+  return dict(sorted(found.items()))
+
+
+def find_cases(lits_dir: str | os.PathLike) -> dict[int, tuple[epath.Path, epath.Path]]:
+  """Lists `volume-N` / `segmentation-N` pairs in a LiTS folder, keyed by N.
+
+  Raises CaseError if the folder is missing, holds no volume, a case is stored twice, or a volume
+  has no segmentation (a segmentation without a volume is ignored).
+  """
+  files = list_case_files(lits_dir)
+  for number, (volumes, segmentations) in files.items():
+    for paths in (volumes, segmentations):
+      if len(paths) > 1:
+        raise CaseError(f"{paths[1]}: case {number} is stored twice in {lits_dir}")
+  numbers = [n for n, (volumes, _) in files.items() if volumes]
+  if not numbers:
     raise CaseError(f"{lits_dir}: no volume-N.nii[.gz] files in the LiTS folder")
-  missing = sorted(set(volumes) - set(segmentations))
+  missing = [n for n in numbers if not files[n][1]]
   if missing:
     raise CaseError(f"{lits_dir}: volumes without a segmentation-N file: {missing[:10]}")
-  return {n: (volumes[n], segmentations[n]) for n in sorted(volumes)}
+  return {n: (files[n][0][0], files[n][1][0]) for n in numbers}
