@@ -24,6 +24,7 @@ commands:
            [--coordinator_address H:P --num_processes N --process_id I]  (one process of N)
   evaluate --workdir DIR [--split validation]     score the run's chosen checkpoint on volumes
   predict  --workdir DIR --input CT --output MASK segment CT volumes (a file or a folder)
+  score    --reference DIR --prediction DIR       LiTS scores of any tool's masks
 
 `curriculum-seg COMMAND --help` describes a command's options.
 """
@@ -276,6 +277,12 @@ def cmd_predict(argv: list[str]) -> int:
   parser.add_argument("--liver", default=None,
                       help="a liver mask for a single --input (non-zero = liver): tumour is "
                            "kept inside it and it is written as label 1")
+  parser.add_argument("--save_probabilities", action="store_true",
+                      help="also write the network's softmax beside each mask X.nii[.gz] as "
+                           "X.npz (as nnU-Net): 'probabilities' float16 of shape (K, *the "
+                           "mask's array shape), in the mask file's array order, before "
+                           "post-processing; 'classes' the LiTS label of each of the K classes "
+                           "and 'class_names'. Not for cascade runs (two networks)")
   args = parser.parse_args(argv)
   options = _inference_options(args)
   jobs = predict_jobs(args.input, args.output)
@@ -288,6 +295,8 @@ def cmd_predict(argv: list[str]) -> int:
   try:
     predictor = inference.load_predictor(args.workdir, stage=args.stage, step=args.step,
                                          which=args.checkpoint, options=options)
+    if args.save_probabilities:
+      predictor.probability_classes()  # refuses a cascade before any work
   except inference.InferenceError as e:
     raise UsageError(str(e)) from e
   print(f"segmenting {len(jobs)} volume(s) with {predictor.describe()}", flush=True)
@@ -299,7 +308,10 @@ def cmd_predict(argv: list[str]) -> int:
     t0 = time.perf_counter()
     bar.set_postfix_str(os.path.basename(volume))
     try:
-      labels = predictor.predict_file(volume, mask, liver_path=args.liver)
+      labels = predictor.predict_file(
+          volume, mask, liver_path=args.liver,
+          probabilities_path=(inference.probabilities_path_for(mask)
+                              if args.save_probabilities else None))
     except (ValueError, FileNotFoundError) as e:  # one bad file does not stop a folder
       if len(jobs) == 1:
         raise
@@ -314,12 +326,36 @@ def cmd_predict(argv: list[str]) -> int:
   return 1 if failed else 0
 
 
+def cmd_score(argv: list[str]) -> int:
+  parser = _Parser(prog="curriculum-seg score",
+                   description="Score any tool's LiTS-format masks (0/1/2) against reference "
+                               "masks with the LiTS metrics; writes metrics.json and metrics.md.")
+  parser.add_argument("--reference", required=True,
+                      help="folder of reference masks (segmentation-N.nii[.gz] or any *.nii[.gz])")
+  parser.add_argument("--prediction", required=True,
+                      help="folder of predicted masks, paired by name without .nii/.nii.gz "
+                           "(test-segmentation-N also answers segmentation-N)")
+  parser.add_argument("--output", default=None,
+                      help="output folder (default: score-<prediction folder> beside it)")
+  parser.add_argument("--allow_missing", action="store_true",
+                      help="score a reference without prediction as an empty prediction")
+  args = parser.parse_args(argv)
+  from curriculum_seg import score  # pylint: disable=g-import-not-at-top
+  try:
+    score.score_folders(args.reference, args.prediction, output_dir=args.output,
+                        allow_missing=args.allow_missing, log=lambda m: print(m, flush=True))
+  except score.ScoreError as e:
+    raise UsageError(str(e)) from e
+  return 0
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "synth": cmd_synth,
     "prepare": cmd_prepare,
     "train": cmd_train,
     "evaluate": cmd_evaluate,
     "predict": cmd_predict,
+    "score": cmd_score,
 }
 
 

@@ -174,17 +174,25 @@ def _mean_std(entry: dict) -> str:
   return text
 
 
+RVD_NOTE = ("- RVD = (|B| - |A|) / |A|, A the reference (the paper's sign); surface distances "
+            "in mm, mean ± std over cases with both or neither mask empty.")
+
+
 def markdown_report(result: dict) -> str:
   """The aggregate and per-case scores as Markdown tables."""
-  agg, cases = result["aggregate"], result["cases"]
   ck = result["checkpoint"]
   lines = [f"# Evaluation of {result['workdir']}", "",
            f"- checkpoint: {ck['description']}",
-           f"- cases: {agg['num_cases']} ({result['source']})",
-           f"- inference: {json.dumps(result['options'])}",
-           "- RVD = (|B| - |A|) / |A|, A the reference (the paper's sign); surface distances "
-           "in mm, mean ± std over cases with both or neither mask empty.", "",
-           "## Segmentation", "",
+           f"- cases: {result['aggregate']['num_cases']} ({result['source']})",
+           f"- inference: {json.dumps(result['options'])}", RVD_NOTE, ""]
+  return "\n".join(lines + report_tables(result)) + "\n"
+
+
+def report_tables(result: dict) -> list[str]:
+  """The Markdown lines of the score tables (segmentation, lesions, burden, cases, pictures) of
+  a result holding `aggregate` and `cases`; shared by `evaluate` and `score`."""
+  agg, cases = result["aggregate"], result["cases"]
+  lines = ["## Segmentation", "",
            "| structure | Dice per case | Dice global | Jaccard | VOE | RVD | ASSD | MSD | RMSD |",
            "|---|---|---|---|---|---|---|---|---|"]
   for name in ("tumour", "liver"):
@@ -220,7 +228,21 @@ def markdown_report(result: dict) -> str:
                  f"{d['iou']['tp']} | {liver} | {_fmt(c['seconds'], 1)} |")
   if result.get("pictures"):
     lines += ["", "## Pictures", ""] + [f"![{p}](pictures/{p})" for p in result["pictures"]]
-  return "\n".join(lines) + "\n"
+  return lines
+
+
+def case_line(case_id: str, scores: dict) -> str:
+  """One case's progress line: tumour Dice, lesions detected, seconds."""
+  return (f"  {case_id}: tumour Dice {_fmt(scores['tumour']['dice'])}, lesions "
+          f"{scores['detection']['iou']['tp']}/{scores['detection']['num_reference']} detected, "
+          f"{scores['seconds']:.1f} s")
+
+
+def write_report(output: epath.Path, result: dict, markdown: str) -> None:
+  """Writes `metrics.json` (the result, `metrics.json_safe`) and `metrics.md`, each atomically."""
+  rundir.write_atomically(output / "metrics.json", json.dumps(metrics.json_safe(result), indent=1,
+                                                    allow_nan=False).encode())
+  rundir.write_atomically(output / "metrics.md", markdown.encode())
 
 
 def default_output(workdir: epath.PathLike, split: str, lits_dir: Optional[str],
@@ -283,9 +305,7 @@ def evaluate_run(workdir: epath.PathLike, *, split: str = "validation",
       chooser.add(f"case-{n}", case, pred, scores)
     results.append(metrics.json_safe(scores))
     if not progress:
-      log(f"  case-{n}: tumour Dice {_fmt(scores['tumour']['dice'])}, lesions "
-          f"{scores['detection']['iou']['tp']}/{scores['detection']['num_reference']} detected, "
-          f"{scores['seconds']:.1f} s")
+      log(case_line(f"case-{n}", scores))
     del case, pred, scored
   aggregate = metrics.aggregate(results)
   names = []
@@ -305,9 +325,7 @@ def evaluate_run(workdir: epath.PathLike, *, split: str = "validation",
                 options=dataclasses.asdict(options), aggregate=aggregate, cases=results,
                 burden_uses_reference_liver=reference_liver, output=os.fspath(output),
                 pictures=names)
-  rundir.write_atomically(output / "metrics.json", json.dumps(metrics.json_safe(result), indent=1,
-                                                    allow_nan=False).encode())
-  rundir.write_atomically(output / "metrics.md", markdown_report(result).encode())
+  write_report(output, result, markdown_report(result))
   t = aggregate["tumour"]
   log(f"tumour Dice per case {_fmt(t['dice_per_case'])}, global {_fmt(t['dice_global'])}; "
       f"lesion recall (IoU > 0.5) {_fmt(aggregate['detection']['iou']['recall'])}; "

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 from typing import Any, Iterator, Optional
 
 import jax
@@ -198,20 +199,34 @@ class Network:
       probs = self.slice_probabilities(self.slice_stacks(image, z0, z1), options)
       yield z0, z1, slices.resample_probabilities_back(probs, (x, y))
 
-  def label_volume(self, image: np.ndarray,
-                   options: InferenceOptions = InferenceOptions()) -> np.ndarray:
-    """The raw argmax labels (X, Y, Z) uint8 in LiTS values: 0/2 tumour, 0/1 liver, 0/1/2."""
+  def label_volume(self, image: np.ndarray, options: InferenceOptions = InferenceOptions(),
+                   probabilities: Optional[np.ndarray] = None) -> np.ndarray:
+    """The raw argmax labels (X, Y, Z) uint8 in LiTS values: 0/2 tumour, 0/1 liver, 0/1/2.
+
+    `probabilities`, an (X, Y, Z, K) array (float16 keeps it at half a float32 copy), is filled
+    with the softmax chunk by chunk, classes in the order of `classes()`.
+    """
     labels = np.zeros(image.shape, np.uint8)
-    to_lits = _TASK_TO_LITS[self.task]
+    to_lits = self.classes()
+    if probabilities is not None and probabilities.shape != image.shape + (len(to_lits),):
+      raise ValueError(f"probabilities of shape {probabilities.shape} do not fit the volume "
+                       f"{image.shape} and {len(to_lits)} classes")
     for z0, z1, probs in self.volume_probabilities(image, options):
       labels[:, :, z0:z1] = np.moveaxis(to_lits[probs.argmax(-1)], 0, 2)
+      if probabilities is not None:
+        probabilities[:, :, z0:z1] = np.moveaxis(probs, 0, 2)
     return labels
+
+  def classes(self) -> np.ndarray:
+    """The LiTS label value of each output class of the network (uint8)."""
+    return _TASK_TO_LITS[self.task]
 
 
 # Model class index -> LiTS label value, per task.
 _TASK_TO_LITS = {"tumour": np.array([0, TUMOUR], np.uint8),
                  "liver": np.array([0, LIVER], np.uint8),
                  "three_class": np.array([0, LIVER, TUMOUR], np.uint8)}
+LABEL_NAMES = {0: "background", LIVER: "liver", TUMOUR: "tumour"}
 
 
 def default_mesh() -> jax.sharding.Mesh:
@@ -350,26 +365,55 @@ class Predictor:
     n = self.network
     return f"stage {n.stage} {n.which} checkpoint at step {n.step} (task {n.task})"
 
-  def predict(self, image: np.ndarray, spacing, liver: Optional[np.ndarray] = None) -> np.ndarray:
-    """LiTS labels (X, Y, Z) uint8 of a canonical int16 HU volume (see `postprocess`)."""
-    labels = self.network.label_volume(_check_image(image), self.options)
+  def predict(self, image: np.ndarray, spacing, liver: Optional[np.ndarray] = None,
+              probabilities: Optional[np.ndarray] = None) -> np.ndarray:
+    """LiTS labels (X, Y, Z) uint8 of a canonical int16 HU volume (see `postprocess`).
+
+    `probabilities` ((X, Y, Z, K), see `Network.label_volume`) receives the network's softmax,
+    before post-processing (as nnU-Net's saved probabilities).
+    """
+    labels = self.network.label_volume(_check_image(image), self.options, probabilities)
     return postprocess(labels, spacing, predicts_liver=self.predicts_liver,
                        options=self.options, liver=liver)
 
-  def predict_case(self, case: lits.Case, liver: Optional[np.ndarray] = None) -> np.ndarray:
+  def predict_case(self, case: lits.Case, liver: Optional[np.ndarray] = None,
+                   probabilities: Optional[np.ndarray] = None) -> np.ndarray:
     """Canonical LiTS labels of a loaded case (`case.save_mask` writes them in its geometry)."""
-    return self.predict(case.image, case.spacing, liver=liver)
+    if probabilities is None:  # subclasses (the cascade) have no `probabilities` to fill
+      return self.predict(case.image, case.spacing, liver=liver)
+    return self.predict(case.image, case.spacing, liver=liver, probabilities=probabilities)
+
+  def probability_classes(self) -> np.ndarray:
+    """The LiTS label of each softmax class; InferenceError where no single softmax exists."""
+    if len(self.networks) != 1:
+      raise InferenceError(f"{self.describe()}: chains several networks, so it has no single "
+                           "softmax to save as probabilities")
+    return self.network.classes()
 
   def predict_file(self, volume_path: epath.PathLike, output_path: epath.PathLike,
-                   liver_path: Optional[epath.PathLike] = None) -> np.ndarray:
+                   liver_path: Optional[epath.PathLike] = None,
+                   probabilities_path: Optional[epath.PathLike] = None) -> np.ndarray:
     """Segments one NIfTI volume and writes the mask with the input's shape, affine, orientation.
 
-    Returns the canonical labels. The output is written atomically (never half-written).
+    Returns the canonical labels. With `probabilities_path` (`.npz`) the network's softmax is
+    written too (`save_probabilities`). Outputs are written atomically (never half-written).
     """
     check_output_path(output_path)
+    classes = None
+    if probabilities_path is not None:
+      check_probabilities_path(probabilities_path)
+      classes = self.probability_classes()
     case = lits.load_case(volume_path)
     liver = load_liver_mask(liver_path, case) if liver_path is not None else None
-    labels = self.predict_case(case, liver=liver)
+    # float16, on the canonical grid and then (briefly both) in the file's layout: at most the
+    # bytes of one float32 copy of the K x volume softmax.
+    probabilities = None if classes is None else np.empty(case.image.shape + (len(classes),),
+                                                          np.float16)
+    labels = self.predict_case(case, liver=liver, probabilities=probabilities)
+    if probabilities is not None:
+      probabilities = case.to_original(probabilities)  # drops the canonical copy
+      save_probabilities(probabilities_path, np.moveaxis(probabilities, -1, 0), classes)
+      del probabilities
     case.save_mask(labels, output_path)
     return labels
 
@@ -394,6 +438,60 @@ def check_output_path(path: epath.PathLike) -> None:
     raise InferenceError(f"{path}: the output folder {path.parent} does not exist")
   if path.is_dir():
     raise InferenceError(f"{path}: is a folder, expected a mask file name")
+
+
+def probabilities_path_for(mask_path: epath.PathLike) -> str:
+  """`X.npz` beside a mask `X.nii.gz` or `X.nii`."""
+  text = os.fspath(mask_path)
+  for ext in (".nii.gz", ".nii"):
+    if text.endswith(ext):
+      return text[:-len(ext)] + ".npz"
+  return text + ".npz"
+
+
+def check_probabilities_path(path: epath.PathLike) -> None:
+  """Refuses a probabilities name that is not `.npz` or whose folder does not exist."""
+  path = epath.Path(path)
+  if not path.name.endswith(".npz"):
+    raise InferenceError(f"{path}: the probabilities file must be a .npz file")
+  if "://" not in os.fspath(path) and not path.parent.is_dir():
+    raise InferenceError(f"{path}: the output folder {path.parent} does not exist")
+  if path.is_dir():
+    raise InferenceError(f"{path}: is a folder, expected a .npz file name")
+
+
+def _umask() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+def save_probabilities(path: epath.PathLike, probabilities: np.ndarray,
+                       classes: np.ndarray) -> None:
+  """Writes `path` (.npz, zip-deflated as nnU-Net's): `probabilities` float16 (K, *the mask
+  file's array shape*), `classes` (uint8 LiTS label of each class) and `class_names`.
+
+  Atomic: a temporary file in the same folder renamed into place, with the permissions the
+  process umask gives a new file (not mkstemp's 0600). `probabilities` may be a strided view:
+  numpy writes it in buffered pieces, without a contiguous copy.
+  """
+  path = epath.Path(path)
+  local = "://" not in os.fspath(path)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
+                             dir=os.fspath(path.parent) if local else None)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.savez_compressed(f, probabilities=probabilities.astype(np.float16, copy=False),
+                          classes=np.asarray(classes, np.uint8),
+                          class_names=np.array([LABEL_NAMES[int(c)] for c in classes]))
+    os.chmod(tmp, 0o666 & ~_umask())
+    if local:
+      os.replace(tmp, path)
+    else:
+      epath.Path(tmp).copy(path, overwrite=True)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def load_liver_mask(path: epath.PathLike, case: lits.Case) -> np.ndarray:

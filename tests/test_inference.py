@@ -134,6 +134,62 @@ def tiny_run(tmp_path_factory):
   return workdir, config
 
 
+def _umask():
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+def test_saved_probabilities_lie_in_the_mask_files_layout(tmp_path):
+  """The oracle's softmax, saved beside a mask stored permuted and flipped: shape (K, *file
+  shape), sums to 1, its argmax is the written mask, atomically written with umask permissions."""
+  hu, labels = phantom()
+  axcodes = ("P", "I", "R")  # slices on the middle array axis
+  vol_path = tmp_path / "volume-0.nii.gz"
+  nib.save(synthetic.to_nifti(hu, (0.8, 0.7, 2.5), axcodes, "int16"), vol_path)
+  predictor = inference.Predictor(oracle_network(36),
+                                  inference.InferenceOptions(batch_size=4, chunk_slices=5))
+  out, npz = tmp_path / "mask.nii.gz", tmp_path / "mask.npz"
+  assert inference.probabilities_path_for(out) == str(npz)
+  predictor.predict_file(vol_path, out, probabilities_path=npz)
+  mask = np.asarray(nib.load(out).dataobj)
+  with np.load(npz) as saved:
+    probs, classes, names = saved["probabilities"], saved["classes"], saved["class_names"]
+  assert probs.dtype == np.float16 and probs.shape == (2,) + nib.load(vol_path).shape
+  assert classes.tolist() == [0, 2] and names.tolist() == ["background", "tumour"]
+  np.testing.assert_allclose(probs.astype(np.float32).sum(0), 1.0, atol=2e-3)
+  np.testing.assert_array_equal(classes[probs.argmax(0)], mask)
+  assert (mask == 2).any()
+  assert (os.stat(npz).st_mode & 0o777) == 0o666 & ~_umask()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.nii.gz", "mask.npz",
+                                                        "volume-0.nii.gz"]
+  with pytest.raises(inference.InferenceError, match=".npz"):
+    predictor.predict_file(vol_path, out, probabilities_path=tmp_path / "p.npy")
+  predictor.networks = {"liver": predictor.network, "tumour": predictor.network}  # a cascade
+  with pytest.raises(inference.InferenceError, match="no single softmax"):
+    predictor.probability_classes()
+
+
+def test_cli_predict_saves_probabilities_of_a_trained_run(tiny_run, tmp_path, capsys):
+  from curriculum_seg import cli
+  workdir, config = tiny_run
+  volume = lits.find_cases(config.data.lits_dir)[0][0]
+  out = tmp_path / "segmentation-0.nii.gz"
+  code = cli.main(["predict", "--workdir", str(workdir), "--input", str(volume), "--output",
+                   str(out), "--save_probabilities"])
+  assert code == 0, capsys.readouterr().err
+  mask = np.asarray(nib.load(out).dataobj)
+  with np.load(tmp_path / "segmentation-0.npz") as saved:
+    probs, classes = saved["probabilities"].astype(np.float32), saved["classes"]
+  assert probs.shape == (len(classes),) + nib.load(volume).shape
+  np.testing.assert_allclose(probs.sum(0), 1.0, atol=2e-3)
+  # A tumour-only model without a liver: post-processing keeps the argmax; float16 may only
+  # flip near-ties.
+  top = np.sort(probs, axis=0)
+  clear = top[-1] - top[-2] > 1e-2
+  np.testing.assert_array_equal(classes[probs.argmax(0)][clear], mask[clear])
+
+
 def test_flip_tta_averages_the_four_mirrorings(tiny_run):
   workdir, _ = tiny_run
   net = inference.load_network(workdir)
