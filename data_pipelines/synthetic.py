@@ -20,7 +20,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from typing import Any, Optional
 
 import nibabel as nib
@@ -31,6 +30,7 @@ from scipy import ndimage
 
 GENERATOR_VERSION = 1
 MANIFEST = "manifest.json"
+OWNER_MARK = ".curriculum_seg_synthetic"  # marks a folder the generator made
 
 # Storage variants seen across LiTS sites.
 ORIENTATIONS = (("R", "A", "S"), ("L", "P", "S"), ("L", "A", "S"), ("R", "A", "I"),
@@ -368,10 +368,13 @@ def to_nifti(image: np.ndarray, spacing, axcodes=("R", "A", "S"), storage: str =
 
 
 def _save(img: nib.Nifti1Image, path: str) -> None:
-  """Writes via a temporary file in the same folder, so a file is never half-written."""
-  fd, tmp = tempfile.mkstemp(suffix=".nii.gz" if path.endswith(".gz") else ".nii",
-                             dir=os.path.dirname(path))
-  os.close(fd)
+  """Writes via a temporary file in the same folder, so a file is never half-written.
+
+  The temporary file is created with open()'s mode (the process umask applies), not
+  mkstemp's 0600, so colleagues who may read the folder may read the cases.
+  """
+  folder, name = os.path.split(path)
+  tmp = os.path.join(folder, f".tmp-{os.getpid()}-{name}")  # keeps the .nii/.nii.gz suffix
   try:
     nib.save(img, tmp)
     os.replace(tmp, path)
@@ -399,15 +402,77 @@ def write_case(out_dir: str, seed: int, index: int, cfg: SynthConfig = SynthConf
       num_tumours=len(case["tumours"]), tumours=case["tumours"])
 
 
+class ForeignFolderError(ValueError):
+  """A folder that holds files this generator did not write: synthesis never writes there."""
+
+
+def _read_mark(out_dir: str) -> Optional[dict]:
+  path = os.path.join(out_dir, OWNER_MARK)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return None
+
+
+def _write_json(out_dir: str, name: str, value: Any) -> None:
+  tmp = os.path.join(out_dir, f".tmp-{os.getpid()}-{name}")
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=1)
+  os.replace(tmp, os.path.join(out_dir, name))
+
+
+def check_writable(out_dir: str, key: str = "out_dir") -> None:
+  """Raises ForeignFolderError unless synthesis may write into `out_dir`: a folder that does
+  not exist, an empty one, or one this generator made (its mark file or manifest is there).
+
+  `key` names the setting in the message (e.g. 'data.lits_dir').
+  """
+  if not os.path.exists(out_dir):
+    return
+  if not os.path.isdir(out_dir):
+    raise ForeignFolderError(f"{key}={out_dir} is a file, not a folder")
+  if _read_mark(out_dir) is not None or read_manifest(out_dir) is not None:
+    return
+  names = sorted(n for n in os.listdir(out_dir))
+  if names:
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    advice = ("for your own LiTS cases there, give --config.data.synthetic.enabled=false (or "
+              "use configs/lits_local.py); to synthesise, name a new folder"
+              if key.startswith("config.") else "name a new or empty folder")
+    raise ForeignFolderError(
+        f"{key}={out_dir} holds files that the synthetic generator did not write ({shown}), "
+        f"and it writes only into an empty folder or one it made: {advice}")
+
+
 def synthesise(out_dir: str, num_cases: int, seed: int, cfg: SynthConfig = SynthConfig(),
-               progress: Optional[Any] = None) -> dict:
-  """Writes `num_cases` synthetic cases and `manifest.json` (written last, marking completion)."""
+               progress: Optional[Any] = None, key: str = "out_dir") -> dict:
+  """Writes `num_cases` synthetic cases and `manifest.json` (written last, marking completion).
+
+  Only into a folder that `check_writable` allows. The folder's mark file lists every file the
+  generator ever wrote there (updated before writing), so files of an earlier, larger or
+  interrupted synthesis that the new manifest does not list are removed, and nothing else is.
+  """
   if num_cases < 1:
     raise ValueError(f"num_cases must be >= 1, got {num_cases}")
+  check_writable(out_dir, key)
   os.makedirs(out_dir, exist_ok=True)
   manifest_path = os.path.join(out_dir, MANIFEST)
+  ext = ".nii.gz" if cfg.compress else ".nii"
+  new_files = [f"{kind}-{i}{ext}" for i in range(num_cases) for kind in ("volume", "segmentation")]
+  mark = _read_mark(out_dir) or dict(generator="curriculum-seg synthetic", files=[])
+  old = read_manifest(out_dir)
+  written = set(mark["files"]) | {c[k] for c in (old or {}).get("cases", [])
+                                  for k in ("volume", "segmentation")}
+  _write_json(out_dir, OWNER_MARK, dict(mark, files=sorted(written | set(new_files))))
   if os.path.exists(manifest_path):
     os.remove(manifest_path)  # the folder is incomplete until the new manifest lands
+  for name in sorted(written - set(new_files)):  # the generator's own stale cases
+    stale = os.path.join(out_dir, name)
+    if os.path.exists(stale):
+      os.remove(stale)
   records = []
   for i in range(num_cases):
     records.append(write_case(out_dir, seed, i, cfg))
@@ -416,28 +481,33 @@ def synthesise(out_dir: str, num_cases: int, seed: int, cfg: SynthConfig = Synth
   manifest = dict(generator_version=GENERATOR_VERSION, seed=seed, num_cases=num_cases,
                   config=dataclasses.asdict(cfg), cases=records)
   manifest = json.loads(json.dumps(manifest))  # return exactly what the file holds
-  fd, tmp = tempfile.mkstemp(suffix=".json", dir=out_dir)
-  with os.fdopen(fd, "w") as f:
-    json.dump(manifest, f, indent=1)
-  os.replace(tmp, manifest_path)
+  _write_json(out_dir, OWNER_MARK, dict(mark, files=sorted(new_files)))
+  _write_json(out_dir, MANIFEST, manifest)
   return manifest
 
 
 def read_manifest(out_dir: str) -> Optional[dict]:
-  """The manifest of a complete synthetic folder, or None when absent (folder incomplete)."""
+  """The manifest of a complete synthetic folder, or None when absent (folder incomplete) or
+  when `manifest.json` is not the generator's (another tool's file of that name)."""
   path = os.path.join(out_dir, MANIFEST)
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      manifest = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return None
+  if not isinstance(manifest, dict) or not {"generator_version", "cases"} <= set(manifest):
+    return None
+  return manifest
 
 
 def ensure_synthetic(out_dir: str, num_cases: int, seed: int, cfg: SynthConfig,
-                     progress: Optional[Any] = None) -> dict:
+                     progress: Optional[Any] = None, key: str = "out_dir") -> dict:
   """Synthesises into `out_dir` unless a complete folder with the same parameters is there."""
   manifest = read_manifest(out_dir)
   if (manifest is not None and manifest["seed"] == seed and manifest["num_cases"] == num_cases
       and manifest["generator_version"] == GENERATOR_VERSION
       and manifest["config"] == json.loads(json.dumps(dataclasses.asdict(cfg)))):
     return manifest
-  return synthesise(out_dir, num_cases, seed, cfg, progress)
+  return synthesise(out_dir, num_cases, seed, cfg, progress, key)
