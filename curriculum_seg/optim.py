@@ -8,6 +8,8 @@ applied from the optimiser state (key 'learning_rate').
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 from typing import Any
 
@@ -20,21 +22,32 @@ SCHEDULES = ('constant', 'cosine', 'poly')
 Schedule = Callable[[Any], Any]
 
 
+def effective_warmup(sched_cfg: Any, total_steps: int) -> int:
+  """The warm-up steps a schedule uses: `schedule.warmup_steps`, at most `total_steps - 1`.
+
+  Raises ValueError for a negative warm-up or fewer than one step.
+  """
+  total_steps = int(total_steps)
+  if total_steps < 1:
+    raise ValueError(f'steps={total_steps} must be >= 1')
+  warmup = sched_cfg.get('warmup_steps', 0)
+  if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+    raise ValueError(f'schedule.warmup_steps={warmup!r} must be an integer >= 0')
+  return min(warmup, total_steps - 1)
+
+
 def build_schedule(sched_cfg: Any, peak_lr: float, total_steps: int) -> Schedule:
   """Linear warm-up from 0 to `peak_lr` over `warmup_steps`, then constant, cosine or poly decay.
 
-  Decaying schedules reach `end_factor * peak_lr` at `total_steps` and stay there.
+  Decaying schedules reach `end_factor * peak_lr` at `total_steps` and stay there. A warm-up as
+  long as the stage or longer is clamped to `total_steps - 1` (`effective_warmup`), so a short
+  run of a config made for long ones (`--config.stages.whole1.steps=5`) just works.
   """
   name = sched_cfg.name
   if name not in SCHEDULES:
     raise ValueError(f'schedule.name={name!r} is not one of {list(SCHEDULES)}')
   total_steps = int(total_steps)
-  warmup = int(sched_cfg.get('warmup_steps', 0))
-  if total_steps < 1:
-    raise ValueError(f'total_steps={total_steps} must be >= 1')
-  if not 0 <= warmup < total_steps:
-    raise ValueError(
-        f'schedule.warmup_steps={warmup} must be >= 0 and < total_steps={total_steps}')
+  warmup = effective_warmup(sched_cfg, total_steps)
   peak_lr = float(peak_lr)
   end_lr = peak_lr * float(sched_cfg.get('end_factor', 0.0))
 
@@ -64,7 +77,15 @@ def build_optimizer(opt_cfg: Any, sched_cfg: Any,
   name = opt_cfg.name
   if name not in OPTIMIZERS:
     raise ValueError(f'optimizer.name={name!r} is not one of {list(OPTIMIZERS)}')
-  schedule = build_schedule(sched_cfg, float(opt_cfg.learning_rate), total_steps)
+  learning_rate = opt_cfg.learning_rate
+  if (isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float))
+      or not math.isfinite(learning_rate) or learning_rate <= 0):
+    raise ValueError(f'optimizer.learning_rate={learning_rate!r} must be a number > 0')
+  for key in ('b1', 'b2'):
+    value = float(opt_cfg.get(key, 0.9))
+    if not 0.0 <= value < 1.0:
+      raise ValueError(f'optimizer.{key}={value} must be in [0, 1)')
+  schedule = build_schedule(sched_cfg, float(learning_rate), total_steps)
   weight_decay = float(opt_cfg.get('weight_decay', 0.0))
   clip = float(opt_cfg.get('grad_clip_norm', 0.0))
   if clip < 0 or weight_decay < 0:

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from data_pipelines import lits, slices, synthetic
+from data_pipelines import lits, settings, slices, synthetic, verify
 
 VERSION = "1.1.0"  # 1.1: raw-bytes image, spread keys, stored_pixels
 _MAX_SLICES = 1 << 16
@@ -220,13 +220,14 @@ def prepare(data_cfg, log: Callable[[str], Any] = print, build: bool = True) -> 
     return builder
   if data_cfg.synthetic.enabled:
     s = data_cfg.synthetic
+    synthetic.check_writable(lits_dir, "config.data.lits_dir")  # never into a user's folder
     manifest = synthetic.read_manifest(lits_dir)
     if manifest is None:
       log(f"synthesising {s.num_cases} LiTS-format cases into {lits_dir}")
     manifest = synthetic.ensure_synthetic(
         lits_dir, int(s.num_cases), int(s.seed), synth_config(data_cfg),
         progress=lambda r: log(f"  volume-{r['case']}.nii.gz {tuple(r['shape'])} "
-                               f"{r['num_tumours']} tumours"))
+                               f"{r['num_tumours']} tumours"), key="config.data.lits_dir")
     sizes = [t["diameter_mm"] for c in manifest["cases"] for t in c["tumours"]]
     log(f"synthetic data: {len(manifest['cases'])} cases, {len(sizes)} tumours "
         f"({sum(d < 10 for d in sizes)} under 10 mm) in {lits_dir}")
@@ -234,6 +235,8 @@ def prepare(data_cfg, log: Callable[[str], Any] = print, build: bool = True) -> 
   if builder.is_prepared():
     log(f"dataset reused: {builder.data_dir}")
     return builder
+  # Every case is opened before the long build, so every bad file is named at once.
+  verify.verify_folder(lits_dir, workers=verify_workers(lits_dir), log=log).raise_if_bad()
   log(f"preparing dataset lits/{builder.builder_config.name} in {data_cfg.tfds_dir}")
   with _writer_buffer_limit(_WRITER_BUFFER_BYTES), \
       _array_record_options(data_cfg.get("record_compression", "uncompressed")):
@@ -243,13 +246,24 @@ def prepare(data_cfg, log: Callable[[str], Any] = print, build: bool = True) -> 
   return builder
 
 
+def verify_workers(lits_dir: str) -> int:
+  """Processes for `verify.verify_folder`: one per core for more cases than cores, else none
+  (starting a process costs about a second of imports, a small case less)."""
+  cores = len(os.sched_getaffinity(0))
+  try:
+    cases = len(lits.list_case_files(lits_dir))
+  except lits.CaseFileNotFoundError:
+    return 0
+  return cores if cores > 1 and cases > 2 * cores else 0
+
+
 # TFDS's writer keeps up to 1 GB of serialised examples in memory before spilling them to disk
 # (even with shuffling disabled). LiTS slices are large, so prepare lowers that to keep its peak
 # memory near a few volumes; the constant is read at each add, so patching it takes effect.
 _WRITER_BUFFER_BYTES = 256 << 20
 
 
-RECORD_COMPRESSIONS = ("uncompressed", "zstd:1", "zstd:3", "brotli:6")
+RECORD_COMPRESSIONS = settings.RECORD_COMPRESSIONS
 
 
 class _ArrayRecordWithOptions:

@@ -74,19 +74,62 @@ def _rows(num_batches: int, batch_size: int, rows: tuple[int, int]) -> grain.Map
 
 # ---- the pipelines ---------------------------------------------------------------------------
 
-def _train_sampler(pipeline, stage_cfg, data_cfg, index, split_records, seed, batch_size):
-  """The stage's sampler, its output size, the liver boxes (liver_crop) and a description."""
-  s = split_records.image_size
+def check_stage_settings(stage_cfg, data_cfg, image_size: int) -> dict:
+  """Validates a training stage's input settings (no data needed); returns them by name.
+
+  Checked before any work (`curriculum_seg.config_check`) and again when the pipeline is
+  built. Messages name the field as `stage.<field>`.
+  """
+  pipeline = stage_get(stage_cfg, "pipeline", "whole")
+  if pipeline not in PIPELINES:
+    raise ValueError(f"stage.pipeline must be one of {PIPELINES}, got {pipeline!r}")
   tumour_fraction = float(stage_get(stage_cfg, "tumour_fraction", 0.0))
   if not 0.0 <= tumour_fraction <= 1.0:
     raise ValueError(f"stage.tumour_fraction must be in [0, 1], got {tumour_fraction}")
-  tumour_slices = index.tumour_slices()
   if pipeline == "whole":
     margin = int(data_cfg.get("liver_margin", 10))
     if margin < 0:
       raise ValueError(f"data.liver_margin must be >= 0, got {margin}")
     selection = data_cfg.get("slice_selection", "liver")
-    examples = index.select(selection, margin)
+    if selection not in index_lib.SLICE_SELECTIONS:
+      raise ValueError(f"data.slice_selection must be one of {index_lib.SLICE_SELECTIONS}, got "
+                       f"{selection!r}")
+    return dict(tumour_fraction=tumour_fraction, margin=margin, selection=selection)
+  if pipeline == "liver_crop":
+    out_size, margin = crop_settings(stage_cfg, image_size)
+    return dict(tumour_fraction=tumour_fraction, out_size=out_size, margin=margin)
+  if tumour_fraction:
+    raise ValueError(f"stage.tumour_fraction ({tumour_fraction}) applies to 'whole' and "
+                     f"'liver_crop' stages; a patch stage's tumour share is "
+                     f"stage.positive_fraction")
+  out_size = int(stage_get(stage_cfg, "patch_size", 0))
+  if not 1 <= out_size <= image_size:
+    raise ValueError(f"stage.patch_size ({out_size}) must be in [1, data.image_size="
+                     f"{image_size}]")
+  fraction = float(stage_get(stage_cfg, "positive_fraction", 0.5))
+  if not 0.0 <= fraction <= 1.0:
+    raise ValueError(f"stage.positive_fraction must be in [0, 1], got {fraction}")
+  sampling = stage_get(stage_cfg, "component_sampling", "component")
+  if sampling not in samplers.COMPONENT_SAMPLING:
+    raise ValueError(f"stage.component_sampling must be one of {samplers.COMPONENT_SAMPLING}, "
+                     f"got {sampling!r}")
+  jitter = float(stage_get(stage_cfg, "patch_jitter", 0))
+  if not 0.0 <= jitter < out_size / 2:
+    raise ValueError(f"stage.patch_jitter ({jitter}) must be in [0, patch_size/2 = "
+                     f"{out_size / 2}): the tumour must stay in the patch")
+  return dict(tumour_fraction=0.0, out_size=out_size, fraction=fraction, sampling=sampling,
+              jitter=jitter)
+
+
+def _train_sampler(pipeline, stage_cfg, data_cfg, index, split_records, seed, batch_size):
+  """The stage's sampler, its output size, the liver boxes (liver_crop) and a description."""
+  s = split_records.image_size
+  settings = check_stage_settings(dict(stage_cfg, pipeline=pipeline), data_cfg, s)
+  tumour_fraction = settings["tumour_fraction"]
+  tumour_slices = index.tumour_slices()
+  if pipeline == "whole":
+    selection = settings["selection"]
+    examples = index.select(selection, settings["margin"])
     if len(examples) == 0:
       raise ValueError(f"data.slice_selection={selection!r} selects no training slice (no "
                        f"case has liver); use slice_selection='all'")
@@ -97,7 +140,7 @@ def _train_sampler(pipeline, stage_cfg, data_cfg, index, split_records, seed, ba
         tumour_fraction=tumour_fraction, tumour_slices=len(sampler.tumour_examples),
         tumour_rows_per_batch=sampler.num_tumour)
   if pipeline == "liver_crop":
-    out_size, margin = crop_settings(stage_cfg, s)
+    out_size, margin = settings["out_size"], settings["margin"]
     boxes = index_lib.case_liver_boxes(split_records.labels, index, margin,
                                        host_threads(data_cfg))
     examples = index.liver_range_slices(0)
@@ -110,25 +153,9 @@ def _train_sampler(pipeline, stage_cfg, data_cfg, index, split_records, seed, ba
         pipeline="liver_crop", examples=len(examples), crop_size=out_size, crop_margin=margin,
         tumour_fraction=tumour_fraction, tumour_slices=len(sampler.tumour_examples),
         tumour_rows_per_batch=sampler.num_tumour)
-  if tumour_fraction:
-    raise ValueError(f"stage.tumour_fraction ({tumour_fraction}) applies to 'whole' and "
-                     f"'liver_crop' stages; a patch stage's tumour share is "
-                     f"stage.positive_fraction")
-  out_size = int(stage_get(stage_cfg, "patch_size", 0))
-  if not 1 <= out_size <= s:
-    raise ValueError(f"stage.patch_size ({out_size}) must be in [1, data.image_size={s}]")
-  fraction = float(stage_get(stage_cfg, "positive_fraction", 0.5))
-  if not 0.0 <= fraction <= 1.0:
-    raise ValueError(f"stage.positive_fraction must be in [0, 1], got {fraction}")
-  sampling = stage_get(stage_cfg, "component_sampling", "component")
-  if sampling not in samplers.COMPONENT_SAMPLING:
-    raise ValueError(f"stage.component_sampling must be one of {samplers.COMPONENT_SAMPLING}, "
-                     f"got {sampling!r}")
-  jitter = float(stage_get(stage_cfg, "patch_jitter", 0))
-  if not 0.0 <= jitter < out_size / 2:
-    raise ValueError(f"stage.patch_jitter ({jitter}) must be in [0, patch_size/2 = "
-                     f"{out_size / 2}): the tumour must stay in the patch")
-  sampler = samplers.PatchSampler(index, seed, batch_size, fraction, sampling, jitter, out_size)
+  out_size = settings["out_size"]
+  sampler = samplers.PatchSampler(index, seed, batch_size, settings["fraction"],
+                                  settings["sampling"], settings["jitter"], out_size)
   return sampler, out_size, None, dict(
       pipeline="patch", parts=len(index.tumours), components=sampler.num_components,
       positives_per_batch=sampler.num_positive, negative_slices=len(sampler.negative_pool))

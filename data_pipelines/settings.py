@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 
 DEFAULT_HU_WINDOW = (-60.0, 140.0)
+# ArrayRecord compressions `prepare` can write (data.record_compression).
+RECORD_COMPRESSIONS = ("uncompressed", "zstd:1", "zstd:3", "brotli:6")
 
 
 def hu_window(data_cfg) -> tuple[float, float]:

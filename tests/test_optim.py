@@ -110,6 +110,16 @@ def test_unknown_names_are_errors_naming_key_and_allowed_values(section, cfg_fn,
     optim.build_optimizer(opt_cfg, sched_cfg, 10)
 
 
-def test_warmup_must_be_shorter_than_the_stage():
-  with pytest.raises(ValueError, match='warmup_steps=10'):
-    optim.build_optimizer(opt_config(), sched_config(warmup_steps=10), 10)
+def test_a_warmup_longer_than_the_stage_is_clamped_to_steps_minus_one():
+  """A config made for long stages runs for 5 steps: warm-up over 4, the peak at step 4."""
+  for warmup in (4, 5, 50):
+    assert optim.effective_warmup(sched_config(warmup_steps=warmup), 5) == 4
+  schedule = optim.build_schedule(sched_config(warmup_steps=50), 0.2, 5)
+  np.testing.assert_allclose([float(schedule(i)) for i in range(5)], [0.0, 0.05, 0.1, 0.15, 0.2],
+                             rtol=1e-6)
+  assert optim.effective_warmup(sched_config(warmup_steps=3), 5) == 3  # shorter: unchanged
+  assert optim.effective_warmup(sched_config(warmup_steps=50), 1) == 0
+  with pytest.raises(ValueError, match='warmup_steps=-1'):
+    optim.build_optimizer(opt_config(), sched_config(warmup_steps=-1), 10)
+  with pytest.raises(ValueError, match='steps=0'):
+    optim.build_optimizer(opt_config(), sched_config(), 0)
