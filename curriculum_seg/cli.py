@@ -9,25 +9,53 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 import time
 from typing import Callable, Optional
 
 from curriculum_seg import config_loading
 
 _USAGE = """\
-usage: curriculum-seg COMMAND [options]
+usage: curriculum-seg COMMAND [options]        (curriculum-seg --version)
 
 commands:
-  synth    --out_dir DIR --num_cases N --seed S   write synthetic LiTS-format cases
-  prepare  --config FILE [--config.key=value ...] build the TFDS dataset the config names
-  train    --config FILE --workdir DIR [...]      run or resume the config's curriculum
+  synth    --out_dir DIR --num_cases N [--seed S] write synthetic LiTS-format cases
+  check    --config FILE [--config.KEY=VALUE ...] check the config and every case of its data
+  prepare  --config FILE [--config.KEY=VALUE ...] build the TFDS dataset the config names
+  train    --config FILE --workdir DIR [...]      run the config's curriculum in a new workdir
+  train    --workdir DIR [--config.KEY=VALUE ...] resume or extend the run saved in DIR
            [--coordinator_address H:P --num_processes N --process_id I]  (one process of N)
   evaluate --workdir DIR [--split validation]     score the run's chosen checkpoint on volumes
   predict  --workdir DIR --input CT --output MASK segment CT volumes (a file or a folder)
   score    --reference DIR --prediction DIR       LiTS scores of any tool's masks
 
-`curriculum-seg COMMAND --help` describes a command's options.
+FILE may be FILE:REGIME (configs/synthetic.py:whole_only); --config.KEY=VALUE overrides any key
+of the config (--config.stages.whole1.steps=5). `curriculum-seg COMMAND --help` describes a
+command's options, with their defaults.
 """
+
+CONFIG_EPILOG = """\
+config:
+  --config FILE[:ARG]     a config file; ARG goes to its get_config(ARG), in the shipped configs
+                          a regime: three_stage (default), whole_only, whole_patch, patch_whole
+                          (and cascade in configs/synthetic.py), e.g. configs/synthetic.py:whole_only
+  --config.KEY=VALUE      overrides one key (the field's type is kept), repeatable, e.g.
+                          --config.stages.whole1.steps=5 --config.data.lits_dir=/data/lits
+                          --config.model.base_width=16 --config.loss.class_weights=None
+  The whole config is checked before any work; a mistake names its full key (exit 2).
+"""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+  """Shows each option's default (where it has one the help does not already give) and keeps
+  the epilog's layout."""
+
+  def _get_help_string(self, action):
+    text = action.help or ""
+    if (action.required or any(action.default is v for v in (None, False, argparse.SUPPRESS))
+        or "default" in text or not action.option_strings):
+      return text + (" (required)" if action.required else "")
+    return f"{text} (default: {action.default})"
 
 
 class UsageError(Exception):
@@ -35,14 +63,35 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+  def __init__(self, *args, **kwargs):
+    kwargs.setdefault("formatter_class", _HelpFormatter)
+    if kwargs.get("description"):
+      kwargs["description"] = textwrap.fill(kwargs["description"], 96)
+    super().__init__(*args, **kwargs)
+
   def error(self, message):  # one line instead of argparse's usage dump
     raise UsageError(message)
 
 
-def _quiet_tensorflow() -> None:
+def _quiet_start() -> None:
+  """No TensorFlow, oneDNN or absl start-up lines (set before anything imports TensorFlow).
+
+  TensorFlow only reads and writes records here, so its oneDNN kernels (whose banner goes to
+  stderr whatever TF_CPP_MIN_LOG_LEVEL says) are off; a user's own settings win.
+  """
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
+def _quiet_tensorflow(progress_bars: bool = False) -> None:
+  """Quiet start-up, absl warnings off; with `progress_bars`, TFDS's bars only on a terminal
+  (in a log file they are lines of control characters)."""
+  _quiet_start()
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   absl_logging.set_verbosity(absl_logging.ERROR)
+  if progress_bars and not sys.stderr.isatty():
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    tfds.disable_progress_bar()
 
 
 def _load_config(args, overrides):
@@ -52,15 +101,25 @@ def _load_config(args, overrides):
   return config_loading.apply_overrides(config, overrides)
 
 
+def _checked_config(args, overrides, check_folders: bool = True):
+  """The config of --config and the overrides, checked whole (`config_check`) before any work,
+  with absolute data paths."""
+  from curriculum_seg import config_check  # pylint: disable=g-import-not-at-top
+  config = _load_config(args, overrides)
+  config_check.check_config(config, check_folders=check_folders)
+  return config_check.resolve_paths(config)
+
+
 def cmd_synth(argv: list[str]) -> int:
   parser = _Parser(prog="curriculum-seg synth",
                    description="Write synthetic LiTS-format cases and a manifest.")
-  parser.add_argument("--out_dir", required=True)
-  parser.add_argument("--num_cases", type=int, required=True)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--size", type=int, default=256, help="in-plane pixels (default 256)")
-  parser.add_argument("--slices", type=int, default=64, help="axial slices (default 64)")
-  parser.add_argument("--max_tumours", type=int, default=8)
+  parser.add_argument("--out_dir", required=True,
+                      help="a new or empty folder (or one synth made: it is rewritten)")
+  parser.add_argument("--num_cases", type=int, required=True, help="cases to write")
+  parser.add_argument("--seed", type=int, default=0, help="the seed of every case")
+  parser.add_argument("--size", type=int, default=256, help="in-plane pixels")
+  parser.add_argument("--slices", type=int, default=64, help="axial slices")
+  parser.add_argument("--max_tumours", type=int, default=8, help="tumours per case at most")
   parser.add_argument("--plain_storage", action="store_true",
                       help="store every case as RAS int16/uint8 instead of LiTS's mix")
   args = parser.parse_args(argv)
@@ -79,7 +138,8 @@ def cmd_synth(argv: list[str]) -> int:
     print(f"  {r['volume']}  {tuple(r['shape'])}  spacing {tuple(round(s, 2) for s in r['spacing'])}"
           f"  {r['orientation']} {r['ct_storage']}/{r['label_storage']}  tumours (mm): {diameters}")
 
-  manifest = synthetic.synthesise(args.out_dir, args.num_cases, args.seed, cfg, progress)
+  manifest = synthetic.synthesise(args.out_dir, args.num_cases, args.seed, cfg, progress,
+                                  key="--out_dir")
   diameters = [t["diameter_mm"] for c in manifest["cases"] for t in c["tumours"]]
   print(f"wrote {args.num_cases} cases ({len(diameters)} tumours, "
         f"{sum(d < 10 for d in diameters)} under 10 mm) and manifest.json to {args.out_dir} "
@@ -87,28 +147,76 @@ def cmd_synth(argv: list[str]) -> int:
   return 0
 
 
+def cmd_check(argv: list[str]) -> int:
+  argv, overrides = config_loading.split_override_args(argv)
+  parser = _Parser(prog="curriculum-seg check", epilog=CONFIG_EPILOG,
+                   description="Check the whole config, then open every case of "
+                               "config.data.lits_dir (headers, full data, labels, grids, "
+                               "duplicates) and list every bad file; writes nothing. Exit 0 when "
+                               "all is usable, 2 otherwise. prepare runs the same checks.")
+  parser.add_argument("--config", required=True, help="config file, e.g. configs/lits_local.py")
+  parser.add_argument("--workers", type=int, default=None,
+                      help="processes opening cases (default: one per core for large folders)")
+  args = parser.parse_args(argv)
+  config = _checked_config(args, overrides)
+  print(f"config {args.config}: ok", flush=True)
+  if config.data.synthetic.enabled:
+    from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
+    if synthetic.read_manifest(config.data.lits_dir) is None:
+      print(f"{config.data.lits_dir}: synthetic data, made by prepare or train", flush=True)
+      return 0
+  from data_pipelines import lits_tfds, verify  # pylint: disable=g-import-not-at-top
+  workers = lits_tfds.verify_workers(config.data.lits_dir) if args.workers is None else args.workers
+  if workers < 0:
+    raise UsageError(f"--workers must be >= 0, got {workers}")
+  verify.verify_folder(config.data.lits_dir, workers=workers,
+                       log=lambda m: print(m, flush=True)).raise_if_bad()
+  return 0
+
+
 def cmd_prepare(argv: list[str]) -> int:
   argv, overrides = config_loading.split_override_args(argv)
-  parser = _Parser(prog="curriculum-seg prepare",
-                   description="Build the TFDS dataset from config.data.lits_dir.")
-  parser.add_argument("--config", help="config file, e.g. configs/synthetic.py")
+  parser = _Parser(prog="curriculum-seg prepare", epilog=CONFIG_EPILOG,
+                   description="Build the TFDS dataset from config.data.lits_dir into "
+                               "config.data.tfds_dir (synthesising the data first when "
+                               "config.data.synthetic.enabled). Every case is checked first.")
+  parser.add_argument("--config", required=True, help="config file, e.g. configs/synthetic.py")
   args = parser.parse_args(argv)
-  config = _load_config(args, overrides)
-  _quiet_tensorflow()
+  config = _checked_config(args, overrides)
+  _quiet_tensorflow(progress_bars=True)
   from data_pipelines import lits_tfds  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
-  builder = lits_tfds.prepare(config.data)
+  builder = lits_tfds.prepare(config.data, log=lambda m: print(m, flush=True))
   print(lits_tfds.describe(builder))
   print(f"prepare done in {time.perf_counter() - start:.1f} s")
   return 0
 
 
+def _train_config(args, overrides):
+  """--config with overrides; without --config, the run's saved config.json with overrides."""
+  if args.config:
+    return _checked_config(args, overrides)
+  from curriculum_seg import config_check, rundir  # pylint: disable=g-import-not-at-top
+  try:
+    config = rundir.read_config(args.workdir)
+  except rundir.RunDirError as e:
+    raise UsageError(f"--config FILE is required for a new run: {e}") from e
+  config = config_loading.apply_overrides(config, overrides)
+  config_check.check_config(config)
+  return config_check.resolve_paths(config)
+
+
 def cmd_train(argv: list[str]) -> int:
   argv, overrides = config_loading.split_override_args(argv)
-  parser = _Parser(prog="curriculum-seg train",
-                   description="Run (or resume) every stage of the config's curriculum.")
-  parser.add_argument("--config", help="config file, e.g. configs/synthetic.py")
-  parser.add_argument("--workdir", required=True, help="run directory (local or gs://)")
+  parser = _Parser(prog="curriculum-seg train", epilog=CONFIG_EPILOG,
+                   description="Run (or resume) every stage of the config's curriculum in "
+                               "--workdir. Without --config, resume or extend the run saved in "
+                               "--workdir (its config.json, with any --config.KEY=VALUE; only "
+                               "run lengths and intervals may change once it has a checkpoint).")
+  parser.add_argument("--config", default=None,
+                      help="config file, e.g. configs/synthetic.py (required for a new run)")
+  parser.add_argument("--workdir", required=True,
+                      help="run directory (local or gs://): new, empty, or holding this run")
   group = parser.add_argument_group(
       "multi-process launch (each default: the JAX_* variable named; on Cloud TPU, SLURM and "
       "Open MPI jax detects them)")
@@ -119,7 +227,12 @@ def cmd_train(argv: list[str]) -> int:
   group.add_argument("--process_id", type=int, default=None,
                      help="this process's id, 0 .. num_processes-1 (JAX_PROCESS_ID)")
   args = parser.parse_args(argv)
-  config = _load_config(args, overrides)
+  config = _train_config(args, overrides)
+  from curriculum_seg import rundir  # pylint: disable=g-import-not-at-top
+  try:
+    rundir.check_claimable(args.workdir)
+  except rundir.RunDirError as e:
+    raise UsageError(str(e)) from e
   from curriculum_seg import sharding  # pylint: disable=g-import-not-at-top
   distributed = dict(coordinator_address=args.coordinator_address,
                      num_processes=args.num_processes, process_id=args.process_id)
@@ -127,7 +240,7 @@ def cmd_train(argv: list[str]) -> int:
     sharding.distributed_settings(**distributed)  # a half-specified launch fails before any work
   except sharding.DistributedConfigError as e:
     raise UsageError(str(e)) from e
-  _quiet_tensorflow()
+  _quiet_tensorflow(progress_bars=True)
   from curriculum_seg import rundir, stages  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   try:
@@ -351,6 +464,7 @@ def cmd_score(argv: list[str]) -> int:
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "synth": cmd_synth,
+    "check": cmd_check,
     "prepare": cmd_prepare,
     "train": cmd_train,
     "evaluate": cmd_evaluate,
@@ -359,24 +473,57 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
 }
 
 
+def _close_progress_bars() -> None:
+  """Ends any live tqdm bar (TFDS's, predict's) so that an error starts on a line of its own."""
+  tqdm = sys.modules.get("tqdm")
+  if tqdm is None:
+    return
+  for bar in list(getattr(tqdm.tqdm, "_instances", ())):
+    try:
+      bar.close()
+    except Exception:  # pylint: disable=broad-except  # a bar half torn down: ignore it
+      pass
+  sys.stderr.flush()
+
+
+def _error_text(error: BaseException) -> str:
+  """The message on one line; a list of problems (indented lines after the first) stays a list."""
+  lines = str(error).strip().split("\n")
+  if len(lines) > 1 and all(line.startswith("  ") for line in lines[1:]):
+    return "\n".join(lines)
+  return " ".join(line.strip() for line in lines)
+
+
+def _version() -> str:
+  import curriculum_seg  # pylint: disable=g-import-not-at-top
+  return curriculum_seg.__version__
+
+
 def main(argv: Optional[list[str]] = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
+  _quiet_start()
   if not argv or argv[0] in ("-h", "--help", "help"):
     print(_USAGE, end="")
     return 0 if argv else 2
+  if argv[0] in ("--version", "-V", "version"):
+    print(f"curriculum-seg {_version()}")
+    return 0
   command, rest = argv[0], argv[1:]
   if command not in COMMANDS:
     print(f"curriculum-seg: error: unknown command {command!r} (one of: "
           f"{', '.join(COMMANDS)})", file=sys.stderr)
     return 2
-  from data_pipelines import lits  # pylint: disable=g-import-not-at-top
+  from data_pipelines import lits, synthetic  # pylint: disable=g-import-not-at-top
+  from curriculum_seg import rundir  # pylint: disable=g-import-not-at-top
   try:
     return COMMANDS[command](rest)
-  except (UsageError, config_loading.ConfigError, lits.CaseError, FileNotFoundError) as e:
-    message = str(e).replace("\n", " ")
-    print(f"curriculum-seg {command}: error: {message}", file=sys.stderr)
+  except (UsageError, config_loading.ConfigError, lits.CaseError, FileNotFoundError,
+          synthetic.ForeignFolderError, rundir.RunDirError) as e:
+    _close_progress_bars()
+    print(f"curriculum-seg {command}: error: {_error_text(e)}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
+    _close_progress_bars()
     print(f"curriculum-seg {command}: interrupted", file=sys.stderr)
     return 130
 

@@ -269,7 +269,10 @@ def evaluate_run(workdir: epath.PathLike, *, split: str = "validation",
     cases = lits.find_cases(lits_dir)
     source = f"every case of {lits_dir}"
   else:
-    cases = split_cases(config, split)
+    try:
+      cases = split_cases(config, split)
+    except lits.CaseFileNotFoundError as e:
+      raise lits.CaseFileNotFoundError(f"{e}{rundir.relative_path_hint(config, workdir)}") from e
     source = f"the run's {split} split of {config.data.lits_dir}"
   predictor = inference.load_predictor(workdir, stage=stage, step=step, which=which, mesh=mesh,
                                        options=options)

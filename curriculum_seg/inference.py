@@ -34,7 +34,7 @@ from etils import epath
 from scipy import ndimage
 
 from curriculum_seg import checkpoints as ckpt_lib
-from curriculum_seg import sharding, stages, train_step
+from curriculum_seg import rundir, sharding, stages, train_step
 from curriculum_seg.models import build_model, num_classes
 from data_pipelines import lits, pipelines, slices, transforms
 
@@ -81,15 +81,11 @@ class InferenceOptions:
 # --------------------------------------------------------------------------- run directories
 
 def read_run_config(workdir: epath.PathLike) -> ml_collections.ConfigDict:
-  """The resolved config a run saved in `workdir/config.json`."""
-  path = epath.Path(workdir) / "config.json"
-  if not path.exists():
-    raise InferenceError(f"{workdir}: not a run directory (no config.json); train a run there "
-                         "first with `curriculum-seg train --config ... --workdir ...`")
+  """The resolved config a run saved in `workdir/config.json` (`rundir.read_config`)."""
   try:
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
-  except json.JSONDecodeError as e:
-    raise InferenceError(f"{path}: not valid JSON ({e})") from e
+    return rundir.read_config(workdir)
+  except rundir.RunDirError as e:
+    raise InferenceError(str(e)) from e
 
 
 def _checkpoints(workdir: epath.PathLike, stage: str) -> ckpt_lib.StageCheckpoints:

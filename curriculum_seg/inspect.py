@@ -124,7 +124,8 @@ class Run:
     stages: a `StageInfo` per stage of the curriculum, in order, with its checkpoints.
     history: the rows of `metrics.jsonl` (dicts: stage, step, global_step, loss, dice, lr,
       steps_per_s, and val_dice etc. where the step was evaluated).
-    summary: `summary.json` (one dict per stage) once the run has completed, else None.
+    summary: `summary.json` once the run has completed ({"stages": one dict per stage,
+      "checkpoints": those evaluate and predict use}), else None.
     chosen: (stage, which, step) of the checkpoint the run hands out, or None before any.
   """
 
@@ -133,8 +134,7 @@ class Run:
     self.config = inference.read_run_config(self.workdir)
     self.history = [{k: _float(v) for k, v in row.items()}
                     for row in rundir.MetricsLog(self.workdir).read()]
-    summary = self.workdir / "summary.json"
-    self.summary = json.loads(summary.read_text()) if summary.exists() else None
+    self.summary = stages_lib.read_summary(self.workdir)
     with _quiet_absl_warnings():
       try:
         self.chosen = inference.chosen_checkpoint(self.workdir, self.config)

@@ -104,6 +104,20 @@ ADDED_FIELD_DEFAULTS = {
 }
 
 
+# Config keys holding local folders: saved absolute since config_check.resolve_paths; a saved
+# relative value (older runs) is compared as the folder it names from the working directory.
+PATH_FIELDS = ("data.lits_dir", "data.tfds_dir")
+# What a workdir may hold before its run's config.json: the run's own layout, nothing else.
+RUN_LAYOUT = (CONFIG_FILE, METRICS_FILE, LOCK_FILE, "checkpoints", "tensorboard", "eval",
+              "summary.json", f".{CONFIG_FILE}.tmp")
+
+
+def _same_path(a: Any, b: Any) -> bool:
+  if isinstance(a, str) and isinstance(b, str) and "://" not in a + b:
+    return os.path.abspath(os.path.expanduser(a)) == os.path.abspath(os.path.expanduser(b))
+  return a == b
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
   """Dotted keys whose values differ, ignoring run lengths (steps, intervals) and the cache; a
   field the saved config predates counts as equal when the current one has its old default."""
@@ -116,6 +130,8 @@ def config_differences(saved: dict, current: dict) -> list[str]:
       return False
     if k not in a and field in ADDED_FIELD_DEFAULTS:
       return b[k] != ADDED_FIELD_DEFAULTS[field]
+    if k in PATH_FIELDS:
+      return not _same_path(a.get(k), b.get(k))
     return a.get(k, "<absent>") != b.get(k, "<absent>")
   return [k for k in keys if differs(k)]
 
@@ -125,22 +141,110 @@ def config_to_json(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json())
 
 
-def check_or_save_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> bool:
+def _tuples(value: Any) -> Any:
+  """JSON lists back to the tuples config files use, recursively."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def read_config(workdir: epath.PathLike) -> ml_collections.ConfigDict:
+  """The config a run saved in `workdir/config.json`, as a config file would give it (tuples).
+
+  Data folders are saved absolute (config_check.resolve_paths); a relative one, saved by
+  earlier versions, is read as relative to the working directory, as those versions did.
+  Raises RunDirError for a folder without config.json or an unreadable one.
+  """
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    raise RunDirError(f"{workdir}: not a run directory (no {CONFIG_FILE}); train a run there "
+                      "first with `curriculum-seg train --config FILE --workdir DIR`")
+  try:
+    saved = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise RunDirError(f"{path}: not valid JSON ({e})") from e
+  if not isinstance(saved, dict):
+    raise RunDirError(f"{path}: holds a JSON {type(saved).__name__}, not a config")
+  return ml_collections.ConfigDict(_tuples(saved))
+
+
+def relative_path_hint(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> str:
+  """A sentence for a missing data folder that the run saved as a relative path, else ''."""
+  lits_dir = os.fspath(config.data.get("lits_dir", ""))
+  if not lits_dir or os.path.isabs(lits_dir) or "://" in lits_dir:
+    return ""
+  return (f" (the run in {workdir} saved data.lits_dir as the relative path {lits_dir!r}, "
+          f"read from the working directory {os.getcwd()}: run the command from the folder "
+          "the run trained in, or give --lits_dir)")
+
+
+def has_checkpoint(workdir: epath.PathLike) -> bool:
+  """Whether any stage of the run in `workdir` has committed a checkpoint.
+
+  Orbax renames a checkpoint's temporary folder to its step number when the save is complete,
+  so a folder `checkpoints/<stage>/{latest,best}/<digits>` is a committed checkpoint.
+  """
+  root = epath.Path(workdir) / "checkpoints"
+  if not root.is_dir():
+    return False
+  for stage in root.iterdir():
+    for which in ("latest", "best"):
+      folder = stage / which
+      if folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir()):
+        return True
+  return False
+
+
+def check_claimable(workdir: epath.PathLike) -> None:
+  """Refuses a workdir that holds files but no run: the tool writes only into folders it made.
+
+  A missing or empty folder, or one holding a run (config.json), may be used; so may one
+  holding only the run layout (a run stopped before saving its config).
+  """
+  workdir = epath.Path(workdir)
+  if not workdir.exists() or (workdir / CONFIG_FILE).exists():
+    return
+  if not workdir.is_dir():
+    raise RunDirError(f"--workdir {workdir} is a file, not a folder")
+  foreign = sorted(p.name for p in workdir.iterdir() if p.name not in RUN_LAYOUT)
+  if foreign:
+    shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3
+                                      else "")
+    raise RunDirError(f"--workdir {workdir} holds files of no curriculum-seg run ({shown}); "
+                      "name a new or empty folder")
+
+
+def check_or_save_config(workdir: epath.Path, config: ml_collections.ConfigDict,
+                         log: Any = None) -> bool:
   """Writes `config.json` for a new run; for an existing one refuses a different config.
 
-  Returns True when the workdir already held a run (this is a resumption).
+  A run directory belongs to a config once a checkpoint is committed: before that (a run that
+  failed or was stopped before its first checkpoint) a different config replaces the saved one,
+  and `log` says so. Returns True when the workdir already held a run that trained (this is a
+  resumption).
   """
+  check_claimable(workdir)
   path = workdir / CONFIG_FILE
   current = config_to_json(config)
   if path.exists():
-    saved = json.loads(path.read_text())
+    trained = has_checkpoint(workdir)
+    try:
+      saved = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+      if trained:
+        raise RunDirError(f"{path}: not valid JSON ({e}); the run's config is lost") from e
+      saved = {}
     diff = config_differences(saved, current)
-    if diff:
+    if diff and trained:
       raise RunDirError(f"{workdir}: config differs from the run's saved config.json in "
                         f"{', '.join(diff[:12])}{' ...' if len(diff) > 12 else ''}; use a new "
                         "--workdir, or change only run lengths (steps, intervals)")
+    if diff and log is not None:
+      log(f"{workdir}: its run never saved a checkpoint; replacing its config.json")
     write_atomically(path, json.dumps(current, indent=1, sort_keys=True))
-    return True
+    return trained
   write_atomically(path, json.dumps(current, indent=1, sort_keys=True))
   return False
 

@@ -41,6 +41,24 @@ from data_pipelines import lits_tfds, pipelines
 
 PIPELINES = pipelines.PIPELINES  # 'whole', 'patch', 'liver_crop'
 TUMOUR_TASKS = ("tumour", "three_class")
+# A finished run's summary: {"stages": [StageResult as a dict, ...], "checkpoints": [{network,
+# stage, which, step, path}, ...]}, the latter the checkpoints evaluate and predict use.
+SUMMARY_FILE = "summary.json"
+
+
+def _absolute(path: epath.Path) -> str:
+  text = os.fspath(path)
+  return text if "://" in text else os.path.abspath(text)
+
+
+def read_summary(workdir: epath.PathLike) -> Optional[dict]:
+  """A finished run's summary.json (None before the run finished); a list of stage dicts,
+  as runs of earlier versions wrote it, is returned as {"stages": [...]}."""
+  path = epath.Path(workdir) / SUMMARY_FILE
+  if not path.exists():
+    return None
+  summary = json.loads(path.read_text())
+  return dict(stages=summary) if isinstance(summary, list) else summary
 INITS = ("scratch", "best", "last")
 
 
@@ -62,7 +80,9 @@ class StageResult:
   steps: int
   best_score: Optional[float]
   best_step: Optional[int]
-  chosen: str  # which checkpoint the next stage starts from: 'best' or 'last'
+  # Which checkpoint the next stage starts from, 'best' or 'last'; for the final stage, the one
+  # evaluate and predict use (its best when validation saved one).
+  chosen: str
   task: str = "tumour"  # the stage network's task: best_score is that task's validation Dice
 
 
@@ -355,6 +375,9 @@ class Controller:
         self.builder = lits_tfds.prepare(self.config.data, log=self.log, build=False)
     if lead:
       self.writer = metric_writers.SummaryWriter(os.fspath(self.workdir / "tensorboard"))
+      # A finished run's summary stays only while the run is finished (it may be extended).
+      if (self.workdir / SUMMARY_FILE).exists():
+        (self.workdir / SUMMARY_FILE).unlink()
     results: list[StageResult] = []
     previous: Optional[tuple[ckpt_lib.StageCheckpoints, StageResult, Any]] = None
     global_offset = 0
@@ -368,10 +391,27 @@ class Controller:
         global_offset += int(stage.steps)
     if self.writer is not None:
       self.writer.flush()
-    summary = [dataclasses.asdict(r) for r in results]
+    # Every process opens the checkpoints (Orbax's managers synchronise the processes).
+    used = self.used_checkpoints()
     if lead:
-      (self.workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+      summary = dict(stages=[dataclasses.asdict(r) for r in results], checkpoints=used)
+      rundir.write_atomically(self.workdir / SUMMARY_FILE, json.dumps(summary, indent=1))
     return results
+
+  def used_checkpoints(self) -> list[dict]:
+    """The checkpoints `evaluate` and `predict` use by default (`inference.chosen_checkpoint`):
+    the last stage's best, else its latest; a cascade's liver and tumour stages'."""
+    from curriculum_seg import inference  # pylint: disable=g-import-not-at-top
+    cascade = self.config.get("cascade", None)
+    wanted = ([("liver", cascade.liver_stage), ("tumour", cascade.tumour_stage)] if cascade
+              else [(None, None)])
+    used = []
+    for network, stage in wanted:
+      name, which, step = inference.chosen_checkpoint(self.workdir, self.config, stage=stage)
+      used.append(dict(network=network or str(self._model_cfg(self.config.stages[name]).task),
+                       stage=name, which=which, step=int(step),
+                       path=_absolute(self.workdir / "checkpoints" / name / which / str(step))))
+    return used
 
   def _initial_state(self, index, name, stage, tx, previous):
     """A new stage's starting state: from scratch, or the previous stage's chosen checkpoint."""
@@ -401,10 +441,15 @@ class Controller:
     tx, step_fn = self._train_step(name, stage, self._tx(stage))
     last_meta = ckpts.meta()
     if last_meta is not None and last_meta.get("completed"):
-      self.log(f"[{name}] already complete ({last_meta['step']} steps, best val dice "
-               f"{_fmt(last_meta.get('best_score'))})")
-      self._clock.restart(last_meta.get("elapsed_s"))
-      return self._result(name, stage, last_meta), ckpts, tx
+      done = int(last_meta["step"])
+      if done == steps:
+        self.log(f"[{name}] already complete ({done} steps, best val dice "
+                 f"{_fmt(last_meta.get('best_score'))})")
+        self._clock.restart(last_meta.get("elapsed_s"))
+        return self._result(name, stage, last_meta), ckpts, tx
+      check_run_lengths(self.config, self.workdir)
+      self.log(f"[{name}] extending the finished stage from {done} to {steps} steps (its "
+               "schedule is now that of the longer stage)")
 
     from_checkpoint = False
     if last_meta is not None:  # resume mid-stage
@@ -417,6 +462,10 @@ class Controller:
       state = self._initial_state(index, name, stage, tx, previous)
       step, position, best_score, best_step = 0, 0, None, None
       from_checkpoint = index > 0 and stage.init != "scratch"
+      warmup = int(stage.schedule.get("warmup_steps", 0))
+      if optim.effective_warmup(stage.schedule, steps) < warmup:
+        self.log(f"[{name}] warm-up of {warmup} steps clamped to {steps - 1} (the stage has "
+                 f"{steps} steps)")
     if jax.process_index() == 0:
       self.metrics_log.truncate_to(name, step, global_offset + step,
                                    resumed=last_meta is not None)
@@ -495,10 +544,11 @@ class Controller:
 
   def _result(self, name, stage, meta) -> StageResult:
     next_index = list(self.config.curriculum).index(name) + 1
-    chosen = "last"
-    if next_index < len(self.config.curriculum):
+    if next_index < len(self.config.curriculum):  # what the next stage starts from
       nxt = self.config.stages[self.config.curriculum[next_index]]
       chosen = "best" if nxt.init == "best" and meta.get("best_score") is not None else "last"
+    else:  # what evaluate and predict use: the best checkpoint when one was saved
+      chosen = "best" if meta.get("best_score") is not None else "last"
     return StageResult(name=name, steps=int(meta["step"]), best_score=meta.get("best_score"),
                        best_step=meta.get("best_step"), chosen=chosen,
                        task=str(self._model_cfg(stage).task))
@@ -521,6 +571,34 @@ class Controller:
       label = "val dice" if task in TUMOUR_TASKS else f"val {task} dice"
       parts.append(f"{label} {row['val_dice']:.4f} (best {row['best_val_dice']:.4f})")
     self.log("  ".join(parts))
+
+
+def check_run_lengths(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
+  """Refuses steps that a run's finished stages cannot take: fewer than a finished stage
+  trained, or more for a finished stage that a later stage already trained from (only the last
+  trained stage can be extended). Raises StageError naming the key."""
+  root = epath.Path(workdir) / "checkpoints"
+  if not root.is_dir():
+    return
+  names = list(config.curriculum)
+  metas = {}
+  for name in names:
+    ckpts = ckpt_lib.StageCheckpoints(root, name, read_only=True)
+    metas[name] = ckpts.meta()
+    ckpts.close()
+  for index, name in enumerate(names):
+    meta, steps = metas[name], int(config.stages[name].steps)
+    if meta is None or not meta.get("completed") or int(meta["step"]) == steps:
+      continue
+    done, key = int(meta["step"]), f"config.stages.{name}.steps"
+    if steps < done:
+      raise StageError(f"{key}={steps}, but the stage already trained {done} steps in "
+                       f"{workdir}; give {key}={done} or more, or use a new --workdir")
+    for later in names[index + 1:]:
+      if metas[later] is not None:
+        raise StageError(f"{key}={steps} extends stage {name} ({done} steps), but stage "
+                         f"{later} already trained from it; only the last trained stage can "
+                         "be extended: use a new --workdir")
 
 
 def _fmt(value: Optional[float]) -> str:
@@ -550,9 +628,15 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike,
   In a multi-process run every process calls this; only process 0 locks the workdir, writes
   config.json, the logs and summary.json, and a refusal on process 0 stops every process.
   """
+  from curriculum_seg import config_check  # pylint: disable=g-import-not-at-top
+  workdir = epath.Path(workdir)
+  # The whole config, the data folder and the workdir are checked before any work: a mistake
+  # is one ConfigError (or RunDirError) naming its key, and nothing is written.
+  config_check.check_config(config)
+  config = config_check.resolve_paths(config)  # config.json finds the data from any folder
+  rundir.check_claimable(workdir)
   sharding.maybe_initialize_distributed(**(distributed or {}))
   enable_compilation_cache(config)
-  workdir = epath.Path(workdir)
   lead = jax.process_index() == 0
   if not lead:
     log = lambda message: None  # noqa: E731
@@ -563,7 +647,9 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike,
       if lead:
         workdir.mkdir(parents=True, exist_ok=True)
         lock.acquire()
-        if rundir.check_or_save_config(workdir, config):
+        if rundir.has_checkpoint(workdir):
+          check_run_lengths(config, workdir)  # before config.json takes the new lengths
+        if rundir.check_or_save_config(workdir, config, log=log):
           log(f"resuming the run in {workdir}")
     return controller.run()
   finally:

@@ -43,7 +43,7 @@ def test_a_cascade_run_trains_a_liver_network_then_a_tumour_network(run):
   assert "[tumour] starts from scratch" in lines
   assert any("val liver dice" in line for line in lines)
   summary = json.loads((workdir / "summary.json").read_text())
-  assert [s["task"] for s in summary] == ["liver", "tumour"]
+  assert [s["task"] for s in summary["stages"]] == ["liver", "tumour"]
   saved = json.loads((workdir / "config.json").read_text())
   assert saved["stages"]["liver"]["model"] == {"task": "liver"}
   assert saved["cascade"] == {"liver_stage": "liver", "tumour_stage": "tumour"}

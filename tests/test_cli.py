@@ -29,7 +29,8 @@ def test_prepare_synthesises_then_reuses(tmp_path):
   args = ["prepare", "--config", "configs/synthetic.py",
           f"--config.data.lits_dir={tmp_path / 'lits'}", f"--config.data.tfds_dir={tmp_path / 't'}",
           "--config.data.synthetic.num_cases=3", "--config.data.synthetic.size=64",
-          "--config.data.synthetic.slices", "10", "--config.data.image_size=32"]
+          "--config.data.synthetic.slices", "10", "--config.data.image_size=32",
+          "--config.stages.patch.patch_size=16", "--config.stages.patch.patch_jitter=4"]
   first = run_cli(*args)
   assert first.returncode == 0, first.stderr
   assert "synthesising 3" in first.stdout and "train: " in first.stdout
@@ -43,7 +44,7 @@ def test_prepare_synthesises_then_reuses(tmp_path):
     (["prepare", "--config", "configs/synthetic.py", "--config.data.image_size=big"],
      "config key data.image_size expects an int"),
     (["prepare", "--config", "configs/missing.py"], "config file configs/missing.py does not exist"),
-    (["prepare"], "--config FILE is required"),
+    (["prepare"], "the following arguments are required: --config"),
     (["prepare", "--config", "configs/synthetic.py", "--config.data.synthetic.enabled=false",
       "--config.data.lits_dir=/no/such/dir"], "/no/such/dir: LiTS folder does not exist"),
     (["synth", "--out_dir", "/tmp/x"], "required: --num_cases"),

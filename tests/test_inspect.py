@@ -128,13 +128,18 @@ def test_run_lists_config_stages_checkpoints_and_history(trained, run):
   assert list(run.config.curriculum) == list(STAGES)
   assert run.complete and run.summary is not None
   assert run.chosen == inference.chosen_checkpoint(workdir)
+  # summary.json names the checkpoint evaluate and predict use, with its path
+  (used,) = run.summary["checkpoints"]
+  assert (used["stage"], used["which"], used["step"]) == run.chosen
+  assert os.path.isdir(used["path"]) and os.path.isabs(used["path"])
+  assert run.summary["stages"][-1]["chosen"] == used["which"]
   assert [s.name for s in run.stages] == list(STAGES)
   assert [s.pipeline for s in run.stages] == ["whole", "patch", "whole"]
   assert [s.task for s in run.stages] == ["tumour"] * 3
   assert [s.start for s in run.stages] == [0, STEPS, 2 * STEPS]
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert run.history == rows
-  for s, summary in zip(run.stages, run.summary):
+  for s, summary in zip(run.stages, run.summary["stages"]):
     assert s.completed and s.steps_done == STEPS
     assert (s.best_step, s.best_val_dice) == (summary["best_step"], summary["best_score"])
     assert [c.step for c in s.checkpoints if c.which == "latest"] == [2, STEPS]

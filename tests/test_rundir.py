@@ -1,6 +1,7 @@
 """Run directory: the lock, the saved-config check, the metrics log (checkpoints: test_checkpoints)."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -36,6 +37,7 @@ def test_saved_config_refuses_differences_but_run_lengths(tmp_path):
   workdir = epath.Path(tmp_path)
   config = config_loading.load_config_file("configs/synthetic.py")
   assert rundir.check_or_save_config(workdir, config) is False
+  (workdir / "checkpoints" / "whole1" / "latest" / "3").mkdir(parents=True)  # Orbax's commit
   assert rundir.check_or_save_config(workdir, config) is True
   longer = config_loading.apply_overrides(config, [("stages.patch.steps", "999"),
                                                    ("stages.whole1.eval_every", "7")])
@@ -47,6 +49,70 @@ def test_saved_config_refuses_differences_but_run_lengths(tmp_path):
     rundir.check_or_save_config(workdir, other)
   assert "data.image_size" in str(e.value)
   assert "stages.patch.optimizer.learning_rate" in str(e.value)
+
+
+def test_a_workdir_is_claimed_only_by_a_run_that_saved_a_checkpoint(tmp_path):
+  """A run that failed before its first checkpoint leaves a workdir the corrected command may
+  use; once a checkpoint is committed, the config is the run's."""
+  workdir = epath.Path(tmp_path) / "run"
+  config = config_loading.load_config_file("configs/synthetic.py")
+  assert rundir.check_or_save_config(workdir.parent, config) is False  # tmp_path: empty
+  workdir.mkdir()
+  rundir.check_or_save_config(workdir, config)
+  (workdir / "checkpoints" / "whole1" / "latest").mkdir(parents=True)
+  (workdir / "checkpoints" / "whole1" / "latest" / "3.orbax-checkpoint-tmp-17").mkdir()
+  assert not rundir.has_checkpoint(workdir), "a save cut before its rename is no checkpoint"
+  fixed = config_loading.apply_overrides(config, [("loss.name", "ce")])
+  said = []
+  assert rundir.check_or_save_config(workdir, fixed, log=said.append) is False
+  assert json.loads((workdir / "config.json").read_text())["loss"]["name"] == "ce"
+  assert said and "never saved a checkpoint" in said[0]
+  (workdir / "checkpoints" / "whole1" / "best" / "3").mkdir(parents=True)
+  assert rundir.has_checkpoint(workdir)
+  with pytest.raises(rundir.RunDirError, match="loss.name"):
+    rundir.check_or_save_config(workdir, config)
+  (workdir / "config.json").write_text("{not json")  # a trained run's config cut: refused
+  with pytest.raises(rundir.RunDirError, match="not valid JSON"):
+    rundir.check_or_save_config(workdir, config)
+
+
+def test_a_folder_of_other_files_is_never_a_workdir(tmp_path):
+  foreign = epath.Path(tmp_path) / "mine"
+  foreign.mkdir()
+  (foreign / "notes.txt").write_text("mine")
+  config = config_loading.load_config_file("configs/synthetic.py")
+  with pytest.raises(rundir.RunDirError, match=r"holds files of no curriculum-seg run \(notes"):
+    rundir.check_or_save_config(foreign, config)
+  assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+  layout = epath.Path(tmp_path) / "stopped"  # a run stopped before writing its config
+  (layout / "checkpoints").mkdir(parents=True)
+  (layout / rundir.LOCK_FILE).write_text("")
+  rundir.check_claimable(layout)
+  (layout / "x.nii.gz").write_text("")
+  with pytest.raises(rundir.RunDirError, match="x.nii.gz"):
+    rundir.check_claimable(layout)
+
+
+def test_a_saved_config_reads_back_as_the_config_file_gives_it(tmp_path):
+  workdir = epath.Path(tmp_path)
+  config = config_loading.load_config_file("configs/synthetic.py")
+  rundir.check_or_save_config(workdir, config)
+  read = rundir.read_config(workdir)
+  assert read.to_dict() == config.to_dict()
+  assert isinstance(read.data.hu_window, tuple) and isinstance(read.curriculum, tuple)
+  # overrides apply to it as to the file's config, by the field's type
+  assert config_loading.apply_overrides(read, [("data.hu_window", "(-100, 200)")]
+                                        ).data.hu_window == (-100, 200)
+  with pytest.raises(rundir.RunDirError, match="no config.json"):
+    rundir.read_config(workdir / "nothing")
+  # an older run's relative data path is compared as the folder it names from here
+  saved = json.loads((workdir / "config.json").read_text())
+  saved["data"]["lits_dir"] = os.path.relpath(os.path.abspath("data/x"))
+  current = json.loads((workdir / "config.json").read_text())
+  current["data"]["lits_dir"] = os.path.abspath("data/x")
+  assert rundir.config_differences(saved, current) == []
+  current["data"]["lits_dir"] = os.path.abspath("data/y")
+  assert rundir.config_differences(saved, current) == ["data.lits_dir"]
 
 
 def test_metrics_log_truncates_after_a_step_and_survives_a_cut_line(tmp_path):

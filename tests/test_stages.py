@@ -148,7 +148,7 @@ def test_three_stage_run_hands_over_the_chosen_checkpoints(reference):
   assert f"[whole2] starts from patch's latest checkpoint (step {STEPS})" in stdout, \
       "whole2 retrains the patch stage's last weights (configs/common.py:set_regime)"
   summary = json.loads((workdir / "summary.json").read_text())
-  assert [s["name"] for s in summary] == ["whole1", "patch", "whole2"]
+  assert [s["name"] for s in summary["stages"]] == ["whole1", "patch", "whole2"]
   assert {r[0] for r in rows} == {"whole1", "patch", "whole2"}
   assert [r[1] for r in rows if r[0] == "patch" and r[2] is not None] == list(range(1, STEPS + 1))
   evaluated = [(r[0], r[1]) for r in rows if r[3] is not None]
