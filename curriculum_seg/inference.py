@@ -36,6 +36,7 @@ from scipy import ndimage
 from curriculum_seg import checkpoints as ckpt_lib
 from curriculum_seg import rundir, sharding, stages, train_step
 from curriculum_seg.models import build_model, num_classes
+from curriculum_seg.sliding_window import sliding_window  # noqa: F401
 from data_pipelines import lits, pipelines, slices, transforms
 
 TUMOUR, LIVER = 2, 1
