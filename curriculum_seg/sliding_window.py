@@ -153,78 +153,100 @@ def sliding_window_slabs(predict: Predict, image: np.ndarray, window: Sequence[i
   return _slabs(predict, image, window, overlap, weights, batch_size, pad_value, slab)
 
 
+class _OpenRows:
+  """Score and weight sums of the rows (along the first axis) that windows still touch.
+
+  A fixed block of `rows` rows in padded coordinates, from `base` on; finished rows leave at the
+  top and the open ones move up, so its size never depends on the volume's depth.
+  """
+
+  def __init__(self, rows: int, rest: tuple[int, ...], classes: int, pad_before: int):
+    self.scores = np.zeros((rows,) + rest + (classes,), np.float32)
+    self.weights = np.zeros((rows,) + rest, np.float32)
+    self.pad_before = pad_before
+    self.base = 0  # padded row of block row 0
+    self.used = 0  # block rows [0, used) may hold sums
+    self.done = 0  # image rows [0, done) were handed out
+
+  def add(self, tile: tuple[int, ...], scores: np.ndarray, weights: np.ndarray) -> None:
+    """Adds one window's weighted scores (`scores` already multiplied by `weights`)."""
+    r = tile[0] - self.base
+    region = (slice(r, r + weights.shape[0]),) + tuple(
+        slice(t, t + w) for t, w in zip(tile[1:], weights.shape[1:]))
+    self.scores[region] += scores
+    self.weights[region] += weights
+    self.used = max(self.used, r + weights.shape[0])
+
+  def pop(self, n: int, crop: tuple[slice, ...]) -> tuple[int, int, np.ndarray]:
+    """The weighted mean of the next `n` image rows (cropped in-plane by `crop`); drops them."""
+    r0 = self.done + self.pad_before - self.base
+    r1 = r0 + n
+    region = (slice(r0, r1),) + crop
+    mean = self.scores[region] / self.weights[region][..., None]
+    keep = max(self.used - r1, 0)
+    for j in range(0, keep, r1):  # moved up in pieces that do not overlap: no temporary copy
+      k = min(j + r1, keep)
+      self.scores[j:k] = self.scores[j + r1:k + r1]
+      self.weights[j:k] = self.weights[j + r1:k + r1]
+    self.scores[keep:self.used] = 0
+    self.weights[keep:self.used] = 0
+    z0 = self.done
+    self.base, self.used, self.done = self.base + r1, keep, self.done + n
+    return z0, z0 + n, mean
+
+
+def _fill_window(out, image, tile, pad_before, pad_value):
+  """Copies the window at padded-coordinate `tile` into `out`, `pad_value` outside the image."""
+  src, dst = [], []
+  for t, w, p, size in zip(tile, out.shape, pad_before, image.shape):
+    lo, hi = t - p, t - p + w  # in image coordinates
+    src.append(slice(max(lo, 0), min(hi, size)))
+    dst.append(slice(max(lo, 0) - lo, min(hi, size) - lo))
+  if any(d.stop - d.start < w for d, w in zip(dst, out.shape)):
+    out[...] = pad_value
+  out[tuple(dst)] = image[tuple(src)]
+
+
 def _slabs(predict, image, window, overlap, weights, batch_size, pad_value, slab):
   """The generator behind `sliding_window_slabs` (arguments already checked)."""
   sizes = image.shape[:-1]
-  channels = image.shape[-1]
   padded = tuple(max(s, w) for s, w in zip(sizes, window))
-  pad_before = tuple((p - s) // 2 for p, s in zip(padded, sizes))  # nnU-Net: extra one after
+  pad_before = tuple((p - s) // 2 for p, s in zip(padded, sizes))  # nnU-Net: the odd one after
+  crop = tuple(slice(p, p + s) for p, s in zip(pad_before[1:], sizes[1:]))
   starts = [tile_starts(p, w, overlap) for p, w in zip(padded, window)]
-  tiles = itertools.product(*starts)  # lazy, first axis major: starts along axis 0 ascending
   num_tiles = math.prod(len(s) for s in starts)
-  depth, rows = window[0], window[0] + slab
-  rest = padded[1:]
-  crop_rest = tuple(slice(p, p + s) for p, s in zip(pad_before[1:], sizes[1:]))
-  expected = None  # (batch_size, *window, K) once the first batch tells K
-
-  state = dict(acc=None, wsum=None, base=0, hi=0, done=0)  # accumulators of the open rows
-
-  def emit(n):
-    """Scores of the next `n` image rows; drops their rows from the accumulators."""
-    acc, wsum, base, hi, done = (state[k] for k in ("acc", "wsum", "base", "hi", "done"))
-    r0 = done + pad_before[0] - base
-    r1 = r0 + n
-    region = (slice(r0, r1),) + crop_rest
-    scores = acc[region] / wsum[region][..., None]
-    keep = max(hi - r1, 0)
-    acc[:keep] = acc[r1:r1 + keep]
-    wsum[:keep] = wsum[r1:r1 + keep]
-    acc[keep:hi] = 0
-    wsum[keep:hi] = 0
-    state.update(base=base + r1, hi=keep, done=done + n)
-    return done, done + n, scores
-
-  def window_of(tile, out):
-    """Copies the window at padded-coordinate `tile` into `out`, `pad_value` outside the image."""
-    src, dst = [], []
-    for s, w, p, size in zip(tile, window, pad_before, sizes):
-      lo, hi = s - p, s - p + w  # in image coordinates
-      src.append(slice(max(lo, 0), min(hi, size)))
-      dst.append(slice(max(lo, 0) - lo, min(hi, size) - lo))
-    if any(d.stop - d.start < w for d, w in zip(dst, window)):
-      out[...] = pad_value
-    out[tuple(dst)] = image[tuple(src)]
-
-  for b0 in range(0, num_tiles, batch_size):
+  tiles = itertools.product(*starts)  # lazily, ascending along the first axis
+  batch_shape = (batch_size,) + window + image.shape[-1:]
+  open_rows = weighted = None
+  for _ in range(0, num_tiles, batch_size):
     batch_tiles = list(itertools.islice(tiles, batch_size))
-    batch = np.zeros((batch_size,) + window + (channels,), np.float32)  # fresh: predict may keep
+    batch = np.zeros(batch_shape, np.float32)  # a fresh array each call: predict may keep it
     for i, tile in enumerate(batch_tiles):
-      window_of(tile, batch[i])
+      _fill_window(batch[i], image, tile, pad_before, pad_value)
     scores = np.asarray(predict(batch), dtype=np.float32)
-    if expected is None:
-      if scores.ndim == len(window) + 2 and scores.shape[:-1] == (batch_size,) + window:
-        expected = scores.shape
-    if expected is None or scores.shape != expected or scores.shape[-1] < 1:
-      want = expected if expected is not None else (batch_size,) + window + ("K",)
-      want = "(" + ", ".join(str(d) for d in want) + ")"
-      raise ValueError(f"predict must return scores of shape {want} for windows of shape "
-                       f"{batch.shape}, got shape {scores.shape}")
-    if state["acc"] is None:
-      state["acc"] = np.zeros((rows,) + rest + (expected[-1],), np.float32)
-      state["wsum"] = np.zeros((rows,) + rest, np.float32)
-    weighted = scores[:len(batch_tiles)] * weights[..., None]
+    if open_rows is None:
+      _check_scores(scores, batch_shape, None)
+      open_rows = _OpenRows(window[0] + slab, padded[1:], scores.shape[-1], pad_before[0])
+      weighted = np.empty(scores.shape[1:], np.float32)
+    _check_scores(scores, batch_shape, open_rows.scores.shape[-1])
     for i, tile in enumerate(batch_tiles):
-      # Rows before this window's start are final (tiles come in ascending order of start).
-      while tile[0] - pad_before[0] - state["done"] >= slab:
-        yield emit(slab)
-      r = tile[0] - state["base"]
-      region = (slice(r, r + depth),) + tuple(slice(s, s + w) for s, w in zip(tile[1:],
-                                                                               window[1:]))
-      state["acc"][region] += weighted[i]
-      state["wsum"][region] += weights
-      state["hi"] = max(state["hi"], r + depth)
-  while state["done"] < sizes[0]:
-    yield emit(min(slab, sizes[0] - state["done"]))
+      # Tiles come in ascending order along the first axis: rows above this one are final.
+      while tile[0] - pad_before[0] - open_rows.done >= slab:
+        yield open_rows.pop(slab, crop)
+      np.multiply(scores[i], weights[..., None], out=weighted)
+      open_rows.add(tile, weighted, weights)
+  while open_rows.done < sizes[0]:
+    yield open_rows.pop(min(slab, sizes[0] - open_rows.done), crop)
+
+
+def _check_scores(scores, batch_shape, classes):
+  """A ValueError naming both shapes unless `scores` is [batch, *window, K] (K = `classes`)."""
+  want = batch_shape[:-1] + (classes,)
+  if scores.shape[:-1] != want[:-1] or scores.ndim != len(want) or scores.shape[-1] < 1 or (
+      classes is not None and scores.shape[-1] != classes):
+    shape = ", ".join(str(d) for d in want[:-1]) + f", {'K' if classes is None else classes}"
+    raise ValueError(f"predict must return scores of shape ({shape}) for windows of shape "
+                     f"{batch_shape}, got shape {scores.shape}")
 
 
 def sliding_window(predict: Predict, image: np.ndarray, window: Sequence[int],
