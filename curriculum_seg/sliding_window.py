@@ -134,8 +134,10 @@ def sliding_window_slabs(predict: Predict, image: np.ndarray, window: Sequence[i
   """Yields (z0, z1, scores [z1 - z0, *rest, K] float32) along the first spatial axis, in order.
 
   The slabs together are `sliding_window`'s result. Each is finalised once every window that
-  touches it has been added, and only the rows that later windows still touch are kept: about
-  window[0] + `slab` rows of accumulators at a time (`slab`, default max(window[0], 32) rows).
+  touches it has been added, and only the rows that later windows still touch are kept: at most
+  window[0] + `slab` rows of accumulators (K scores and a weight sum, float32) at a time.
+  `slab` (rows per slab, the last one shorter) defaults to max(window[0] // 2, 32): half a
+  window is the step at which rows become final at overlap 0.5.
   A window of depth 1 over a volume ([D, H, W, C], window (1, h, w)) is a 2-D network applied
   slice by slice; its slabs are chunks of `slab` slices.
   """
@@ -149,7 +151,7 @@ def sliding_window_slabs(predict: Predict, image: np.ndarray, window: Sequence[i
     pad_value = float(pad_value)
   except (TypeError, ValueError):
     raise ValueError(f"pad_value must be a number, got {pad_value!r}") from None
-  slab = max(window[0], 32) if slab is None else _as_int(slab, "slab", 1)
+  slab = max(window[0] // 2, 32) if slab is None else _as_int(slab, "slab", 1)
   return _slabs(predict, image, window, overlap, weights, batch_size, pad_value, slab)
 
 
@@ -220,13 +222,15 @@ def _slabs(predict, image, window, overlap, weights, batch_size, pad_value, slab
   open_rows = weighted = None
   for _ in range(0, num_tiles, batch_size):
     batch_tiles = list(itertools.islice(tiles, batch_size))
-    batch = np.zeros(batch_shape, np.float32)  # a fresh array each call: predict may keep it
+    batch = np.empty(batch_shape, np.float32)  # a fresh array each call: predict may keep it
     for i, tile in enumerate(batch_tiles):
       _fill_window(batch[i], image, tile, pad_before, pad_value)
+    batch[len(batch_tiles):] = 0  # the last batch's padding
     scores = np.asarray(predict(batch), dtype=np.float32)
     if open_rows is None:
       _check_scores(scores, batch_shape, None)
-      open_rows = _OpenRows(window[0] + slab, padded[1:], scores.shape[-1], pad_before[0])
+      rows = min(window[0] + slab, padded[0])  # enough: a window starts < slab rows below
+      open_rows = _OpenRows(rows, padded[1:], scores.shape[-1], pad_before[0])
       weighted = np.empty(scores.shape[1:], np.float32)
     _check_scores(scores, batch_shape, open_rows.scores.shape[-1])
     for i, tile in enumerate(batch_tiles):

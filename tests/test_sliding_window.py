@@ -243,7 +243,7 @@ def test_slabs_concatenate_to_the_full_result(slab, shape, window, overlap):
   slabs = list(sw.sliding_window_slabs(batched, image, window, overlap, batch_size=4,
                                        slab=slab))
   bounds = [(z0, z1) for z0, z1, _ in slabs]
-  size = max(window[0], 32) if slab is None else slab
+  size = max(window[0] // 2, 32) if slab is None else slab
   assert [z0 for z0, _ in bounds] == list(range(0, shape[0], size))
   assert [z1 for _, z1 in bounds] == [min(z + size, shape[0]) for z, _ in bounds]
   np.testing.assert_array_equal(np.concatenate([s for _, _, s in slabs]), full)
@@ -252,11 +252,11 @@ def test_slabs_concatenate_to_the_full_result(slab, shape, window, overlap):
                                atol=2e-5)
 
 
-def test_default_slab_is_32_rows_or_a_window():
+def test_default_slab_is_32_rows_or_half_a_window():
   image = np.zeros((70, 3, 3, 1), np.float32)
   bounds = [(z0, z1) for z0, z1, _ in sw.sliding_window_slabs(_pointwise, image, (2, 3, 3))]
   assert bounds == [(0, 32), (32, 64), (64, 70)]
-  bounds = [(z0, z1) for z0, z1, _ in sw.sliding_window_slabs(_pointwise, image, (40, 3, 3))]
+  bounds = [(z0, z1) for z0, z1, _ in sw.sliding_window_slabs(_pointwise, image, (80, 3, 3))]
   assert bounds == [(0, 40), (40, 70)]
 
 
