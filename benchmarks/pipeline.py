@@ -206,7 +206,7 @@ def _warp(job: dict[str, Any]) -> dict[str, Any]:
     step = lambda: [t.numpy() for t in step_fn(*args)]  # noqa: E731
   else:
     import jax  # pylint: disable=import-outside-toplevel
-    finish = jax.jit(augment.make_finish((-60.0, 140.0), size, warp=True))
+    finish = jax.jit(augment.make_finish(intensity.window(-60.0, 140.0), size, warp=True))
     cpu = jax.local_devices(backend="cpu")[0]
     host_batch = jax.device_put(dict(image=images, label=labels,
                                      mask=np.ones(batch, np.float32), affine=affine,

@@ -14,7 +14,7 @@ def stage(pipeline, steps, batch_size, learning_rate, *, init="best", carry_opti
           optimizer="adam", weight_decay=1e-4, schedule="constant", warmup_steps=0,
           patch_size=64, positive_fraction=0.7, component_sampling="component", patch_jitter=8,
           log_every=10, eval_every=50, checkpoint_every=50, crop_size=None, crop_margin=None,
-          model=None, tumour_fraction=0.0):
+          model=None, tumour_fraction=0.0, block_size=None, block_sampling="slice"):
   """One stage of a curriculum.
 
   Args:
@@ -35,6 +35,11 @@ def stage(pipeline, steps, batch_size, learning_rate, *, init="best", carry_opti
       with tumour-bearing slices (the rest drawn uniformly from the selected slices); 0 draws
       every row uniformly. The paper's blocks held tumour in about 61 % of cases; nnU-Net forces
       foreground into a third of each batch.
+    block_size: 'whole' stages: train on blocks of this many pixels a side, placed on liver
+      (and on tumour in tumour_fraction of the rows), instead of whole slices; required when
+      slices differ in size (data.spacing_mm). None: whole slices.
+    block_sampling: how a block's tumour rows are drawn: 'slice' (epoch-wise over tumour
+      slices, as whole slices) or 'component' (each 3-D tumour component equally likely).
     model: overrides of `config.model` fields for this stage's network, e.g.
       dict(task='liver') (field present only when given). A stage whose network differs from
       the previous stage's must start from scratch.
@@ -59,6 +64,9 @@ def stage(pipeline, steps, batch_size, learning_rate, *, init="best", carry_opti
   s.checkpoint_every = checkpoint_every
   if pipeline in ("whole", "liver_crop"):
     s.tumour_fraction = tumour_fraction
+  if pipeline == "whole":
+    s.block_size = block_size
+    s.block_sampling = block_sampling
   if pipeline == "liver_crop":
     s.crop_size = crop_size
     s.crop_margin = 0 if crop_margin is None else crop_margin
@@ -116,9 +124,17 @@ def augment(enabled=True, flip_lr=0.5, flip_ud=0.5, rotate_deg=15.0, scale_range
       on_device=on_device))
 
 
-def add_input_settings(data):
-  """The pipelines' settings, as the paper uses them, on a config's `data` section."""
-  data.hu_window = (-60.0, 140.0)           # the paper's window, scaled to [0, 1]
+def add_input_settings(data, spacing_mm=None, normalisation="window"):
+  """The pipelines' settings, as the paper uses them, on a config's `data` section.
+
+  `spacing_mm` (millimetres a pixel in plane, e.g. (1.0, 1.0)): slices resampled to a target
+  spacing instead of to `data.image_size` pixels. `normalisation`: 'window' (the paper: clip to
+  hu_window, scale to [0, 1]) or 'ct_foreground' (nnU-Net: the training foreground's 0.5-99.5
+  percentiles, then its mean and standard deviation; data_pipelines/intensity.py).
+  """
+  data.spacing_mm = spacing_mm
+  data.normalisation = normalisation
+  data.hu_window = (-60.0, 140.0)           # the paper's window
   data.slice_selection = "liver"            # liver z-range +- margin ("all": every slice)
   data.liver_margin = 10                    # slices, as the paper
   # How batches are made (Grain; none of these changes a batch, see data_pipelines/stream.py):

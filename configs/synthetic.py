@@ -1,61 +1,73 @@
 """Embedded default: synthetic LiTS-format data, the three-stage curriculum, CPU minutes.
 
-Run with `curriculum-seg train --config configs/synthetic.py --workdir runs/synthetic`; override
-any field on the command line, e.g. `--config.data.synthetic.num_cases=20`.
+`curriculum-seg train --config configs/synthetic.py --workdir runs/synthetic`; any field can be
+overridden (`--config.data.synthetic.num_cases=20`). `configs/synthetic.py:REGIME` picks the
+curriculum, every regime at the same total of optimiser steps on the same data and network:
 
-`configs/synthetic.py:REGIME` picks the curriculum; every regime trains the same network on the
-same data for the same total of 1,200 optimiser steps (the authors' ablations, issue 7):
+  three_stage  (default) whole1 -> patch -> whole2, a third of the steps each
+  whole_only   whole slices only (no curriculum)
+  whole_patch  whole1 -> patch;   patch_whole  patch -> whole2
+  cascade      a liver network, then a tumour network on liver crops (synthetic_cascade.py)
+  pgps         whole-stage blocks growing 64 -> 96 -> 128 pixels, batch scaled to keep the
+               pixels of a batch about constant (progressive growing of patch size, PGPS+)
 
-  three_stage  (default) whole1 400 -> patch 400 -> whole2 400
-  whole_only   whole 1200 (no curriculum)
-  whole_patch  whole1 600 -> patch 600
-  patch_whole  patch 600 -> whole2 600 (the first stage starts from scratch)
-  cascade      liver network + tumour network on liver crops (configs/synthetic_cascade.py)
-
-The training recipe (issue 13, chosen on validation data; README "Training recipe"):
-  - whole stages fill half of every batch with tumour-bearing slices (tumour_fraction 0.5);
-    whole slices stay whole;
-  - loss: Dice + cross-entropy (nnU-Net, MONAI) with Dice smoothing 1e-5 and the tumour class
-    weighted 10 in the cross-entropy; the paper's plain soft Dice is
-    `--config.loss.name=dice --config.loss.dice_smooth=1`;
-  - Adam with 50 warm-up steps and a cosine decay per stage, gradient clipping at norm 1;
-  - the full-resolution U-Net (input_stride 1) with the head's bias at a 1 % foreground prior.
-    The half-resolution variant (`--config.model.input_stride=2`, MONAI's layout: 3.7 instead
-    of 15 GFLOP per 16x128x128 step) runs about twice the steps per second but plateaus near
-    validation Dice 0.7 where this one passes 0.8, and the small lesions it should find are
-    3-20 voxels (benchmarks/learning.py, README "Learning curves").
-A patch stage starts from the previous stage's best checkpoint (by validation tumour Dice), its
-starting point included (evaluated at its step 0); whole2 retrains the patch stage's last
-weights on whole slices, as the paper does (configs/common.py:set_regime says why not its best),
-and hands out its best, step 0 included. Whole stages use batch 8 at lr 1e-3,
-the patch stage batch 16 of 64x64 patches at lr 3e-4.
-The data: 14 cases, 4 held out for validation (15 lesions, 11 of them 10 mm or larger, as
-`curriculum-seg evaluate` measures them), so the
-demo's lesion recall is measured on more than a handful of lesions.
+The grid: cases synthesised at 256 pixels a slice (1.1-2 mm) and resampled to 1.5 mm a pixel,
+so a 5 mm lesion covers about 9 pixels of its central slice; whole stages train on 128 x 128
+blocks (192 mm) placed on liver, half of every batch on tumour; validation, evaluate and predict
+use Gaussian sliding windows of the same size. docs/recipe.md says why each setting is what it
+is, as measured on the validation cases.
 """
 
 import ml_collections
 
 from configs import common
 
-REGIMES = common.REGIME_NAMES + ("cascade",)
+REGIMES = common.REGIME_NAMES + ("cascade", "pgps")
+# pgps: (block side, batch size) of its growing whole stages, pixels per batch about 128^2 x 8.
+PGPS_BLOCKS = ((64, 32), (96, 14), (128, 8))
 TOTAL_STEPS = 1200
 
 
-def whole_stage(steps, init="best"):
-  return common.stage("whole", steps=steps, batch_size=8, learning_rate=1e-3, init=init,
-                      schedule="cosine", warmup_steps=50, tumour_fraction=0.5,
-                      eval_every=100, checkpoint_every=100)
+BLOCK = (128, 128)  # whole-stage blocks: 192 mm at 1.5 mm a pixel, most of a liver
+
+
+def whole_stage(steps, init="best", block=BLOCK, batch_size=8):
+  return common.stage("whole", steps=steps, batch_size=batch_size, learning_rate=1e-3,
+                      init=init, schedule="cosine", warmup_steps=50, tumour_fraction=0.5,
+                      eval_every=200, checkpoint_every=100, block_size=block,
+                      block_sampling="slice")
 
 
 def patch_stage(steps, init="best"):
   return common.stage("patch", steps=steps, batch_size=16, learning_rate=3e-4, init=init,
                       schedule="cosine", warmup_steps=50, patch_size=64,
-                      positive_fraction=0.7, eval_every=100, checkpoint_every=100)
+                      positive_fraction=0.7, eval_every=0, checkpoint_every=100)
+
+
+def pgps_stages(total_steps=TOTAL_STEPS):
+  """The pgps regime's stages: whole stages on growing blocks, each continuing the previous
+  one's last weights and optimiser moments; one warm-up at the start and one cosine decay in
+  the last, so the learning rate runs as in a single stage."""
+  stages = []
+  n = len(PGPS_BLOCKS)
+  for k, (side, batch) in enumerate(PGPS_BLOCKS):
+    steps = total_steps // n if k < n - 1 else total_steps - (n - 1) * (total_steps // n)
+    stage = whole_stage(steps, "scratch" if k == 0 else "last", block=(side, side),
+                        batch_size=batch)
+    stage.carry_optimizer = k > 0
+    stage.schedule.name = "cosine" if k == n - 1 else "constant"
+    stage.schedule.warmup_steps = 50 if k == 0 else 0
+    stages.append((f"grow{side}", stage))
+  return stages
 
 
 def set_regime(config, regime, total_steps=TOTAL_STEPS):
   """Sets config.curriculum and config.stages for one of REGIMES (except 'cascade')."""
+  if regime == "pgps":
+    stages = pgps_stages(total_steps)
+    config.curriculum = tuple(name for name, _ in stages)
+    config.stages = ml_collections.ConfigDict(dict(stages))
+    return config
   return common.set_regime(config, regime, whole_stage, patch_stage, total_steps,
                            "configs/synthetic.py")
 
@@ -79,22 +91,23 @@ def get_config(arg=None):
   config.data.file_format = "array_record"
   config.data.record_compression = "uncompressed"  # fast reads; "zstd:1" halves the disk
   config.data.context_slices = 3                   # slices stacked as channels (odd)
-  config.data.image_size = 128                     # in-plane size slices are resampled to
-  config.data.val_fraction = 0.3                   # share of cases held out for validation
+  config.data.image_size = None                    # (a fixed slice size, before spacing_mm)
+  config.data.val_fraction = 0.17                  # share of cases held out for validation
   config.data.test_fraction = 0.0
   config.data.split_seed = 0
 
   # Synthesised into data.lits_dir when that folder has no complete manifest.
   config.data.synthetic = ml_collections.ConfigDict()
   config.data.synthetic.enabled = True
-  config.data.synthetic.num_cases = 14
+  config.data.synthetic.num_cases = 48
   config.data.synthetic.seed = 0
-  config.data.synthetic.size = 128
+  config.data.synthetic.size = 256
   config.data.synthetic.slices = 48
   config.data.synthetic.max_tumours = 8
   config.data.synthetic.storage_variants = True
 
-  common.add_input_settings(config.data)          # HU window, slice selection, host threads
+  # In-plane millimetres a pixel (LiTS: 0.56-1.0 mm; the authors resample to 1 mm).
+  common.add_input_settings(config.data, spacing_mm=(1.5, 1.5), normalisation="window")
 
   # Joint image/label augmentation, drawn on the host and applied on the device.
   config.augment = common.augment()
@@ -102,8 +115,10 @@ def get_config(arg=None):
   config.model = common.model(depth=3, base_width=8, norm="instance", block="residual",
                               task="tumour", input_stride=1, foreground_prior=0.01)
   config.loss = common.loss("dice_ce", dice_smooth=1e-5, class_weights=(1.0, 10.0))
-  config.eval = ml_collections.ConfigDict(dict(batch_size=32))
+  # Validation, evaluate and predict: Gaussian sliding windows of the whole stages' blocks.
+  config.eval = ml_collections.ConfigDict(dict(batch_size=32, window=BLOCK, overlap=0.5,
+                                               val_overlap=0.0, sigma_scale=0.125))
 
-  # The paper's curriculum (default): whole slices, tumour patches, whole slices again; each
-  # stage starts from the previous stage's best checkpoint (by validation tumour Dice).
+  # The paper's curriculum (default): whole blocks, tumour patches, whole blocks again
+  # (configs/common.py:set_regime says which checkpoint each stage starts from).
   return set_regime(config, regime)

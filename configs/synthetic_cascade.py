@@ -35,7 +35,8 @@ def get_config(arg=None):
   config.stages = ml_collections.ConfigDict(dict(
       liver=common.stage("whole", steps=half, batch_size=8, learning_rate=1e-3, init="scratch",
                          schedule="cosine", warmup_steps=50, eval_every=100,
-                         checkpoint_every=100, model=dict(task="liver")),
+                         checkpoint_every=100, model=dict(task="liver"),
+                         block_size=synthetic.BLOCK),
       tumour=common.stage("liver_crop", steps=synthetic.TOTAL_STEPS - half, batch_size=8,
                           learning_rate=1e-3, init="scratch", schedule="cosine",
                           warmup_steps=50, tumour_fraction=0.5, eval_every=100,

@@ -68,36 +68,37 @@ class CascadePredictor(inference.Predictor):
 
   # --- the steps ---------------------------------------------------------------------------
 
-  def predict_liver(self, image: np.ndarray) -> np.ndarray:
+  def predict_liver(self, image: np.ndarray, spacing=None) -> np.ndarray:
     """The liver network's liver (X, Y, Z) bool, reduced to its largest component per options."""
-    liver = self.liver_network.label_volume(image, self.options) >= inference.LIVER
+    liver = self.liver_network.label_volume(image, self.options,
+                                            spacing=spacing) >= inference.LIVER
     if self.options.largest_liver_component and liver.any():
       liver = inference.largest_component(liver)
     return liver
 
-  def crop_box(self, liver: np.ndarray) -> Optional[crops.Box]:
+  def crop_box(self, liver: np.ndarray, spacing=None) -> Optional[crops.Box]:
     """The crop box in stored pixels of a liver mask on the volume's grid (None: no liver)."""
     stored = slices.resample_labels(np.ascontiguousarray(liver, dtype=np.uint8),
-                                    self.tumour_network.image_size, num_classes=2)
+                                    self.tumour_network.stored_shape(liver, spacing),
+                                    num_classes=2)
     return crops.liver_box(stored >= 1, self.crop_margin)
 
-  def tumour_mask(self, image: np.ndarray, liver: np.ndarray) -> np.ndarray:
+  def tumour_mask(self, image: np.ndarray, liver: np.ndarray, spacing=None) -> np.ndarray:
     """The tumour network's tumour (X, Y, Z) bool within the liver's box and z-range."""
     tumour = np.zeros(image.shape, bool)
-    box = self.crop_box(liver)
+    box = self.crop_box(liver, spacing)
     if box is None:
       return tumour
     net, options = self.tumour_network, self.options
     zs = np.flatnonzero(liver.any(axis=(0, 1)))
-    lo, hi = net.hu_window
-    size = net.image_size
+    size = net.stored_shape(image, spacing)
     tumour_class = _TUMOUR_CLASS[net.task]
     for z0 in range(int(zs[0]), int(zs[-1]) + 1, int(options.chunk_slices)):
       z1 = min(int(zs[-1]) + 1, z0 + int(options.chunk_slices))
-      hu, _ = crops.crop_slices(net.slice_stacks(image, z0, z1, window=False), box,
-                                   self.crop_size)
+      hu, _ = crops.crop_slices(net.slice_stacks(image, z0, z1, normalise=False,
+                                                 spacing=spacing), box, self.crop_size)
       stacks = np.empty_like(hu)
-      transforms.window_into(stacks, hu, lo, hi)
+      transforms.normalise_into(stacks, hu, net.normaliser)
       probs = net.slice_probabilities(stacks, options)
       probs = crops.uncrop_probabilities(probs, box, size)
       probs = slices.resample_probabilities_back(probs, image.shape[:2])
@@ -118,9 +119,9 @@ class CascadePredictor(inference.Predictor):
                          f"{image.shape}")
       organ = liver
     else:
-      organ = self.predict_liver(image)
+      organ = self.predict_liver(image, spacing)
     labels = organ.astype(np.uint8) * np.uint8(inference.LIVER)
-    tumour = self.tumour_mask(image, organ)
+    tumour = self.tumour_mask(image, organ, spacing)
     labels[tumour & organ] = inference.TUMOUR  # the cascade: tumour only inside the liver
     return inference.postprocess(labels, spacing, predicts_liver=True, options=self.options,
                                  liver=liver)
@@ -154,5 +155,5 @@ def load_cascade_predictor(workdir: epath.PathLike,
   tumour = inference.load_network(workdir, stage=tumour_stage, which=which, mesh=liver.mesh,
                                   config=config)
   stage = config.stages[tumour_stage]
-  size, margin = pipelines.crop_settings(stage, int(config.data.image_size))
+  size, margin = pipelines.crop_settings(stage, config.data.get("image_size", None))
   return CascadePredictor(liver, tumour, size, margin, options)

@@ -187,7 +187,7 @@ def cmd_prepare(argv: list[str]) -> int:
   from data_pipelines import lits_tfds  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   builder = lits_tfds.prepare(config.data, log=lambda m: print(m, flush=True))
-  print(lits_tfds.describe(builder))
+  print(lits_tfds.describe(builder, config.data))
   print(f"prepare done in {time.perf_counter() - start:.1f} s")
   return 0
 

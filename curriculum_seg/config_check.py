@@ -18,8 +18,7 @@ import ml_collections
 from curriculum_seg import losses, optim
 from curriculum_seg.config_loading import ConfigError
 from curriculum_seg.models import build_model, num_classes
-from data_pipelines import augment, settings, synthetic
-from data_pipelines import pipelines
+from data_pipelines import augment, intensity, pipelines, settings, synthetic
 
 FILE_FORMATS = ("array_record",)  # the pipelines read records at random (Grain)
 PATH_KEYS = ("lits_dir", "tfds_dir")  # config.data's folders, made absolute by resolve_paths
@@ -61,9 +60,17 @@ def _check_data(data: ml_collections.ConfigDict, check_folders: bool) -> None:
   _require(isinstance(context, int) and context >= 1 and context % 2 == 1,
            f"config.data.context_slices={context!r} must be an odd integer >= 1 (slices "
            "stacked around the centre slice)")
+  spacing = _checked("config.", settings.target_spacing, data)
   size = data.get("image_size")
-  _require(isinstance(size, int) and size >= 8,
-           f"config.data.image_size={size!r} must be an integer >= 8 (pixels)")
+  if spacing is None:
+    _require(isinstance(size, int) and size >= 8,
+             f"config.data.image_size={size!r} must be an integer >= 8 (pixels), or set "
+             "config.data.spacing_mm")
+  else:
+    _require(size is None, f"config.data.image_size={size!r} and config.data.spacing_mm="
+             f"{data.spacing_mm!r} are both set: a slice is resampled to a size or to a "
+             "spacing; set config.data.image_size=None")
+  _checked("config.", intensity.normalisation_name, data)
   for key in ("val_fraction", "test_fraction"):
     value = data.get(key, 0.0)
     _require(isinstance(value, (int, float)) and 0.0 <= value < 1.0,
@@ -99,27 +106,21 @@ def _synth_config(data):
   return lits_tfds.synth_config(data)
 
 
-def _stage_input_shape(config, stage) -> tuple[int, int, int, int]:
-  size = int(config.data.image_size)
-  if stage.pipeline == "patch":
-    size = int(stage.patch_size)
-  elif stage.pipeline == "liver_crop":
-    size, _ = settings.crop_settings(stage, size)
-  return (int(stage.batch_size), size, size, int(config.data.context_slices))
-
-
 def _check_stage(config, name: str) -> None:
   from curriculum_seg import stages  # pylint: disable=g-import-not-at-top
   stage = config.stages[name]
   prefix = f"config.stages.{name}."
   _checked(prefix, pipelines.check_stage_settings, stage, config.data,
-           int(config.data.image_size))
+           config.data.get("image_size", None))
   _checked(prefix, optim.build_optimizer, stage.optimizer, stage.schedule, int(stage.steps))
   model_cfg = _checked(prefix, stages.stage_model_config, config, name)
   model_prefix = prefix if stage.get("model", None) else "config."
   model = _checked(model_prefix, build_model, model_cfg, int(config.data.context_slices))
-  shape = _stage_input_shape(config, stage)
+  size = stages.input_size(config, stage)
+  shape = (int(stage.batch_size), size, size, int(config.data.context_slices))
   what = {"patch": "patch_size", "liver_crop": "crop_size"}.get(stage.pipeline)
+  if stage.pipeline == "whole" and stage.get("block_size", None) is not None:
+    what = "block_size"
   key = f"config.stages.{name}.{what}" if what else "config.data.image_size"
   try:
     model.check_input_shape(shape)
@@ -153,6 +154,42 @@ def check_config(config: ml_collections.ConfigDict, check_folders: bool = True) 
     raise ConfigError(str(e)) from e
   for name in config.curriculum:
     _check_stage(config, name)
+  _check_eval(config)
+
+
+def _check_eval(config) -> None:
+  """The sliding window of validation, evaluate and predict (curriculum_seg.validation)."""
+  from curriculum_seg import validation  # pylint: disable=g-import-not-at-top
+  evaluation = config.get("eval", {})
+  for key in ("overlap", "val_overlap"):
+    value = evaluation.get(key, 0.5)
+    _require(isinstance(value, (int, float)) and 0.0 <= value < 1.0,
+             f"config.eval.{key}={value!r} must be in [0, 1)")
+  sigma = evaluation.get("sigma_scale", 0.125)
+  _require(isinstance(sigma, (int, float)) and sigma > 0,
+           f"config.eval.sigma_scale={sigma!r} must be > 0")
+  try:
+    window = validation.eval_window(config)
+  except ValueError as e:
+    raise ConfigError(f"config.eval.window: {str(e).replace('stage.block_size', 'window')}") from e
+  tumour_stages = [n for n in config.curriculum if config.stages[n].pipeline != "liver_crop"]
+  if window is None:
+    _require(config.data.get("spacing_mm", None) is None or not tumour_stages,
+             "config.eval.window must be set (or a whole stage's block_size): with "
+             "config.data.spacing_mm slices differ in size, so evaluation uses a sliding window")
+    return
+  for name in tumour_stages:
+    model = build_model(_model_cfg(config, name), int(config.data.context_slices))
+    try:
+      model.check_input_shape((1, window[0], window[1], int(config.data.context_slices)))
+    except ValueError as e:
+      raise ConfigError(f"config.eval.window={window[0]} does not fit the network of stage "
+                        f"{name}: {e}") from e
+
+
+def _model_cfg(config, name):
+  from curriculum_seg import stages  # pylint: disable=g-import-not-at-top
+  return stages.stage_model_config(config, name)
 
 
 def resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

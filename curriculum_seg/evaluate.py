@@ -122,10 +122,15 @@ def _widest_slice(component: np.ndarray) -> int:
   return int(component.sum(axis=(0, 1)).argmax())
 
 
-def draw_overlay(picture: _Picture, hu_window: tuple[float, float]):
-  """A matplotlib figure: the CT slice in the window, reference (green) and predicted (red)
-  tumour contours, and the liver outline (yellow, reference). Radiological view: patient's right
-  on the left, anterior up."""
+# The pictures' grey scale: a soft-tissue window wide enough for hyper-dense lesions and
+# enhanced liver (the paper's -60..140 HU input window shows both as white).
+DISPLAY_WINDOW = (-150.0, 250.0)
+
+
+def draw_overlay(picture: _Picture, hu_window: tuple[float, float] = DISPLAY_WINDOW):
+  """A matplotlib figure: the CT slice in the window (stated under it), reference (green) and
+  predicted (red) tumour contours, and the liver outline (yellow, reference). Radiological view:
+  patient's right on the left, anterior up."""
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
   fig = Figure(figsize=(5.5, 5.8), dpi=100)
@@ -147,7 +152,7 @@ def draw_overlay(picture: _Picture, hu_window: tuple[float, float]):
     handles.append(Line2D([], [], color=colour, label=label))
   ax.invert_xaxis()  # RAS x grows to the patient's right: show it on the viewer's left
   ax.set_title(picture.title, fontsize=9)
-  ax.set_xlabel("mm (patient right on the left)")
+  ax.set_xlabel(f"mm (patient right on the left); grey scale {lo:g}..{hi:g} HU")
   ax.legend(handles=handles, loc="lower right", fontsize=7, framealpha=0.6)
   fig.tight_layout()
   return fig
@@ -315,10 +320,9 @@ def evaluate_run(workdir: epath.PathLike, *, split: str = "validation",
   if pictures:
     pic_dir = output / "pictures"
     pic_dir.mkdir(exist_ok=True)
-    window = tuple(predictor.config.data.get("hu_window", (-60.0, 140.0)))
     import io  # pylint: disable=g-import-not-at-top
     for picture in chooser.pictures():
-      fig = draw_overlay(picture, window)
+      fig = draw_overlay(picture)
       buffer = io.BytesIO()
       fig.savefig(buffer, format="png")
       rundir.write_atomically(pic_dir / f"{picture.name}.png", buffer.getvalue())

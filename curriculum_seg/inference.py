@@ -1,10 +1,11 @@
 """Whole-volume inference: a trained run's network applied to every axial slice of a CT volume.
 
 A volume (canonical int16 HU, from `data_pipelines.lits.load_case`) is cut into axial slices with
-their neighbours as channels, resampled in-plane to the training size and windowed exactly as the
-dataset builder and pipelines do (`data_pipelines.slices`, `transforms.window_into`), batched
-through a compiled predict step sharded over the local devices, and the softmax probabilities
-are resampled back to the volume's own grid. Slices go through a chunk at a time
+their neighbours as channels, resampled in-plane to the training grid and normalised exactly as
+the dataset builder and pipelines do (`data_pipelines.slices`, `transforms.normalise_into`),
+predicted whole or by a Gaussian sliding window (`sliding_window`) through a compiled predict
+step sharded over the local devices, and the softmax probabilities are resampled back to the
+volume's own grid. Slices go through a chunk at a time
 (`InferenceOptions.chunk_slices`), so only one chunk's probabilities ever exist: a
 512x512x1000 volume needs its int16 image, its uint8 mask and one chunk, never all its logits.
 
@@ -34,10 +35,11 @@ from etils import epath
 from scipy import ndimage
 
 from curriculum_seg import checkpoints as ckpt_lib
-from curriculum_seg import rundir, sharding, stages, train_step
+from curriculum_seg import rundir, sharding, stages, train_step, validation
 from curriculum_seg.models import build_model, num_classes
-from curriculum_seg.sliding_window import sliding_window  # noqa: F401
-from data_pipelines import lits, pipelines, slices, transforms
+from curriculum_seg import sliding_window as sw
+from curriculum_seg.sliding_window import sliding_window  # noqa: F401  (the public name)
+from data_pipelines import augment, intensity, lits, pipelines, settings, slices, transforms
 
 TUMOUR, LIVER = 2, 1
 _LESION_STRUCTURE = ndimage.generate_binary_structure(3, 1)  # lesions: 6-connected (LiTS)
@@ -117,27 +119,48 @@ def chosen_checkpoint(workdir: epath.PathLike, config: Optional[ml_collections.C
 
 @dataclasses.dataclass
 class Network:
-  """One trained network, ready to segment volumes slice by slice on `mesh`."""
+  """One trained network, ready to segment volumes slice by slice on `mesh`.
+
+  The volume is resampled in plane to the run's grid (`image_size` pixels a slice, or
+  `spacing_mm` millimetres a pixel), normalised as in training (`normaliser`), and predicted
+  whole slice by whole slice (`window` None) or by a Gaussian sliding window of `window`
+  pixels at `overlap` (`curriculum_seg.sliding_window`); probabilities are resampled back to
+  the volume's own grid.
+  """
 
   config: ml_collections.ConfigDict
   model: Any
   variables: dict
   task: str
-  image_size: int
+  image_size: Optional[int]
   context_slices: int
-  hu_window: tuple[float, float]
+  normaliser: intensity.Normaliser
   mesh: jax.sharding.Mesh
   stage: str = ""
   which: str = ""
   step: int = -1
   meta: dict = dataclasses.field(default_factory=dict)
+  spacing_mm: Optional[tuple[float, ...]] = None
+  window: Optional[tuple[int, int]] = None
+  overlap: float = 0.5
+  sigma_scale: float = 0.125
 
   def __post_init__(self):
     self._steps: dict[bool, Any] = {}
+    if self.image_size is None and self.spacing_mm is None:
+      raise InferenceError("a network needs its grid: image_size or spacing_mm")
+    if self.spacing_mm is not None and self.window is None:
+      raise InferenceError("a network on a target spacing needs a sliding window "
+                           "(config.eval.window)")
 
   @property
   def num_classes(self) -> int:
     return num_classes(self.task)
+
+  @property
+  def hu_window(self) -> tuple[float, float]:
+    """The HU range the input is clipped to."""
+    return self.normaliser.lo, self.normaliser.hi
 
   def _predict_step(self, flip_tta: bool):
     if flip_tta not in self._steps:
@@ -147,7 +170,8 @@ class Network:
 
   def slice_probabilities(self, stacks: np.ndarray,
                           options: InferenceOptions = InferenceOptions()) -> np.ndarray:
-    """Softmax probabilities [N, H, W, K] of windowed slice stacks [N, H, W, C] (float32)."""
+    """Softmax probabilities [N, H, W, K] of normalised slice stacks [N, H, W, C] (float32),
+    each stack predicted whole."""
     n = stacks.shape[0]
     devices = self.mesh.size
     batch = int(math.ceil(int(options.batch_size) / devices) * devices)
@@ -163,29 +187,51 @@ class Network:
       out[b0:b0 + m] = np.asarray(jax.device_get(probs))[:m]
     return out
 
-  def slice_stacks(self, image: np.ndarray, z0: int, z1: int, window: bool = True) -> np.ndarray:
-    """Model inputs [z1 - z0, S, S, C] of slices z0..z1 of a canonical int16 volume: windowed
-    float32, or (`window=False`) the resampled int16 HU, for callers that warp HU first."""
-    size, context = self.image_size, self.context_slices
+  def stored_shape(self, image: np.ndarray, spacing=None) -> tuple[int, int]:
+    """The (rows, cols) the network sees a slice of `image` (spacing in mm per axis) at."""
+    if self.spacing_mm is not None and spacing is None:
+      raise InferenceError("this network works at a target spacing: give the volume's spacing")
+    return slices.stored_shape(image.shape, spacing if spacing is not None else (1, 1, 1),
+                               self.image_size, self.spacing_mm)
+
+  def slice_stacks(self, image: np.ndarray, z0: int, z1: int, normalise: bool = True,
+                   spacing=None) -> np.ndarray:
+    """Model inputs [z1 - z0, H, W, C] of slices z0..z1 of a canonical int16 volume on the
+    network's grid: normalised float32, or (`normalise=False`) the resampled int16 HU, for
+    callers that warp HU first. `spacing` (mm per axis) is needed on a target spacing."""
+    size, context = self.stored_shape(image, spacing), self.context_slices
     neighbours = slices.context_indices(image.shape[2], context)[z0:z1]
     needed = np.unique(neighbours)
     resampled = slices.resample_image(np.ascontiguousarray(image[:, :, needed]), size)
     where = np.searchsorted(needed, neighbours)  # [n, C] into the resampled slices
     hu = np.moveaxis(resampled[:, :, where], 2, 0)
-    if not window:
+    if not normalise:
       return hu
-    stacks = np.empty((z1 - z0, size, size, context), np.float32)
-    transforms.window_into(stacks, hu, *self.hu_window)
+    stacks = np.empty(hu.shape, np.float32)
+    transforms.normalise_into(stacks, hu, self.normaliser)
     return stacks
+
+  def stack_probabilities(self, stacks: np.ndarray,
+                          options: InferenceOptions = InferenceOptions()) -> np.ndarray:
+    """Probabilities [N, H, W, K] of normalised stacks [N, H, W, C]: each whole, or by the
+    network's sliding window (windows of all the stacks batched together)."""
+    if self.window is None:
+      return self.slice_probabilities(stacks, options)
+    pad = float(self.normaliser(np.array([augment.AIR_HU], np.float32))[0])
+    predict = lambda w: self.slice_probabilities(w[:, 0], options)[:, None]  # noqa: E731
+    return sw.sliding_window(predict, stacks, (1,) + tuple(self.window),
+                                         overlap=self.overlap, sigma_scale=self.sigma_scale,
+                                         batch_size=int(options.batch_size), pad_value=pad)
 
   def volume_probabilities(self, image: np.ndarray,
                            options: InferenceOptions = InferenceOptions(),
-                           z_range: Optional[tuple[int, int]] = None
+                           z_range: Optional[tuple[int, int]] = None, spacing=None
                            ) -> Iterator[tuple[int, int, np.ndarray]]:
     """(z0, z1, probabilities [z1 - z0, X, Y, K]) chunk by chunk over a canonical volume.
 
-    Probabilities are on the volume's own in-plane grid (bilinear back from the model's size).
-    Only one chunk exists at a time; `z_range` limits the slices (default: all).
+    Probabilities are on the volume's own in-plane grid (bilinear back from the network's).
+    Only one chunk exists at a time; `z_range` limits the slices (default: all); `spacing` (mm
+    per axis) is needed on a target spacing.
     """
     if image.ndim != 3:
       raise ValueError(f"expected a 3-D (X, Y, Z) volume, got shape {image.shape}")
@@ -193,11 +239,12 @@ class Network:
     start, stop = (0, z) if z_range is None else (max(0, z_range[0]), min(z, z_range[1]))
     for z0 in range(start, stop, int(options.chunk_slices)):
       z1 = min(stop, z0 + int(options.chunk_slices))
-      probs = self.slice_probabilities(self.slice_stacks(image, z0, z1), options)
+      probs = self.stack_probabilities(self.slice_stacks(image, z0, z1, spacing=spacing),
+                                       options)
       yield z0, z1, slices.resample_probabilities_back(probs, (x, y))
 
   def label_volume(self, image: np.ndarray, options: InferenceOptions = InferenceOptions(),
-                   probabilities: Optional[np.ndarray] = None) -> np.ndarray:
+                   probabilities: Optional[np.ndarray] = None, spacing=None) -> np.ndarray:
     """The raw argmax labels (X, Y, Z) uint8 in LiTS values: 0/2 tumour, 0/1 liver, 0/1/2.
 
     `probabilities`, an (X, Y, Z, K) array (float16 keeps it at half a float32 copy), is filled
@@ -208,7 +255,7 @@ class Network:
     if probabilities is not None and probabilities.shape != image.shape + (len(to_lits),):
       raise ValueError(f"probabilities of shape {probabilities.shape} do not fit the volume "
                        f"{image.shape} and {len(to_lits)} classes")
-    for z0, z1, probs in self.volume_probabilities(image, options):
+    for z0, z1, probs in self.volume_probabilities(image, options, spacing=spacing):
       labels[:, :, z0:z1] = np.moveaxis(to_lits[probs.argmax(-1)], 0, 2)
       if probabilities is not None:
         probabilities[:, :, z0:z1] = np.moveaxis(probs, 0, 2)
@@ -276,9 +323,13 @@ def load_network(workdir: epath.PathLike, *, stage: Optional[str] = None,
   model_cfg = stages.stage_model_config(config, stage)
   context = int(config.data.context_slices)
   model = build_model(model_cfg, context)
-  size = int(config.data.image_size)
+  size = config.data.get("image_size", None)
+  size = None if size is None else int(size)
+  window = validation.eval_window(config)
+  init_side = (window or (size, size))[0]
   shapes = jax.eval_shape(
-      lambda rng: model.init(rng, jnp.zeros((1, size, size, context), jnp.float32), train=False),
+      lambda rng: model.init(rng, jnp.zeros((1, init_side, init_side, context), jnp.float32),
+                             train=False),
       jax.random.PRNGKey(0))
   abstract = ckpt_lib.abstract_like(
       dict(params=shapes["params"], batch_stats=shapes.get("batch_stats", {})),
@@ -286,10 +337,16 @@ def load_network(workdir: epath.PathLike, *, stage: Optional[str] = None,
   variables, meta = _checkpoints(workdir, stage).restore_variables(abstract, which, step)
   if not variables.get("batch_stats"):
     variables.pop("batch_stats", None)
+  # Checkpoints record the input normalisation; those of older runs used the config's window.
+  normaliser = (intensity.Normaliser.from_dict(meta["normaliser"]) if meta.get("normaliser")
+                else intensity.window(*pipelines.hu_window(config.data)))
+  eval_cfg = config.get("eval", {})
   return Network(config=config, model=model, variables=variables, task=str(model_cfg.task),
-                 image_size=size, context_slices=context,
-                 hu_window=pipelines.hu_window(config.data), mesh=mesh, stage=stage,
-                 which=which, step=int(step), meta=meta)
+                 image_size=size, context_slices=context, normaliser=normaliser, mesh=mesh,
+                 stage=stage, which=which, step=int(step), meta=meta,
+                 spacing_mm=settings.target_spacing(config.data), window=window,
+                 overlap=float(eval_cfg.get("overlap", 0.5)),
+                 sigma_scale=float(eval_cfg.get("sigma_scale", 0.125)))
 
 
 # --------------------------------------------------------------------------- post-processing
@@ -369,7 +426,8 @@ class Predictor:
     `probabilities` ((X, Y, Z, K), see `Network.label_volume`) receives the network's softmax,
     before post-processing (as nnU-Net's saved probabilities).
     """
-    labels = self.network.label_volume(_check_image(image), self.options, probabilities)
+    labels = self.network.label_volume(_check_image(image), self.options, probabilities,
+                                       spacing=spacing)
     return postprocess(labels, spacing, predicts_liver=self.predicts_liver,
                        options=self.options, liver=liver)
 

@@ -79,8 +79,8 @@ def build_optimizer(opt_cfg: Any, sched_cfg: Any,
     raise ValueError(f'optimizer.name={name!r} is not one of {list(OPTIMIZERS)}')
   learning_rate = opt_cfg.learning_rate
   if (isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float))
-      or not math.isfinite(learning_rate) or learning_rate <= 0):
-    raise ValueError(f'optimizer.learning_rate={learning_rate!r} must be a number > 0')
+      or not math.isfinite(learning_rate) or learning_rate < 0):
+    raise ValueError(f'optimizer.learning_rate={learning_rate!r} must be a number >= 0')
   for key in ('b1', 'b2'):
     value = float(opt_cfg.get(key, 0.9))
     if not 0.0 <= value < 1.0:

@@ -100,7 +100,9 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 ADDED_FIELD_DEFAULTS = {
     "downsample": "maxpool", "convs_per_level": 2, "skip": "concat", "input_stride": 1,
     "foreground_prior": None, "dice_weight": 1.0, "ce_weight": 1.0, "tumour_fraction": 0.0,
-    "lesion_scale": [1.0, 1.0], "lesion_invert": 0.0,
+    "lesion_scale": [1.0, 1.0], "lesion_invert": 0.0, "spacing_mm": None,
+    "normalisation": "window", "block_size": None, "block_sampling": "slice", "window": None,
+    "overlap": 0.5, "val_overlap": 0.5, "sigma_scale": 0.125,
 }
 
 

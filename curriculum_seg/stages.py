@@ -35,9 +35,9 @@ import optax
 from etils import epath
 
 from curriculum_seg import checkpoints as ckpt_lib
-from curriculum_seg import device_feed, optim, rundir, sharding, train_step
+from curriculum_seg import device_feed, optim, rundir, sharding, train_step, validation
 from curriculum_seg.models import build_model
-from data_pipelines import lits_tfds, pipelines
+from data_pipelines import intensity, lits_tfds, pipelines
 
 PIPELINES = pipelines.PIPELINES  # 'whole', 'patch', 'liver_crop'
 TUMOUR_TASKS = ("tumour", "three_class")
@@ -260,10 +260,10 @@ class Controller:
     self.metrics_log = rundir.MetricsLog(self.workdir)
     self._clock = _RunClock()
     self._compiled: dict[str, Any] = {}
-    self._eval_steps: dict[str, Any] = {}
-    self._liver_boxes: dict[int, np.ndarray] = {}  # validation crop boxes by margin
     self.builder = None
     self.writer = None
+    self.normaliser: Optional[intensity.Normaliser] = None
+    self.validator: Optional[validation.Validator] = None
 
   # --- building blocks -------------------------------------------------------------------
 
@@ -293,12 +293,7 @@ class Controller:
     return self._compiled[key]
 
   def _input_shape(self, stage: ml_collections.ConfigDict) -> tuple[int, ...]:
-    if stage.pipeline == "patch":
-      size = int(stage.patch_size)
-    elif stage.pipeline == "liver_crop":
-      size, _ = pipelines.crop_settings(stage, int(self.config.data.image_size))
-    else:
-      size = int(self.config.data.image_size)
+    size = input_size(self.config, stage)
     return (int(stage.batch_size), size, size, int(self.config.data.context_slices))
 
   def _abstract_state(self, stage, tx):
@@ -321,43 +316,12 @@ class Controller:
 
   def evaluate(self, state, stage: Optional[ml_collections.ConfigDict] = None
                ) -> dict[str, float]:
-    """Scores `state` on the validation split: global and mean per-slice Dice of the stage's
-    task (tumour Dice, or liver Dice for a liver network), and the loss.
-
-    The slices are every whole validation slice, or for a 'liver_crop' stage the liver-range
-    slices cropped to each case's reference liver box, as that stage trains. `stage` None:
-    config.model on whole slices.
-    """
+    """Scores `state` on the validation split (`curriculum_seg.validation`): global and mean
+    per-slice Dice of the stage's task (tumour Dice, or liver Dice for a liver network), and
+    the loss. `stage` None: config.model on whole slices."""
     model_cfg = self._model_cfg(stage)
-    key = _model_key(model_cfg)
-    if key not in self._eval_steps:
-      self._eval_steps[key] = train_step.make_eval_step(
-          self.model_for(stage), model_cfg.task, self.mesh, self.config.loss)
-    eval_step = self._eval_steps[key]
-    batch_size = int(self.config.eval.batch_size)
-    totals: dict[str, float] = {}
-    crop_stage, boxes = None, None
-    if stage is not None and stage.pipeline == "liver_crop":
-      crop_stage = stage
-      _, margin = pipelines.crop_settings(stage, int(self.config.data.image_size))
-      if margin not in self._liver_boxes:
-        self._liver_boxes[margin] = pipelines.case_liver_boxes(
-            self.builder, "validation", margin, self.config.data)
-      boxes = self._liver_boxes[margin]
-    stream = pipelines.make_eval_pipeline(
-        self.builder, self.config.data, "validation", batch_size, jax.process_index(),
-        jax.process_count(), stage_cfg=crop_stage, liver_boxes=boxes)
-    for host_batch in stream:
-      batch = sharding.host_to_global(
-          {k: host_batch[k] for k in ("image", "label", "mask")}, self.mesh)
-      sums = jax.device_get(eval_step(state, batch))
-      for k, v in sums.items():
-        totals[k] = totals.get(k, 0.0) + float(v)
-    count = max(totals.get("count", 0.0), 1.0)
-    dice = float(train_step.dice_from_sums(totals["intersection"], totals["pred_sum"],
-                                           totals["target_sum"]))
-    return dict(val_dice=dice, val_dice_mean=totals["dice_sum"] / count,
-                val_loss=totals["loss_sum"] / count, val_slices=int(totals.get("count", 0)))
+    return self.validator.scores(state, self.model_for(stage), model_cfg, stage,
+                                 _model_key(model_cfg))
 
   # --- the run ---------------------------------------------------------------------------
 
@@ -373,6 +337,9 @@ class Controller:
     with sharding.all_or_none("to open the prepared dataset"):
       if not lead:
         self.builder = lits_tfds.prepare(self.config.data, log=self.log, build=False)
+    self.normaliser = intensity.normaliser_for(self.config.data, self.builder.info.metadata)
+    self.log(f"input: {self.normaliser.describe()}")
+    self.validator = validation.Validator(self.config, self.builder, self.mesh, self.normaliser)
     if lead:
       self.writer = metric_writers.SummaryWriter(os.fspath(self.workdir / "tensorboard"))
       # A finished run's summary stays only while the run is finished (it may be extended).
@@ -414,14 +381,19 @@ class Controller:
     return used
 
   def _initial_state(self, index, name, stage, tx, previous):
-    """A new stage's starting state: from scratch, or the previous stage's chosen checkpoint."""
+    """A new stage's starting state: from scratch, or the previous stage's chosen checkpoint.
+
+    Also returns the validation scores of the starting weights when the previous stage
+    recorded them for this stage's view of the validation data (same network, both validated
+    alike), else None.
+    """
     rng = jax.random.PRNGKey(int(self.config.seed))
     fresh = train_step.create_train_state(rng, self.model_for(stage), tx,
                                           self._input_shape(stage),
                                           self.mesh)
     if index == 0 or stage.init == "scratch":
       self.log(f"[{name}] starts from scratch")
-      return fresh
+      return fresh, None
     prev_ckpts, prev_result, prev_tx = previous
     which = ckpt_lib.BEST if (stage.init == "best" and prev_ckpts.steps(ckpt_lib.BEST)) \
         else ckpt_lib.LATEST
@@ -432,8 +404,12 @@ class Controller:
     opt_state = fresh.opt_state
     if stage.carry_optimizer:
       opt_state = _reset_schedule_counts(restored.opt_state)
+    scores = None
+    if "val_dice" in meta and _same_validation(prev_stage, stage):
+      scores = {k: meta[k] for k in ("val_dice", "val_dice_mean", "val_loss", "val_slices")
+                if k in meta}
     return fresh.replace(params=restored.params, batch_stats=restored.batch_stats,
-                         opt_state=opt_state)
+                         opt_state=opt_state), scores
 
   def _run_stage(self, index, name, stage, previous, global_offset, sigterm):
     steps = int(stage.steps)
@@ -459,7 +435,7 @@ class Controller:
       self._clock.restart(meta.get("elapsed_s"))
       self.log(f"[{name}] resuming at step {step}/{steps}")
     else:
-      state = self._initial_state(index, name, stage, tx, previous)
+      state, start_scores = self._initial_state(index, name, stage, tx, previous)
       step, position, best_score, best_step = 0, 0, None, None
       from_checkpoint = index > 0 and stage.init != "scratch"
       warmup = int(stage.schedule.get("warmup_steps", 0))
@@ -482,14 +458,16 @@ class Controller:
     def checkpoint(completed=False, best=False, scores=None):
       meta = dict(stage=name, stage_index=index, step=step, global_step=global_offset + step,
                   position=feed.position, best_score=best_score, best_step=best_step,
-                  completed=completed, elapsed_s=self._clock.seconds(), **(scores or {}))
+                  completed=completed, elapsed_s=self._clock.seconds(),
+                  normaliser=self.normaliser.to_dict(), **(scores or {}))
       ckpts.save(step, state, meta, best=best)
 
     try:
       if from_checkpoint:
         # The starting point is a candidate: a stage that only gets worse hands on (and a run
-        # hands out) the weights it started from, not its best bad checkpoint.
-        scores = self.evaluate(state, stage)
+        # hands out) the weights it started from, not its best bad checkpoint. Its scores are
+        # those the previous stage recorded for these weights where it validated alike.
+        scores = start_scores if start_scores is not None else self.evaluate(state, stage)
         best_score, best_step = scores["val_dice"], 0
         self._log_row(dict(stage=name, step=0, global_step=global_offset, **scores,
                            best_val_dice=best_score, elapsed_s=self._clock.seconds()), steps)
@@ -513,7 +491,8 @@ class Controller:
           row = dict(stage=name, step=step, global_step=global_offset + step,
                      loss=float(metrics["loss"]), dice=float(metrics["dice"]),
                      grad_norm=float(metrics["grad_norm"]), lr=float(metrics.get("lr", np.nan)),
-                     steps_per_s=rate)
+                     steps_per_s=rate, batch_size=int(stage.batch_size),
+                     input_size=input_size(self.config, stage))
         best = False
         scores = None
         if _every(step, int(stage.eval_every), steps):
@@ -571,6 +550,31 @@ class Controller:
       label = "val dice" if task in TUMOUR_TASKS else f"val {task} dice"
       parts.append(f"{label} {row['val_dice']:.4f} (best {row['best_val_dice']:.4f})")
     self.log("  ".join(parts))
+
+
+def _same_validation(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict) -> bool:
+  """Whether two stages of one network are validated on the same view of the data (liver-crop
+  stages on their crops, every other stage alike)."""
+  if "liver_crop" not in (a.pipeline, b.pipeline):
+    return True
+  return (a.pipeline == b.pipeline and a.get("crop_size") == b.get("crop_size")
+          and a.get("crop_margin") == b.get("crop_margin"))
+
+
+def input_size(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict) -> int:
+  """The side of the square inputs a stage trains on: its patch, crop or block size, or the
+  dataset's slice size (whole slices)."""
+  if stage.pipeline == "patch":
+    return int(stage.patch_size)
+  if stage.pipeline == "liver_crop":
+    return pipelines.crop_settings(stage, config.data.get("image_size", None))[0]
+  block = pipelines.block_size(stage)
+  if block is not None:
+    return block[0]
+  size = config.data.get("image_size", None)
+  if size is None:
+    raise StageError("a whole stage needs stage.block_size when data.spacing_mm is set")
+  return int(size)
 
 
 def check_run_lengths(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
@@ -643,12 +647,15 @@ def train(config: ml_collections.ConfigDict, workdir: epath.PathLike,
   controller = Controller(config, workdir, log=log)
   lock = rundir.RunLock(workdir)
   try:
+    # Every process reads the checkpoints (Orbax's managers synchronise the processes), before
+    # config.json takes the new lengths.
+    with sharding.all_or_none("to check the run's stage lengths"):
+      if rundir.has_checkpoint(workdir):
+        check_run_lengths(config, workdir)
     with sharding.all_or_none("to take the workdir"):
       if lead:
         workdir.mkdir(parents=True, exist_ok=True)
         lock.acquire()
-        if rundir.has_checkpoint(workdir):
-          check_run_lengths(config, workdir)  # before config.json takes the new lengths
         if rundir.check_or_save_config(workdir, config, log=log):
           log(f"resuming the run in {workdir}")
     return controller.run()

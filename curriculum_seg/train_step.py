@@ -212,9 +212,10 @@ def make_eval_step(model: nn.Module, task: str, mesh: Mesh,
                  out_shardings=replicated)
 
 
-def make_predict_step(model: nn.Module, mesh: Mesh, flip_tta: bool = False
-                      ) -> Callable[[Any, jax.Array], jax.Array]:
-  """Compiles `(state, images) -> softmax probabilities` float32 [B, H, W, K], split on 'data'.
+def make_predict_step(model: nn.Module, mesh: Mesh, flip_tta: bool = False,
+                      gather: bool = False) -> Callable[[Any, jax.Array], jax.Array]:
+  """Compiles `(state, images) -> softmax probabilities` float32 [B, H, W, K], split on 'data'
+  (with `gather`, replicated: every device, so every process, holds all of them).
 
   `state` is a TrainState or a variables dict ({'params': ..., 'batch_stats': ...}). With
   `flip_tta` the probabilities are averaged over the four in-plane mirrorings (none, rows,
@@ -237,4 +238,5 @@ def make_predict_step(model: nn.Module, mesh: Mesh, flip_tta: bool = False
     return total / 4.0
 
   data = sharding.batch_sharding(mesh)
-  return jax.jit(predict_fn, in_shardings=(sharding.replicated(mesh), data), out_shardings=data)
+  out = sharding.replicated(mesh) if gather else data
+  return jax.jit(predict_fn, in_shardings=(sharding.replicated(mesh), data), out_shardings=out)

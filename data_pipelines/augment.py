@@ -253,26 +253,30 @@ def scale_lesion_contrast(hu, label, factor):
   return jnp.where(tumour, ref + factor * (hu - ref), hu)
 
 
-def window(hu, hu_window: tuple[float, float]):
-  """HU -> [0, 1] through the window (lo, hi), clipped (the paper: -60..140 HU)."""
+def normalise(hu, normaliser):
+  """HU -> the model's input (an intensity.Normaliser; the paper's window exactly as before:
+  (hu - lo) / (hi - lo) clipped to [0, 1])."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  lo, hi = float(hu_window[0]), float(hu_window[1])
-  return jnp.clip((hu.astype(jnp.float32) - lo) * (1.0 / (hi - lo)), 0.0, 1.0)
+  if normaliser.name == "window" and normaliser.offset == normaliser.lo:
+    lo, hi = float(normaliser.lo), float(normaliser.hi)
+    return jnp.clip((hu.astype(jnp.float32) - lo) * (1.0 / (hi - lo)), 0.0, 1.0)
+  return normaliser.jax(hu)
 
 
-def jitter_intensity(image, scale, shift):
-  """x * scale + shift on windowed values, clipped to [0, 1]."""
+def jitter_intensity(image, scale, shift, value_range=(0.0, 1.0)):
+  """x * scale + shift on normalised values, clipped to the normaliser's range."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  return jnp.clip(image * scale + shift, 0.0, 1.0)
+  return jnp.clip(image * scale + shift, value_range[0], value_range[1])
 
 
-def make_finish(hu_window: tuple[float, float], out_size: int,
+def make_finish(normaliser, out_size: int,
                 warp: bool) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
-  """The device half of a training batch: warp, window, jitter; returns the model's batch.
+  """The device half of a training batch: warp, normalise, jitter; returns the model's batch.
 
   In: `image` int16 HU [b, F, F, C], `label` uint8 [b, F, F], `mask` [b], `affine` [b, 2, 3],
-  `intensity` [b, 2] (scale, shift) or [b, 3] (+ the lesion contrast factor). Out: `image` float32 [b, O, O, C] in [0, 1], `label` int32 [b, O, O],
-  `mask` float32 [b]. Row-wise, so the result does not depend on how rows are sharded.
+  `intensity` [b, 2] (scale, shift) or [b, 3] (+ the lesion contrast factor). `normaliser`:
+  an intensity.Normaliser. Out: `image` float32 [b, O, O, C], `label` int32 [b, O, O], `mask`
+  float32 [b]. Row-wise, so the result does not depend on how rows are sharded.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -285,7 +289,8 @@ def make_finish(hu_window: tuple[float, float], out_size: int,
       hu = image
     if intensity.shape[-1] == 3:
       hu = scale_lesion_contrast(hu, label, intensity[2])
-    return jitter_intensity(window(hu, hu_window), intensity[0], intensity[1]), label
+    return (jitter_intensity(normalise(hu, normaliser), intensity[0], intensity[1],
+                             normaliser.range), label)
 
   def finish(batch):
     image, label = jax.vmap(one)(batch["image"], batch["label"], batch["affine"],

@@ -138,8 +138,9 @@ def _interpolation_matrix(start: int, stop: int, out_size: int, size: int) -> np
   return weights
 
 
-def uncrop_probabilities(probs, box: Box, size: int) -> np.ndarray:
-  """Maps crop probabilities [n, O, O, K] back to slice probabilities [n, size, size, K].
+def uncrop_probabilities(probs, box: Box, size) -> np.ndarray:
+  """Maps crop probabilities [n, O, O, K] back to slice probabilities [n, rows, cols, K]
+  (`size`: (rows, cols), or an int for a square slice).
 
   Inside the box: bilinear interpolation of the crop (the inverse of `crop_slices`' resize);
   outside the box: class 0 (background) with probability 1.
@@ -149,8 +150,9 @@ def uncrop_probabilities(probs, box: Box, size: int) -> np.ndarray:
   if o != o2:
     raise ValueError(f"crop probabilities must be square, got {probs.shape}")
   r0, c0, r1, c1 = (int(v) for v in box)
-  wr = _interpolation_matrix(r0, r1, o, size).astype(np.float32)
-  wc = _interpolation_matrix(c0, c1, o, size).astype(np.float32)
+  rows, cols = (size, size) if np.isscalar(size) else (int(size[0]), int(size[1]))
+  wr = _interpolation_matrix(r0, r1, o, rows).astype(np.float32)
+  wc = _interpolation_matrix(c0, c1, o, cols).astype(np.float32)
   out = np.einsum("ro,nopk,cp->nrck", wr, probs, wc, optimize=True)
   inside = wr.sum(1)[:, None] * wc.sum(1)[None, :] > 0
   out[:, ~inside, :] = 0.0

@@ -24,10 +24,12 @@ SLICE_SELECTIONS = ("liver", "all")
 class SplitIndex:
   """A split's case and tumour-part tables (from the builder's metadata) as arrays.
 
-  `cases` rows: [case_number, first_example, num_slices, liver_z_lo, liver_z_hi];
+  `cases` rows: [case_number, first_example, num_slices, liver_z_lo, liver_z_hi, rows, cols]
+  (rows x cols: the case's stored slice size);
   `tumours` rows: [example, component, centre_row, centre_col, diameter_mm, area_mm2,
-  stored_pixels], keeping only parts whose tumour survived resampling into the stored label
-  (stored_pixels > 0): a patch centred on a lost part would hold no tumour label.
+  stored_pixels, row_min, col_min, row_max, col_max] (the part's box in stored edge
+  coordinates, max exclusive), keeping only parts whose tumour survived resampling into the
+  stored label (stored_pixels > 0): a patch centred on a lost part would hold no tumour label.
   """
 
   split: str
@@ -41,8 +43,8 @@ class SplitIndex:
     if split not in index:
       raise ValueError(f"split {split!r} is not in the prepared dataset (it has "
                        f"{sorted(index)}); prepare it again or choose another split")
-    cases = np.asarray(index[split]["cases"], dtype=np.int64).reshape(-1, 5)
-    tumours = np.asarray(index[split]["tumours"], dtype=np.float64).reshape(-1, 7)
+    cases = np.asarray(index[split]["cases"], dtype=np.int64).reshape(-1, 7)
+    tumours = np.asarray(index[split]["tumours"], dtype=np.float64).reshape(-1, 11)
     tumours = tumours[tumours[:, 6] > 0]
     return cls(split=split, cases=cases, tumours=tumours,
                num_examples=int(cases[:, 2].sum()) if len(cases) else 0)
@@ -55,6 +57,10 @@ class SplitIndex:
     """Row in `cases` of each example index."""
     return np.searchsorted(self.cases[:, 1], np.asarray(examples), side="right") - 1
 
+  def slice_shapes(self, examples) -> np.ndarray:
+    """[n, 2] stored (rows, cols) of each example's slice."""
+    return self.cases[self.case_rows(examples), 5:7]
+
   def case_and_slice(self, examples) -> tuple[np.ndarray, np.ndarray]:
     examples = np.asarray(examples, dtype=np.int64)
     rows = self.case_rows(examples)
@@ -64,7 +70,7 @@ class SplitIndex:
   def liver_range_slices(self, margin: int = 0) -> np.ndarray:
     """Example indices of the slices within each case's liver z-range widened by `margin`."""
     parts = []
-    for _, first, n, lo, hi in self.cases:
+    for first, n, lo, hi in self.cases[:, 1:5]:
       if lo < 0:
         continue
       parts.append(first + np.arange(max(0, lo - margin), min(n, hi + margin + 1)))
@@ -91,7 +97,7 @@ def case_liver_boxes(read_labels: Callable[[Sequence[int]], Sequence[np.ndarray]
   boxes = np.full((len(index.cases), 4), -1, np.int64)
 
   def one(row):
-    _, first, _, lo, hi = index.cases[row]
+    first, lo, hi = index.cases[row, [1, 3, 4]]
     if lo < 0:
       return row, None
     mask = None

@@ -21,9 +21,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from data_pipelines import lits, settings, slices, synthetic, verify
+from data_pipelines import intensity, lits, settings, slices, synthetic, verify
 
-VERSION = "1.1.0"  # 1.1: raw-bytes image, spread keys, stored_pixels
+VERSION = "2.0.0"  # 2.0: slices of any size (target spacing), HU histograms; 1.1: raw bytes
 _MAX_SLICES = 1 << 16
 _KEY_SPACE = 1 << 128  # TFDS's key space (128-bit hashes)
 
@@ -47,19 +47,31 @@ from the LiTS challenge (or the Medical Segmentation Decathlon mirror), unpack e
 """
 
 
+def grid_name(image_size: Optional[int], spacing_mm: Optional[tuple[float, ...]]) -> str:
+  """The stored grid in a dataset's name: `s128` (128 pixels a slice) or `sp1.5` (1.5 mm)."""
+  if spacing_mm is None:
+    return f"s{image_size}"
+  values = sorted(set(spacing_mm)) if len(set(spacing_mm)) == 1 else spacing_mm
+  return "sp" + "x".join(f"{v:g}" for v in values)
+
+
 class LitsConfig(tfds.core.BuilderConfig):
   """Preprocessing parameters of one prepared LiTS dataset."""
 
-  def __init__(self, *, context_slices: int, image_size: int, val_fraction: float,
-               test_fraction: float, split_seed: int, fingerprint: str):
+  def __init__(self, *, context_slices: int, image_size: Optional[int],
+               val_fraction: float, test_fraction: float, split_seed: int, fingerprint: str,
+               spacing_mm: Optional[tuple[float, ...]] = None):
     params = dict(context_slices=context_slices, image_size=image_size,
                   val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed,
                   fingerprint=fingerprint)
+    if spacing_mm is not None:
+      params.update(spacing_mm=list(spacing_mm), image_size=None)
     digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-    super().__init__(name=f"ctx{context_slices}_s{image_size}_{digest}", version=VERSION,
-                     description=json.dumps(params, sort_keys=True))
+    super().__init__(name=f"ctx{context_slices}_{grid_name(image_size, spacing_mm)}_{digest}",
+                     version=VERSION, description=json.dumps(params, sort_keys=True))
     self.context_slices = context_slices
-    self.image_size = image_size
+    self.image_size = None if spacing_mm is not None else image_size
+    self.spacing_mm = None if spacing_mm is None else tuple(spacing_mm)
     self.val_fraction = val_fraction
     self.test_fraction = test_fraction
     self.split_seed = split_seed
@@ -74,13 +86,13 @@ class Lits(tfds.core.GeneratorBasedBuilder):
                                 test_fraction=0.0, split_seed=0, fingerprint="")]
 
   def _info(self) -> tfds.core.DatasetInfo:
-    s, c = self.builder_config.image_size, self.builder_config.context_slices
+    c = self.builder_config.context_slices
     f = tfds.features
     return self.dataset_info_from_configs(
         features=f.FeaturesDict({
-            "image": f.Tensor(shape=(s, s, c), dtype=np.int16, encoding=f.Encoding.BYTES,
-                              doc="HU; channel c//2 is the slice"),
-            "label": f.Tensor(shape=(s, s), dtype=np.uint8, encoding=f.Encoding.ZLIB,
+            "image": f.Tensor(shape=(None, None, c), dtype=np.int16, encoding=f.Encoding.BYTES,
+                              doc="HU [rows, cols, context]; channel c//2 is the slice"),
+            "label": f.Tensor(shape=(None, None), dtype=np.uint8, encoding=f.Encoding.ZLIB,
                               doc="0 background, 1 liver, 2 tumour"),
             "case_number": f.Scalar(dtype=np.int32, doc="N of volume-N"),
             "slice_index": f.Scalar(dtype=np.int32),
@@ -109,6 +121,7 @@ class Lits(tfds.core.GeneratorBasedBuilder):
     self.info.metadata["splits"] = {k: [int(n) for n in v] for k, v in splits.items()}
     self.info.metadata["lits_dir"] = os.fspath(dl_manager.manual_dir)
     self.info.metadata["index"] = {}
+    self.info.metadata["intensity"] = {}
     return {name: self._generate_examples(name, {n: cases[n] for n in numbers})
             for name, numbers in splits.items() if numbers}
 
@@ -117,20 +130,26 @@ class Lits(tfds.core.GeneratorBasedBuilder):
 
     With shuffling disabled, an example's position in the split is its rank in that order, so
     the index below gives random-access positions: `cases` rows are [case_number, first example,
-    num_slices, liver_z_lo, liver_z_hi]; `tumours` rows are [example, component, centre_row,
-    centre_col, diameter_mm, area_mm2], one per tumour component part in a slice.
+    num_slices, liver_z_lo, liver_z_hi, rows, cols] (rows x cols: the case's stored slice size);
+    `tumours` rows are [example, component, centre_row, centre_col, diameter_mm, area_mm2,
+    stored_pixels, row_min, col_min, row_max, col_max], one per tumour component part in a
+    slice (its box in stored edge coordinates). The split's summed liver and
+    tumour HU histograms go to `intensity` (see data_pipelines.intensity).
     """
     cfg = self.builder_config
     index = {"cases": [], "tumours": []}
     self.info.metadata["index"][split] = index
+    hists = {k: np.zeros(slices.HU_HI - slices.HU_LO + 1, np.int64) for k in ("liver", "tumour")}
     position = 0
 
     def load(number):
       volume, segmentation = cases[number]
       case = lits.load_case(volume, segmentation)
       logging.info("prepare: case %d %s", number, case.image.shape)
-      return slices.case_examples(case.image, case.labels, case.spacing, number,
-                                  cfg.context_slices, cfg.image_size)
+      size = slices.stored_shape(case.image.shape, case.spacing, cfg.image_size, cfg.spacing_mm)
+      examples = slices.case_examples(case.image, case.labels, case.spacing, number,
+                                      cfg.context_slices, size)
+      return examples, size, slices.intensity_histograms(case.image, case.labels)
 
     # The next case is read and resampled in a background thread while this one is written:
     # at most two cases are in memory.
@@ -138,7 +157,9 @@ class Lits(tfds.core.GeneratorBasedBuilder):
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
       upcoming = pool.submit(load, numbers[0])
       for i, number in enumerate(numbers):
-        examples = upcoming.result()
+        examples, size, case_hists = upcoming.result()
+        for k in hists:
+          hists[k] += case_hists[k]
         if i + 1 < len(numbers):
           upcoming = pool.submit(load, numbers[i + 1])
         first = position
@@ -149,11 +170,13 @@ class Lits(tfds.core.GeneratorBasedBuilder):
                                      round(float(t["centre"][0]), 3),
                                      round(float(t["centre"][1]), 3),
                                      round(float(t["diameter_mm"]), 3),
-                                     round(float(t["area_mm2"]), 3), int(t["stored_pixels"])])
+                                     round(float(t["area_mm2"]), 3), int(t["stored_pixels"]),
+                                     *[round(float(v), 3) for v in t["bbox"]]])
           position += 1
           yield key, example
         lo, hi = example["liver_z_range"].tolist()
-        index["cases"].append([int(number), first, position - first, lo, hi])
+        index["cases"].append([int(number), first, position - first, lo, hi, *size])
+    self.info.metadata["intensity"][split] = {k: intensity.pack(v) for k, v in hists.items()}
 
 
 def assign_splits(numbers: list[int], val_fraction: float, test_fraction: float,
@@ -185,8 +208,11 @@ def builder_for(data_cfg, fingerprint: Optional[str] = None) -> Lits:
   """The (prepared or not) builder that `config.data` names."""
   if fingerprint is None:
     fingerprint = folder_fingerprint(os.fspath(data_cfg.lits_dir))
+  spacing = settings.target_spacing(data_cfg)
+  image_size = data_cfg.get("image_size", None)
   config = LitsConfig(context_slices=int(data_cfg.context_slices),
-                      image_size=int(data_cfg.image_size),
+                      image_size=None if image_size is None else int(image_size),
+                      spacing_mm=spacing,
                       val_fraction=float(data_cfg.val_fraction),
                       test_fraction=float(data_cfg.test_fraction),
                       split_seed=int(data_cfg.split_seed), fingerprint=fingerprint)
@@ -311,11 +337,30 @@ def _writer_buffer_limit(limit: int):
     shuffle.MAX_MEM_BUFFER_SIZE = previous
 
 
-def describe(builder: Lits) -> str:
-  """A few lines on a prepared dataset: splits, examples, cases."""
-  info = builder.info
-  lines = [f"dataset {builder.data_dir}"]
+def describe(builder: Lits, data_cfg=None) -> str:
+  """A few lines on a prepared dataset: the grid, splits, slice sizes, and the training split's
+  foreground intensities with what the paper's window (and `data_cfg`'s normalisation) clips."""
+  info, cfg = builder.info, builder.builder_config
+  grid = (f"{cfg.image_size} x {cfg.image_size} pixels a slice" if cfg.spacing_mm is None else
+          f"{' x '.join(f'{v:g}' for v in cfg.spacing_mm)} mm a pixel")
+  lines = [f"dataset {builder.data_dir} ({grid})"]
+  index = info.metadata.get("index", {})
   for name, split in sorted(info.splits.items()):
     cases = info.metadata.get("splits", {}).get(name, [])
-    lines.append(f"  {name}: {split.num_examples} slices from {len(cases)} cases")
+    sizes = [tuple(row[5:7]) for row in index.get(name, {}).get("cases", []) if len(row) >= 7]
+    extent = ""
+    if sizes and cfg.spacing_mm is not None:
+      extent = (f", slices {min(r for r, _ in sizes)}-{max(r for r, _ in sizes)} x "
+                f"{min(c for _, c in sizes)}-{max(c for _, c in sizes)} pixels")
+    lines.append(f"  {name}: {split.num_examples} slices from {len(cases)} cases{extent}")
+  hists = intensity.split_histograms(info.metadata, "train")
+  if hists is not None and (hists["liver"].sum() + hists["tumour"].sum()) > 0:
+    stats = intensity.foreground_stats(hists)
+    lines.append(f"  training foreground HU: percentiles 0.5/50/99.5 {stats['p0_5']:.0f}/"
+                 f"{stats['p50']:.0f}/{stats['p99_5']:.0f}, mean {stats['mean']:.1f}, std "
+                 f"{stats['std']:.1f}")
+    normalisers = {"the paper's window": intensity.window(*settings.DEFAULT_HU_WINDOW)}
+    if data_cfg is not None:
+      normalisers["data.normalisation"] = intensity.normaliser_for(data_cfg, info.metadata)
+    lines += ["  " + line for line in intensity.clipping_report(hists, normalisers)]
   return "\n".join(lines)

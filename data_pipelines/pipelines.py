@@ -29,11 +29,11 @@ from typing import Optional
 import grain
 import numpy as np
 
-from data_pipelines import augment, index as index_lib, records, samplers, stream
+from data_pipelines import augment, index as index_lib, intensity, records, samplers, stream
 from data_pipelines import transforms as T
 # The settings' public names, as callers know them (pipelines.hu_window, ...).
-from data_pipelines.settings import (DEFAULT_HU_WINDOW, crop_settings, host_threads,  # noqa: F401
-                                     hu_window, worker_count)
+from data_pipelines.settings import (DEFAULT_HU_WINDOW, MAX_BLOCK, block_size,  # noqa: F401
+                                     crop_settings, host_threads, hu_window, worker_count)
 from data_pipelines.settings import process_rows, stage_get, stream_settings
 
 PIPELINES = ("whole", "patch", "liver_crop")
@@ -51,7 +51,7 @@ def _keep_tensorflow_off_accelerators() -> None:
     pass  # already initialised or no GPU support: nothing to hide
 
 
-def _open_split(builder, split: str) -> tuple[index_lib.SplitIndex, records.SplitRecords]:
+def open_split(builder, split: str) -> tuple[index_lib.SplitIndex, records.SplitRecords]:
   index = index_lib.SplitIndex.from_builder(builder, split)
   split_records = records.SplitRecords(builder, split)
   if split_records.num_examples != index.num_examples:
@@ -62,7 +62,7 @@ def _open_split(builder, split: str) -> tuple[index_lib.SplitIndex, records.Spli
 
 def case_liver_boxes(builder, split: str, margin: int, data_cfg) -> np.ndarray:
   """[num_cases, 4] liver crop boxes of a split's cases (see index.case_liver_boxes)."""
-  index, split_records = _open_split(builder, split)
+  index, split_records = open_split(builder, split)
   return index_lib.case_liver_boxes(split_records.labels, index, margin, host_threads(data_cfg))
 
 
@@ -74,9 +74,10 @@ def _rows(num_batches: int, batch_size: int, rows: tuple[int, int]) -> grain.Map
 
 # ---- the pipelines ---------------------------------------------------------------------------
 
-def check_stage_settings(stage_cfg, data_cfg, image_size: int) -> dict:
+def check_stage_settings(stage_cfg, data_cfg, image_size: Optional[int]) -> dict:
   """Validates a training stage's input settings (no data needed); returns them by name.
 
+  `image_size` is the stored slice size, None when slices differ in size (data.spacing_mm).
   Checked before any work (`curriculum_seg.config_check`) and again when the pipeline is
   built. Messages name the field as `stage.<field>`.
   """
@@ -94,7 +95,16 @@ def check_stage_settings(stage_cfg, data_cfg, image_size: int) -> dict:
     if selection not in index_lib.SLICE_SELECTIONS:
       raise ValueError(f"data.slice_selection must be one of {index_lib.SLICE_SELECTIONS}, got "
                        f"{selection!r}")
-    return dict(tumour_fraction=tumour_fraction, margin=margin, selection=selection)
+    block = block_size(stage_cfg)
+    if block is None and image_size is None:
+      raise ValueError("stage.block_size must be set: with data.spacing_mm slices differ in size "
+                       "per case, so a whole stage trains on fixed-size blocks of them")
+    sampling = stage_get(stage_cfg, "block_sampling", "slice")
+    if sampling not in samplers.BLOCK_SAMPLING:
+      raise ValueError(f"stage.block_sampling must be one of {samplers.BLOCK_SAMPLING}, got "
+                       f"{sampling!r}")
+    return dict(tumour_fraction=tumour_fraction, margin=margin, selection=selection,
+                block=block, block_sampling=sampling)
   if pipeline == "liver_crop":
     out_size, margin = crop_settings(stage_cfg, image_size)
     return dict(tumour_fraction=tumour_fraction, out_size=out_size, margin=margin)
@@ -103,9 +113,11 @@ def check_stage_settings(stage_cfg, data_cfg, image_size: int) -> dict:
                      f"'liver_crop' stages; a patch stage's tumour share is "
                      f"stage.positive_fraction")
   out_size = int(stage_get(stage_cfg, "patch_size", 0))
-  if not 1 <= out_size <= image_size:
+  if image_size is not None and not 1 <= out_size <= image_size:
     raise ValueError(f"stage.patch_size ({out_size}) must be in [1, data.image_size="
                      f"{image_size}]")
+  if not 1 <= out_size <= MAX_BLOCK:
+    raise ValueError(f"stage.patch_size ({out_size}) must be in [1, {MAX_BLOCK}]")
   fraction = float(stage_get(stage_cfg, "positive_fraction", 0.5))
   if not 0.0 <= fraction <= 1.0:
     raise ValueError(f"stage.positive_fraction must be in [0, 1], got {fraction}")
@@ -133,6 +145,15 @@ def _train_sampler(pipeline, stage_cfg, data_cfg, index, split_records, seed, ba
     if len(examples) == 0:
       raise ValueError(f"data.slice_selection={selection!r} selects no training slice (no "
                        f"case has liver); use slice_selection='all'")
+    block = settings["block"]
+    if block is not None:
+      sampler = samplers.BlockSampler(index, examples, seed, batch_size, block, tumour_fraction,
+                                      settings["block_sampling"])
+      return sampler, block[0], None, dict(
+          pipeline="whole", block_size=list(block), block_sampling=settings["block_sampling"],
+          examples=len(examples), selection=selection, tumour_fraction=tumour_fraction,
+          tumour_slices=len(sampler.tumour_examples), components=sampler.num_components,
+          tumour_rows_per_batch=sampler.num_tumour)
     sampler = samplers.WholeSliceSampler(examples, seed, batch_size, tumour_slices,
                                          tumour_fraction)
     return sampler, s, None, dict(
@@ -184,19 +205,25 @@ def make_train_pipeline(builder, data_cfg, augment_cfg, stage_cfg, seed: int,
   batch_size = int(stage_get(stage_cfg, "batch_size", 0))
   rows = process_rows(batch_size, process_index, process_count, "stage.batch_size")
   spec = augment.AugmentSpec.from_config(augment_cfg)
-  window = hu_window(data_cfg)
+  normaliser = intensity.normaliser_for(data_cfg, builder.info.metadata)
   settings = stream_settings(data_cfg)
-  index, split_records = _open_split(builder, "train")
+  index, split_records = open_split(builder, "train")
   sampler, out_size, boxes, info = _train_sampler(pipeline, stage_cfg, data_cfg, index,
                                                   split_records, seed, batch_size)
   s = split_records.image_size
   rows_ds = _rows(_ENDLESS // batch_size, batch_size, rows).map(T.SelectSlice(sampler))
   rows_ds = rows_ds.map(T.ReadSlice(split_records))
-  if pipeline == "patch":  # warp the footprint around the patch centre into the patch
+  blocks = isinstance(sampler, samplers.BlockSampler)
+  if pipeline == "patch" or blocks:  # warp the footprint around the centre into the patch
     in_size = spec.footprint(out_size)
     out_centre, in_centre = float(out_size // 2), float(in_size // 2)
+    if blocks:
+      rows_ds = rows_ds.map(T.PlaceBlock(sampler))
     rows_ds = rows_ds.map(T.CropPatch(sampler, in_size))
   elif pipeline == "liver_crop":  # augment in the crop's frame, then map it into the box
+    if s is None:  # slices of several sizes: padded to the largest so that they batch
+      largest = tuple(int(v) for v in index.cases[:, 5:7].max(axis=0))
+      rows_ds = rows_ds.map(T.PadSlice(largest))
     in_size = s
     out_centre = in_centre = (out_size - 1) / 2.0
   else:
@@ -207,13 +234,14 @@ def make_train_pipeline(builder, data_cfg, augment_cfg, stage_cfg, seed: int,
   if boxes is not None:
     batches = batches.map(T.MapIntoLiverBox(index, boxes, out_size))
   batches = batches.map(T.TrainRows())
-  finish = augment.make_finish(window, out_size, warp=(spec.geometric or in_size != out_size
-                                                       or pipeline == "liver_crop"))
+  finish = augment.make_finish(normaliser, out_size, warp=(spec.geometric or in_size != out_size
+                                                           or pipeline == "liver_crop"))
   host_transforms = []
   if not spec.on_device:
     host_transforms, finish = [T.FinishOnHost(finish)], None
   info.update(batch_size=batch_size, rows=rows, out_size=out_size, in_size=in_size,
-              threads=settings["read_threads"], workers=settings["worker_count"])
+              normalisation=normaliser.describe(), threads=settings["read_threads"],
+              workers=settings["worker_count"])
 
   def plan(b: int) -> dict[str, np.ndarray]:
     """This process's rows of the sampler's global batch b."""
@@ -241,10 +269,13 @@ def make_eval_pipeline(builder, data_cfg, split: str, batch_size: int, process_i
   """
   _keep_tensorflow_off_accelerators()
   rows = process_rows(int(batch_size), process_index, process_count, "eval batch_size")
-  lo, hi = hu_window(data_cfg)
+  normaliser = intensity.normaliser_for(data_cfg, builder.info.metadata)
   settings = stream_settings(data_cfg)
-  index, split_records = _open_split(builder, split)
+  index, split_records = open_split(builder, split)
   s = split_records.image_size
+  if s is None:
+    raise ValueError(f"the prepared dataset's slices differ in size (data.spacing_mm): "
+                     f"evaluate split {split!r} by sliding window (curriculum_seg.validation)")
   cropped = stage_cfg is not None and stage_get(stage_cfg, "pipeline", "whole") == "liver_crop"
   if cropped:
     out, margin = crop_settings(stage_cfg, s)
@@ -264,9 +295,9 @@ def make_eval_pipeline(builder, data_cfg, split: str, batch_size: int, process_i
           rows[1] - rows[0], drop_remainder=True).map(T.EvalRows(index))
   host_transforms = []
   if cropped:
-    host_transforms = [T.CropToLiverBox(index, boxes, out, lo, hi)]
+    host_transforms = [T.CropToLiverBox(index, boxes, out, normaliser)]
   else:
-    batches = batches.map(T.Window(lo, hi))
+    batches = batches.map(T.Normalise(normaliser))
   return stream.Stream(batches, 0, num_batches, host_transforms=host_transforms, info=dict(
       pipeline="eval_liver_crop" if cropped else "eval", split=split, examples=len(examples),
       batches=num_batches, batch_size=batch_size, rows=rows, out_size=out), **settings)

@@ -36,7 +36,7 @@ def _split_shards(builder, split: str) -> tuple[list[str], int]:
 
 
 class SliceDecoder:
-  """A serialized example -> (`image` int16 [S, S, C], `label` uint8 [S, S]).
+  """A serialized example -> (`image` int16 [H, W, C], `label` uint8 [H, W]).
 
   Parses the record as the tf.train.Example that TFDS wrote (TFDS's TensorFlow-free copy of
   the message, `tensorflow_datasets.proto.tf_example_pb2`) and decodes the two features with
@@ -54,9 +54,12 @@ class SliceDecoder:
     stored = tf_example_pb2.Example.FromString(record).features.feature
     out = []
     for name in DECODED:
-      if name not in stored:
+      # A tensor of dynamic shape (slices of any size) is stored as `name/value` + `name/shape`.
+      dynamic = f"{name}/value" in stored
+      key = f"{name}/value" if dynamic else name
+      if key not in stored:
         raise ValueError(f"a record lacks the {name!r} feature")
-      feature = stored[name]
+      feature = stored[key]
       kind = feature.WhichOneof("kind")
       if kind == "bytes_list" and len(feature.bytes_list.value) == 1:
         value = feature.bytes_list.value[0]
@@ -64,13 +67,16 @@ class SliceDecoder:
         value = np.asarray(getattr(feature, kind).value, self._features[name].np_dtype)
       else:
         raise ValueError(f"feature {name!r} is stored as {kind}, not as one tensor")
+      if dynamic:
+        value = dict(value=value, shape=np.asarray(stored[f"{name}/shape"].int64_list.value))
       out.append(self._features[name].decode_example_np(value))
     return out[0], out[1]
 
 
 class SplitRecords:
   """A split's slices by example index: `records[i]` -> (image, label); `read(indices)` reads
-  several. Picklable (readers reopen lazily in the process that reads)."""
+  several. `image_size` is the square slice size, None when sizes differ per case (a target
+  spacing). Picklable (readers reopen lazily in the process that reads)."""
 
   def __init__(self, builder, split: str):
     import grain  # pylint: disable=g-import-not-at-top
@@ -78,7 +84,8 @@ class SplitRecords:
     self.split = split
     self.source = grain.sources.ArrayRecordDataSource(shards)
     self.decode = SliceDecoder(builder.info.features)
-    self.image_size = int(builder.builder_config.image_size)
+    size = builder.builder_config.image_size
+    self.image_size = None if size is None else int(size)  # None: sizes differ per case
     self.channels = int(builder.builder_config.context_slices)
     self.num_examples = count
     if len(self.source) != count:

@@ -14,15 +14,18 @@ The plans are those of the pipelines before Grain (commit 916f90b), bit for bit
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 from typing import Optional
 
 import numpy as np
 
 from data_pipelines import augment
+from data_pipelines.augment import LIVER, TUMOUR
 from data_pipelines.index import SplitIndex
 
 COMPONENT_SAMPLING = ("component", "voxel")
+BLOCK_SAMPLING = ("slice", "component")
 
 # Hash streams of the samplers (augment.py owns 1..9).
 STREAM_PERMUTATION = 20
@@ -35,6 +38,11 @@ STREAM_NEGATIVE_SLICE = 26
 STREAM_NEGATIVE_PIXEL = 27
 STREAM_TUMOUR_ROWS = 28
 STREAM_TUMOUR_PERMUTATION = 29
+STREAM_BLOCK_PIXEL = 30
+STREAM_BLOCK_ROW = 31
+STREAM_BLOCK_COL = 32
+STREAM_BLOCK_COMPONENT = 33
+STREAM_BLOCK_PART = 34
 
 
 class _Unlocked:
@@ -174,6 +182,124 @@ class WholeSliceSampler(_RowsOfGlobalBatches):
     return dict(example=examples, position=positions, tumour_row=tumour_row)
 
 
+class _ComponentPicker:
+  """Tumour parts (rows of a split's index) drawn per position: with 'component' sampling
+  every 3-D component is equally likely, then one of its slices; with 'voxel' sampling parts
+  are weighted by their area. `streams` are the hash streams of the two draws."""
+
+  def __init__(self, index: SplitIndex, seed: int, sampling: str, streams: tuple[int, int]):
+    self.parts, self.seed, self.sampling, self.streams = index.tumours, int(seed), sampling, streams
+    parts = self.parts
+    case_rows = index.case_rows(parts[:, 0].astype(np.int64))
+    keys = case_rows * 1_000_000 + parts[:, 1].astype(np.int64)
+    _, inverse = np.unique(keys, return_inverse=True)
+    self.component_parts = np.argsort(inverse, kind="stable")  # part rows grouped by component
+    self.counts = np.bincount(inverse)
+    self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
+    weights = np.maximum(parts[:, 5], 0.0)
+    self.area_cdf = np.cumsum(weights) / max(weights.sum(), 1e-12)
+
+  def pick(self, positions: np.ndarray) -> np.ndarray:
+    u1 = augment.counter_uniform(self.seed, positions, self.streams[0])
+    if self.sampling == "voxel":
+      return np.minimum(np.searchsorted(self.area_cdf, u1, side="right"), len(self.parts) - 1)
+    u2 = augment.counter_uniform(self.seed, positions, self.streams[1])
+    comp = np.minimum((u1 * len(self.counts)).astype(np.int64), len(self.counts) - 1)
+    within = np.minimum((u2 * self.counts[comp]).astype(np.int64), self.counts[comp] - 1)
+    return self.component_parts[self.starts[comp] + within]
+
+
+def block_offsets(extent, block, anchor, u) -> np.ndarray:
+  """Per axis, the first index of a block of `block` pixels in a slice of `extent` pixels.
+
+  Where the slice is at least as large as the block, the offset is drawn (by `u` in [0, 1))
+  uniformly among those that keep the `anchor` pixel inside the block and the block inside the
+  slice; where it is smaller, the slice sits centred in the block (air around it). Works for any
+  number of axes (2-D blocks now, 3-D blocks alike).
+  """
+  extent, block, anchor = (np.asarray(v, np.int64) for v in (extent, block, anchor))
+  lo = np.clip(anchor - block + 1, 0, np.maximum(extent - block, 0))
+  hi = np.clip(anchor, 0, np.maximum(extent - block, 0))
+  drawn = lo + np.minimum((np.asarray(u) * (hi - lo + 1)).astype(np.int64), hi - lo)
+  return np.where(extent >= block, drawn, -((block - extent) // 2))
+
+
+class BlockSampler(_RowsOfGlobalBatches):
+  """Whole-stage blocks: fixed-size windows of the selected slices, on liver and, in
+  round(f*B) rows of every global batch, on tumour.
+
+  Slices come as whole slices do (`WholeSliceSampler`: epoch-wise shuffles, tumour rows at
+  hashed rows), except that with `sampling='component'` a tumour row picks a 3-D tumour
+  component first (each equally likely, so small lesions as often as large ones) and then one
+  of its slices. Where the block sits is chosen once the label is read (`place`): an anchor
+  pixel (a tumour pixel of the planned part or, for 'slice' sampling, of the slice, in tumour
+  rows; a liver pixel in the others; any pixel of a slice without liver) and `block_offsets`
+  around it, every draw from the row's position.
+  """
+
+  def __init__(self, index: SplitIndex, examples: np.ndarray, seed: int, batch_size: int,
+               block: tuple[int, int], tumour_fraction: float = 0.0, sampling: str = "slice"):
+    self._init_transient()
+    if sampling not in BLOCK_SAMPLING:
+      raise ValueError(f"stage.block_sampling must be one of {BLOCK_SAMPLING}, got {sampling!r}")
+    self.seed, self.batch_size = int(seed), int(batch_size)
+    self.block, self.sampling, self.parts = tuple(int(b) for b in block), sampling, index.tumours
+    self.slices = WholeSliceSampler(examples, seed, batch_size, index.tumour_slices(),
+                                    tumour_fraction)
+    self.num_tumour = self.slices.num_tumour
+    self.tumour_examples = self.slices.tumour_examples
+    self._picker = None
+    if self.num_tumour and sampling == "component":
+      selected = np.isin(self.parts[:, 0].astype(np.int64), self.slices.examples)
+      self.parts = self.parts[selected]
+      self._picker = _ComponentPicker(dataclasses.replace(index, tumours=self.parts), seed,
+                                      "component", (STREAM_BLOCK_COMPONENT, STREAM_BLOCK_PART))
+
+  @property
+  def num_components(self) -> int:
+    return len(self._picker.counts) if self._picker is not None else 0
+
+  def global_batch(self, b: int) -> dict[str, np.ndarray]:
+    """`example`, `position`, `tumour_row`, `part` (index row of a component-sampled tumour
+    row, else -1) and the uniforms `pixel_u`, `offset_u` [B, 2] that place the block."""
+    plan = dict(self.slices.global_batch(b))
+    positions = plan["position"]
+    part = np.full(self.batch_size, -1, np.int64)
+    if self._picker is not None and plan["tumour_row"].any():
+      picked = self._picker.pick(positions[plan["tumour_row"]])
+      part[plan["tumour_row"]] = picked
+      plan["example"] = plan["example"].copy()
+      plan["example"][plan["tumour_row"]] = self.parts[picked, 0].astype(np.int64)
+    offset_u = np.stack([augment.counter_uniform(self.seed, positions, stream)
+                         for stream in (STREAM_BLOCK_ROW, STREAM_BLOCK_COL)], -1)
+    return dict(plan, part=part, pixel_u=augment.counter_uniform(self.seed, positions,
+                                                                  STREAM_BLOCK_PIXEL),
+                offset_u=offset_u)
+
+  def place(self, label: np.ndarray, row: dict[str, np.ndarray]) -> tuple[int, int]:
+    """The centre (row, col) of the row's block in its slice, so that a crop of the block's
+    size around it (top = centre - size // 2) is the placed block."""
+    candidates = None
+    if row["tumour_row"]:
+      tumour = label == TUMOUR
+      part = int(row["part"])
+      if part >= 0:  # the planned component's tumour pixels: those inside its box
+        r0, c0 = np.floor(self.parts[part, 7:9]).astype(int)
+        r1, c1 = np.ceil(self.parts[part, 9:11]).astype(int)
+        inside = np.zeros(label.shape, bool)
+        inside[max(r0, 0):r1, max(c0, 0):c1] = True
+        tumour = tumour & inside
+      candidates = tumour if tumour.any() else None
+    if candidates is None:
+      liver = label >= LIVER
+      candidates = liver if liver.any() else np.ones(label.shape, bool)
+    flat = np.flatnonzero(candidates)
+    k = flat[min(int(float(row["pixel_u"]) * len(flat)), len(flat) - 1)]
+    anchor = np.unravel_index(k, label.shape)
+    offsets = block_offsets(label.shape, self.block, anchor, row["offset_u"])
+    return tuple(int(o + b // 2) for o, b in zip(offsets, self.block))
+
+
 class PatchSampler(_RowsOfGlobalBatches):
   """Rows of patch batches: round(f*B) positives per global batch, the rest negatives.
 
@@ -198,17 +324,10 @@ class PatchSampler(_RowsOfGlobalBatches):
           f"pipeline='whole' or positive_fraction=0 for tumour-free data")
     self.parts = parts
     self.component_sampling = component_sampling
+    self._picker = None
     if len(parts):
-      case_rows = index.case_rows(parts[:, 0].astype(np.int64))
-      keys = case_rows * 1_000_000 + parts[:, 1].astype(np.int64)
-      _, inverse = np.unique(keys, return_inverse=True)
-      order = np.argsort(inverse, kind="stable")
-      self._component_parts = order  # part rows grouped by component
-      counts = np.bincount(inverse)
-      self._component_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-      self._component_count = counts
-      weights = np.maximum(parts[:, 5], 0.0)
-      self._area_cdf = np.cumsum(weights) / max(weights.sum(), 1e-12)
+      self._picker = _ComponentPicker(index, seed, component_sampling,
+                                      (STREAM_PICK_COMPONENT, STREAM_PICK_PART))
       self.tumour_examples = np.unique(parts[:, 0].astype(np.int64))
     else:
       self.tumour_examples = np.zeros(0, np.int64)
@@ -227,18 +346,7 @@ class PatchSampler(_RowsOfGlobalBatches):
 
   @property
   def num_components(self) -> int:
-    return len(self._component_count) if len(self.parts) else 0
-
-  def _pick_parts(self, positions: np.ndarray) -> np.ndarray:
-    u1 = augment.counter_uniform(self.seed, positions, STREAM_PICK_COMPONENT)
-    if self.component_sampling == "voxel":
-      return np.minimum(np.searchsorted(self._area_cdf, u1, side="right"), len(self.parts) - 1)
-    u2 = augment.counter_uniform(self.seed, positions, STREAM_PICK_PART)
-    comp = np.minimum((u1 * len(self._component_count)).astype(np.int64),
-                      len(self._component_count) - 1)
-    within = np.minimum((u2 * self._component_count[comp]).astype(np.int64),
-                        self._component_count[comp] - 1)
-    return self._component_parts[self._component_start[comp] + within]
+    return len(self._picker.counts) if self._picker is not None else 0
 
   def global_batch(self, b: int) -> dict[str, np.ndarray]:
     """Per row of global batch b: `example`, `position`, `positive`, `part` (row in the index,
@@ -254,7 +362,7 @@ class PatchSampler(_RowsOfGlobalBatches):
     centre = np.full((B, 2), -1, np.int64)
     if positive.any():
       pos = positions[positive]
-      picked = self._pick_parts(pos)
+      picked = self._picker.pick(pos)
       part[positive] = picked
       example[positive] = self.parts[picked, 0].astype(np.int64)
       jr = (2 * augment.counter_uniform(self.seed, pos, STREAM_JITTER_ROW) - 1) * self.jitter
@@ -272,24 +380,24 @@ class PatchSampler(_RowsOfGlobalBatches):
   def negative_centre(self, label: np.ndarray, has_tumour: bool, u: float) -> tuple[int, int]:
     """A liver pixel (label 1) whose unaugmented patch holds no tumour when one exists, else
     any liver pixel, else the slice centre; `u` in [0, 1) picks among the candidates."""
-    s = label.shape[0]
+    h, w = label.shape
     candidates = label == 1
     if has_tumour:
-      p, h = self.patch_size, self.patch_size // 2
-      integral = np.zeros((s + 1, s + 1), np.int32)
+      p, half = self.patch_size, self.patch_size // 2
+      integral = np.zeros((h + 1, w + 1), np.int32)
       integral[1:, 1:] = (label == 2).cumsum(0).cumsum(1)
-      lo = np.clip(np.arange(s) - h, 0, s)
-      hi = np.clip(np.arange(s) - h + p, 0, s)
-      counts = (integral[np.ix_(hi, hi)] - integral[np.ix_(lo, hi)] - integral[np.ix_(hi, lo)]
-                + integral[np.ix_(lo, lo)])
+      lo_r, hi_r = np.clip(np.arange(h) - half, 0, h), np.clip(np.arange(h) - half + p, 0, h)
+      lo_c, hi_c = np.clip(np.arange(w) - half, 0, w), np.clip(np.arange(w) - half + p, 0, w)
+      counts = (integral[np.ix_(hi_r, hi_c)] - integral[np.ix_(lo_r, hi_c)]
+                - integral[np.ix_(hi_r, lo_c)] + integral[np.ix_(lo_r, lo_c)])
       clean = candidates & (counts == 0)
       if clean.any():
         candidates = clean
     flat = np.flatnonzero(candidates)
     if len(flat) == 0:
-      return s // 2, s // 2
+      return h // 2, w // 2
     k = flat[min(int(u * len(flat)), len(flat) - 1)]
-    return int(k // s), int(k % s)
+    return int(k // w), int(k % w)
 
 
 

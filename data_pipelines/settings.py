@@ -8,6 +8,7 @@ global batch. How they are made (Grain; none of these changes a batch): `data.wo
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 DEFAULT_HU_WINDOW = (-60.0, 140.0)
 # ArrayRecord compressions `prepare` can write (data.record_compression).
@@ -20,6 +21,34 @@ def hu_window(data_cfg) -> tuple[float, float]:
   if len(window) != 2 or not float(window[0]) < float(window[1]):
     raise ValueError(f"data.hu_window must be (lo, hi) with lo < hi, got {window!r}")
   return float(window[0]), float(window[1])
+
+
+def target_spacing(data_cfg) -> Optional[tuple[float, ...]]:
+  """`data.spacing_mm` as millimetres per pixel along the canonical array axes, or None.
+
+  None (or absent): every slice is resampled to `data.image_size` pixels, whatever its field of
+  view (the grid of datasets made before target spacing). A number s or a 1-tuple: s x s mm in
+  plane; a pair: (rows, cols); a triple adds the slice spacing, 0 keeping each case's own.
+  """
+  value = data_cfg.get("spacing_mm", None)
+  if value is None:
+    return None
+  values = (value,) if isinstance(value, (int, float)) else tuple(value)
+  if not 1 <= len(values) <= 3 or not all(
+      isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+    raise ValueError(f"data.spacing_mm must be a number of mm or a tuple (rows, cols[, slices]), "
+                     f"got {value!r}")
+  in_plane = values[:2] if len(values) >= 2 else (values[0], values[0])
+  if not all(0 < float(v) <= 50 for v in in_plane):
+    raise ValueError(f"data.spacing_mm={value!r}: in-plane spacing must be in (0, 50] mm")
+  through = float(values[2]) if len(values) == 3 else 0.0
+  if not 0 <= through <= 50:
+    raise ValueError(f"data.spacing_mm={value!r}: the slice spacing must be in [0, 50] mm (0 "
+                     "keeps each case's)")
+  if through > 0:
+    raise ValueError(f"data.spacing_mm={value!r}: resampling the slice spacing is not "
+                     "supported yet; give (rows, cols) or a third value 0")
+  return tuple(float(v) for v in in_plane)
 
 
 def worker_count(data_cfg) -> int:
@@ -78,10 +107,37 @@ def stage_get(stage_cfg, key: str, default=None):
   return default if value is None else value
 
 
-def crop_settings(stage_cfg, image_size: int) -> tuple[int, int]:
+MAX_BLOCK = 1024  # pixels a side of a block or patch: more is a whole LiTS slice twice over
+
+
+def block_size(stage_cfg) -> Optional[tuple[int, int]]:
+  """A whole stage's `block_size` as (rows, cols), or None (whole slices as stored).
+
+  An int or a 1-tuple is a square; in-plane blocks are square (the augmentation warps squares).
+  """
+  value = stage_get(stage_cfg, "block_size", None)
+  if value is None:
+    return None
+  values = (value,) if isinstance(value, int) else tuple(value)
+  if (len(values) not in (1, 2) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                           for v in values)):
+    raise ValueError(f"stage.block_size must be an int or (rows, cols), got {value!r}")
+  rows, cols = (values[0], values[0]) if len(values) == 1 else values
+  if rows != cols:
+    raise ValueError(f"stage.block_size={value!r}: in-plane blocks are square")
+  if not 8 <= rows <= MAX_BLOCK:
+    raise ValueError(f"stage.block_size={value!r} must be in [8, {MAX_BLOCK}] pixels")
+  return rows, cols
+
+
+def crop_settings(stage_cfg, image_size: Optional[int]) -> tuple[int, int]:
   """(crop_size, crop_margin) of a 'liver_crop' stage, validated (defaults: the stored slice
-  size and 0)."""
-  size = int(stage_get(stage_cfg, "crop_size", image_size))
+  size, when slices have one, and 0)."""
+  size = stage_get(stage_cfg, "crop_size", image_size)
+  if size is None:
+    raise ValueError("stage.crop_size must be set when slices have no fixed size "
+                     "(data.spacing_mm)")
+  size = int(size)
   margin = int(stage_get(stage_cfg, "crop_margin", 0))
   if size < 1:
     raise ValueError(f"stage.crop_size must be >= 1, got {size}")

@@ -1,22 +1,46 @@
-"""Turning a canonical 3-D case into per-slice model inputs: context stacks, in-plane resampling,
-and the tumour components each slice cuts.
+"""Turning a canonical 3-D case into per-slice model inputs: the stored grid, context stacks,
+in-plane resampling, the tumour components each slice cuts, and intensity histograms.
 
 The dataset builder and whole-volume inference both use these functions, so training slices and
-inference slices are made the same way. Coordinates follow the half-pixel convention: stored pixel
-i covers [i, i + 1) in edge coordinates and has its centre at i; resampling maps original centre
-r to (r + 0.5) * size / n - 0.5.
+inference slices are made the same way. The stored grid of a case is either a fixed number of
+pixels per slice (`data.image_size`) or a target spacing (`data.spacing_mm`: every pixel the
+same size in mm, so a slice keeps its case's field of view and slice sizes differ per case).
+Coordinates follow the half-pixel convention: stored pixel i covers [i, i + 1) in edge
+coordinates and has its centre at i; resampling maps original centre r to (r + 0.5) * m / n - 0.5
+for n original and m stored pixels.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
 
 _CHUNK = 64  # slices resampled at a time, bounding float copies
 _SIX_CONNECTED = ndimage.generate_binary_structure(3, 1)
+HU_LO, HU_HI = -1024, 3071  # the HU range of the intensity histograms (one bin per HU)
+MAX_STORED_PIXELS = 2048  # a stored slice side; larger means a spacing far too fine for CT
+
+
+def stored_shape(shape_xy: Sequence[int], spacing: Sequence[float], image_size: Optional[int],
+                 target_mm: Optional[Sequence[float]]) -> tuple[int, int]:
+  """The stored (rows, cols) of a case's slices: `image_size` square, or the in-plane shape
+  resampled to `target_mm` (row, col) millimetres per pixel, rounded as nnU-Net rounds."""
+  if target_mm is None:
+    return int(image_size), int(image_size)
+  shape = tuple(max(1, int(round(n * float(sp) / float(t))))
+                for n, sp, t in zip(shape_xy[:2], spacing[:2], target_mm[:2]))
+  if max(shape) > MAX_STORED_PIXELS:
+    raise ValueError(f"data.spacing_mm={tuple(target_mm)} makes slices of {shape} pixels from "
+                     f"{tuple(shape_xy[:2])} at {tuple(round(float(v), 3) for v in spacing[:2])} "
+                     f"mm (more than {MAX_STORED_PIXELS}): is the spacing in millimetres?")
+  return shape
+
+
+def _size2(size) -> tuple[int, int]:
+  return (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
 
 
 def context_indices(num_slices: int, context_slices: int) -> np.ndarray:
@@ -28,38 +52,42 @@ def context_indices(num_slices: int, context_slices: int) -> np.ndarray:
   return np.clip(np.arange(num_slices)[:, None] + offsets[None, :], 0, num_slices - 1)
 
 
-def resample_image(volume: np.ndarray, size: int) -> np.ndarray:
-  """Resamples an (X, Y, Z) int16 HU volume in-plane to (size, size, Z), antialiased bilinear."""
+def resample_image(volume: np.ndarray, size) -> np.ndarray:
+  """Resamples an (X, Y, Z) int16 HU volume in-plane to `size` = (rows, cols) (or an int for a
+  square), antialiased bilinear."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   x, y, z = volume.shape
-  if (x, y) == (size, size):
+  size = _size2(size)
+  if (x, y) == size:
     return volume
-  out = np.empty((size, size, z), dtype=np.int16)
+  out = np.empty(size + (z,), dtype=np.int16)
   for k in range(0, z, _CHUNK):
     chunk = np.moveaxis(volume[:, :, k:k + _CHUNK], 2, 0)[..., None].astype(np.float32)
-    res = tf.image.resize(chunk, (size, size), method="bilinear", antialias=True).numpy()
+    res = tf.image.resize(chunk, size, method="bilinear", antialias=True).numpy()
     out[:, :, k:k + _CHUNK] = np.moveaxis(np.rint(res[..., 0]), 0, 2).clip(-32768, 32767)
   return out
 
 
-def resample_labels(labels: np.ndarray, size: int, num_classes: int = 3) -> np.ndarray:
-  """Resamples (X, Y, Z) labels in-plane: linear interpolation of each class, then argmax.
+def resample_labels(labels: np.ndarray, size, num_classes: int = 3) -> np.ndarray:
+  """Resamples (X, Y, Z) labels in-plane to `size` (rows, cols, or an int): linear
+  interpolation of each class, then argmax.
 
   Only slices holding a foreground label are interpolated (the rest stay background), and the
   background's share is 1 minus the others', so a LiTS case costs a fraction of a full one-hot.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   x, y, z = labels.shape
-  if (x, y) == (size, size):
+  size = _size2(size)
+  if (x, y) == size:
     return labels
-  out = np.zeros((size, size, z), dtype=np.uint8)
+  out = np.zeros(size + (z,), dtype=np.uint8)
   busy = np.flatnonzero(labels.any(axis=(0, 1)))
   classes = np.arange(1, num_classes, dtype=labels.dtype)
   for k in range(0, len(busy), _CHUNK):
     ks = busy[k:k + _CHUNK]
     chunk = np.moveaxis(labels[:, :, ks], 2, 0)
     onehot = (chunk[..., None] == classes).astype(np.float32)
-    res = tf.image.resize(onehot, (size, size), method="bilinear", antialias=True).numpy()
+    res = tf.image.resize(onehot, size, method="bilinear", antialias=True).numpy()
     background = 1.0 - res.sum(-1, keepdims=True)
     scores = np.concatenate([background, res], axis=-1)
     out[:, :, ks] = np.moveaxis(scores.argmax(-1).astype(np.uint8), 0, 2)
@@ -67,7 +95,7 @@ def resample_labels(labels: np.ndarray, size: int, num_classes: int = 3) -> np.n
 
 
 def resample_probabilities_back(probs: np.ndarray, shape_xy: tuple[int, int]) -> np.ndarray:
-  """Resamples [Z, size, size, K] per-slice probabilities back to [Z, X, Y, K] (bilinear)."""
+  """Resamples [Z, rows, cols, K] per-slice probabilities back to [Z, X, Y, K] (bilinear)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if probs.shape[1:3] == tuple(shape_xy):
     return probs
@@ -80,7 +108,18 @@ def liver_z_range(labels: np.ndarray) -> tuple[int, int]:
   return (int(zs[0]), int(zs[-1])) if len(zs) else (-1, -1)
 
 
-def tumour_components(labels: np.ndarray, spacing, size: int) -> list[list[dict]]:
+def intensity_histograms(image: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+  """Counts of each HU value (HU_LO..HU_HI, values outside counted at the ends) of the liver
+  (label 1) and tumour (label 2) voxels, at the case's own resolution: summed over a split's
+  cases they give that split's exact foreground percentiles, mean and spread."""
+  out = {}
+  for name, value in (("liver", 1), ("tumour", 2)):
+    hu = np.clip(image[labels == value].astype(np.int32), HU_LO, HU_HI) - HU_LO
+    out[name] = np.bincount(hu, minlength=HU_HI - HU_LO + 1).astype(np.int64)
+  return out
+
+
+def tumour_components(labels: np.ndarray, spacing, size) -> list[list[dict]]:
   """For each slice, the 3-D tumour components (6-connected) it cuts, in stored-pixel terms.
 
   Returns a list over slices of records: `component` (1-based id in the case), `bbox`
@@ -95,7 +134,8 @@ def tumour_components(labels: np.ndarray, spacing, size: int) -> list[list[dict]
   comps, n = ndimage.label(labels == 2, structure=_SIX_CONNECTED)
   if n == 0:
     return per_slice
-  sr, sc = size / x, size / y
+  rows, cols = _size2(size)
+  sr, sc = rows / x, cols / y
   voxel_mm3 = float(np.prod(spacing))
   pixel_mm2 = float(spacing[0] * spacing[1])
   for cid, box in enumerate(ndimage.find_objects(comps), start=1):
@@ -123,15 +163,17 @@ def tumour_components(labels: np.ndarray, spacing, size: int) -> list[list[dict]
 
 
 def case_examples(image: np.ndarray, labels: np.ndarray, spacing, case_number: int,
-                  context_slices: int, size: int) -> Iterator[tuple[int, dict]]:
+                  context_slices: int, size) -> Iterator[tuple[int, dict]]:
   """(slice index, example) per axial slice of a canonical case, as the TFDS builder stores them.
 
-  The heavy work (resampling, components) happens in this call, not lazily, so a caller can do it
-  for the next case in a background thread while it writes the current one.
+  `size`: the stored (rows, cols) of the case's slices (`stored_shape`), or an int for a square.
+  The heavy work (resampling, components) happens in this call, not lazily, so a caller can do
+  it for the next case in a background thread while it writes the current one.
   """
   z = image.shape[2]
-  stored_spacing = np.array([spacing[0] * image.shape[0] / size,
-                             spacing[1] * image.shape[1] / size, spacing[2]], np.float32)
+  size = _size2(size)
+  stored_spacing = np.array([spacing[0] * image.shape[0] / size[0],
+                             spacing[1] * image.shape[1] / size[1], spacing[2]], np.float32)
   components = tumour_components(labels, spacing, size)
   liver_range = np.array(liver_z_range(labels), np.int32)
   image_r = resample_image(image, size)

@@ -5,8 +5,11 @@ Element transforms (one batch row) run in Grain's read threads and worker proces
   ProcessRows       this process's k-th row -> its global position (rows [p*B/P, (p+1)*B/P) of
                     every global batch of B rows)
   SelectSlice       position -> the sampler's plan of that row (`example`, patch `centre`, ...)
-  ReadSlice         + `image` int16 [S, S, C] and `label` uint8 [S, S] of the planned example
-  CropPatch         image and label -> the patch's footprint around its centre (air outside)
+  ReadSlice         + `image` int16 [H, W, C] and `label` uint8 [H, W] of the planned example
+  PlaceBlock        + the `centre` of a whole stage's block, placed on the label
+  CropPatch         image and label -> the footprint around the patch or block centre (air
+                    outside)
+  PadSlice          image and label padded (air, background) to the split's largest slice
 
 Batch transforms (after `MapDataset.batch`; a dict of arrays with a leading row axis):
 
@@ -14,7 +17,7 @@ Batch transforms (after `MapDataset.batch`; a dict of arrays with a leading row 
   MapIntoLiverBox   the affine composed with the map into each row's case liver box
   TrainRows         the training batch's keys: image, label, mask, affine, intensity
   EvalRows          + `mask` (1 real, 0 padding), `case_number`, `slice_index` (-1 padding)
-  Window            image HU -> float32 [0, 1] through the HU window, label int32
+  Normalise         image HU -> float32 model input (the run's normaliser), label int32
 
 and, in the training process only (they run JAX on the host CPU, which worker processes do not
 load): `CropToLiverBox` (evaluation of a liver-crop stage) and `FinishOnHost` (augment.
@@ -38,10 +41,19 @@ from data_pipelines.index import SplitIndex
 
 
 def window_into(dst: np.ndarray, hu: np.ndarray, lo: float, hi: float) -> None:
-  """dst[...] = clip((hu - lo) / (hi - lo), 0, 1) in float32 (the model's input scaling)."""
+  """dst[...] = clip((hu - lo) / (hi - lo), 0, 1) in float32 (the paper's input scaling)."""
   np.subtract(hu, np.float32(lo), out=dst, dtype=np.float32)
   np.multiply(dst, np.float32(1.0 / (hi - lo)), out=dst)
   np.clip(dst, 0.0, 1.0, out=dst)
+
+
+def normalise_into(dst: np.ndarray, hu: np.ndarray, normaliser) -> None:
+  """dst[...] = the model's input of `hu` (an intensity.Normaliser; the paper's window exactly
+  as `window_into` computes it, so runs made before normalisers keep their inputs bit for bit)."""
+  if normaliser.name == "window" and normaliser.offset == normaliser.lo:
+    window_into(dst, hu, normaliser.lo, normaliser.hi)
+  else:
+    normaliser.into(dst, hu)
 
 
 def crop_into(dst: np.ndarray, src: np.ndarray, top: int, left: int, fill) -> None:
@@ -99,17 +111,29 @@ class ReadSlice(grain.transforms.Map):
 
 
 @dataclasses.dataclass(frozen=True)
-class CropPatch(grain.transforms.Map):
-  """image and label -> the `size` x `size` footprint around the row's patch centre, air
-  (and background) outside the slice. A negative row (no tumour part planned) is centred on a
-  liver pixel chosen from the label (`PatchSampler.negative_centre`)."""
+class PlaceBlock(grain.transforms.Map):
+  """+ `centre` of the row's whole-stage block, placed on its label (`BlockSampler.place`:
+  on liver, on tumour in tumour rows, inside the slice where it fits)."""
 
-  sampler: Any  # samplers.PatchSampler
+  sampler: Any  # samplers.BlockSampler
+
+  def map(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return dict(row, centre=np.asarray(self.sampler.place(row["label"], row), np.int64))
+
+
+@dataclasses.dataclass(frozen=True)
+class CropPatch(grain.transforms.Map):
+  """image and label -> the `size` x `size` footprint around the row's `centre` (a patch
+  centre, or a block's from PlaceBlock), air (and background) outside the slice. A negative
+  patch row (no tumour part planned) is centred on a liver pixel chosen from the label
+  (`PatchSampler.negative_centre`)."""
+
+  sampler: Any  # samplers.PatchSampler or samplers.BlockSampler
   size: int
 
   def map(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     image, label = row["image"], row["label"]
-    if row["positive"]:
+    if row.get("positive", True):
       r, c = (int(v) for v in row["centre"])
     else:
       r, c = self.sampler.negative_centre(label, self.sampler.has_tumour(row["example"]),
@@ -121,6 +145,24 @@ class CropPatch(grain.transforms.Map):
     crop_into(patch, image, top, left, np.int16(augment.AIR_HU))
     crop_into(patch_label, label, top, left, 0)
     return dict(row, image=patch, label=patch_label)
+
+
+@dataclasses.dataclass(frozen=True)
+class PadSlice(grain.transforms.Map):
+  """image and label padded at the bottom and right to `shape` (rows, cols) with air and
+  background, so slices of different sizes batch; pixel coordinates are unchanged."""
+
+  shape: tuple[int, int]
+
+  def map(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    image, label = row["image"], row["label"]
+    if image.shape[:2] == tuple(self.shape):
+      return row
+    padded = np.full(tuple(self.shape) + image.shape[2:], np.int16(augment.AIR_HU), np.int16)
+    padded_label = np.zeros(tuple(self.shape), np.uint8)
+    h, w = label.shape
+    padded[:h, :w], padded_label[:h, :w] = image, label
+    return dict(row, image=padded, label=padded_label)
 
 
 # ---- batch transforms --------------------------------------------------------------------------
@@ -186,16 +228,15 @@ class EvalRows(grain.transforms.Map):
 
 
 @dataclasses.dataclass(frozen=True)
-class Window(grain.transforms.Map):
-  """image HU -> float32 in [0, 1] through the window (lo, hi), zeros on padding rows (mask
-  0); label -> int32; drops the `example` column."""
+class Normalise(grain.transforms.Map):
+  """image HU -> float32 model input (`normaliser`: an intensity.Normaliser), zeros on padding
+  rows (mask 0); label -> int32; drops the `example` column."""
 
-  lo: float
-  hi: float
+  normaliser: Any
 
   def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     image = np.empty(batch["image"].shape, np.float32)
-    window_into(image, batch["image"], self.lo, self.hi)
+    normalise_into(image, batch["image"], self.normaliser)
     image[batch["mask"] == 0] = 0.0
     out = {k: v for k, v in batch.items() if k != "example"}
     return dict(out, image=image, label=batch["label"].astype(np.int32))
@@ -206,13 +247,12 @@ class Window(grain.transforms.Map):
 @dataclasses.dataclass(frozen=True)
 class CropToLiverBox(grain.transforms.Map):
   """Evaluation rows cropped to their case's liver box and resized to `out_size` as training
-  crops them (crops.crop_slices, no augmentation), then windowed; padding rows stay zeros."""
+  crops them (crops.crop_slices, no augmentation), then normalised; padding rows stay zeros."""
 
   index: SplitIndex
   boxes: np.ndarray
   out_size: int
-  lo: float
-  hi: float
+  normaliser: Any
 
   def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     n, c, o = len(batch["mask"]), batch["image"].shape[-1], self.out_size
@@ -224,7 +264,7 @@ class CropToLiverBox(grain.transforms.Map):
       hu, labels = crops.crop_slices(batch["image"][which], tuple(self.boxes[case_row]), o,
                                      labels=batch["label"][which])
       for j, k in enumerate(which):
-        window_into(image[k], hu[j], self.lo, self.hi)
+        normalise_into(image[k], hu[j], self.normaliser)
         label[k] = labels[j]
     out = {k: v for k, v in batch.items() if k != "example"}
     return dict(out, image=image, label=label)

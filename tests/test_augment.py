@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data_pipelines import augment
+from data_pipelines import augment, intensity
 
 STRONG = augment.AugmentSpec(enabled=True, flip_lr=0.5, flip_ud=0.5, rotate_deg=30.0,
                              scale_range=(0.8, 1.25))
@@ -30,7 +30,7 @@ def _finish(spec, images, labels, seed=0, out_size=None, out_centre=None, in_cen
   batch = dict(image=images, label=labels, mask=np.ones(n, np.float32),
                affine=augment.affine_matrices(params, out_centre, in_centre),
                intensity=augment.intensity_pairs(params, lesion=spec.lesion_contrast))
-  finish = jax.jit(augment.make_finish((-60.0, 140.0), out_size, warp=True))
+  finish = jax.jit(augment.make_finish(intensity.window(-60.0, 140.0), out_size, warp=True))
   return jax.tree.map(np.asarray, finish(batch)), batch
 
 

@@ -12,18 +12,21 @@ from data_pipelines import crops, lits, lits_tfds, pipelines
 STEPS = 6
 
 
-def tiny_cascade_config(root):
+def tiny_cascade_config(root, **extra):
   overrides = {
       "data.lits_dir": f"{root}/lits", "data.tfds_dir": f"{root}/tfds",
       "data.synthetic.num_cases": "4", "data.synthetic.size": "32",
       "data.synthetic.slices": "16", "data.synthetic.storage_variants": "false",
-      "data.image_size": "32", "data.val_fraction": "0.25", "model.depth": "2",
-      "model.base_width": "4", "eval.batch_size": "8", "stages.tumour.crop_size": "32",
-      "stages.tumour.crop_margin": "2"}
+      "data.image_size": "32", "data.spacing_mm": "None", "data.val_fraction": "0.25",
+      "model.depth": "2", "model.base_width": "4", "eval.batch_size": "8",
+      "stages.tumour.crop_size": "32", "stages.tumour.crop_margin": "2",
+      "stages.liver.block_size": "None", "eval.window": "None"}
   for name in ("liver", "tumour"):
     overrides.update({f"stages.{name}.steps": str(STEPS), f"stages.{name}.batch_size": "4",
                       f"stages.{name}.eval_every": "2", f"stages.{name}.checkpoint_every": "2",
                       f"stages.{name}.log_every": "1", f"stages.{name}.schedule.warmup_steps": "0"})
+  overrides.update(extra)
+  overrides = {k: v for k, v in overrides.items() if v is not None}
   return config_loading.apply_overrides(
       config_loading.load_config_file("configs/synthetic_cascade.py"), overrides.items())
 
@@ -176,3 +179,29 @@ def test_cascade_errors_are_clear(run):
     cascade.load_cascade_predictor(workdir, broken)
   with pytest.raises(inference.InferenceError, match="--stage"):
     inference.load_predictor(workdir, stage="liver")
+
+
+def test_a_cascade_on_a_target_spacing_trains_validates_and_segments(tmp_path):
+  """The same cascade with slices resampled to a spacing (sizes differ per case): the liver
+  network trains on blocks, the tumour network on liver crops of padded slices, both are
+  validated by sliding window, and the predictor segments a volume on its own grid."""
+  config = tiny_cascade_config(tmp_path, **{
+      "data.image_size": None, "data.spacing_mm": "(12.0, 12.0)",
+      "stages.liver.block_size": "(16, 16)", "eval.window": "(16, 16)",
+      "stages.liver.steps": "2", "stages.tumour.steps": "2"})
+  lines = []
+  stages.train(config, tmp_path / "run", log=lines.append)
+  rows = rundir.MetricsLog(tmp_path / "run").read()
+  assert {r["stage"] for r in rows if "val_dice" in r} == {"liver", "tumour"}
+  builder = lits_tfds.prepare(config.data, log=lambda s: None)
+  sizes = {tuple(r[5:7]) for r in builder.info.metadata["index"]["train"]["cases"]}
+  assert len(sizes) > 1, "slices of several sizes"
+  number = builder.info.metadata["splits"]["validation"][0]
+  case = lits.load_case(f"{config.data.lits_dir}/volume-{number}.nii.gz")
+  predictor = inference.load_predictor(tmp_path / "run")
+  labels = predictor.predict_case(case)
+  assert labels.shape == case.image.shape and set(np.unique(labels)) <= {0, 1, 2}
+  liver = case.labels >= 1 if case.labels is not None else predictor.predict_liver(case.image,
+                                                                                   case.spacing)
+  box = predictor.crop_box(liver, case.spacing)
+  assert box is None or box[2] > box[0]

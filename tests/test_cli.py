@@ -29,7 +29,9 @@ def test_prepare_synthesises_then_reuses(tmp_path):
   args = ["prepare", "--config", "configs/synthetic.py",
           f"--config.data.lits_dir={tmp_path / 'lits'}", f"--config.data.tfds_dir={tmp_path / 't'}",
           "--config.data.synthetic.num_cases=3", "--config.data.synthetic.size=64",
-          "--config.data.synthetic.slices", "10", "--config.data.image_size=32",
+          "--config.data.synthetic.slices", "10", "--config.data.spacing_mm=(16.0, 16.0)",
+          "--config.stages.whole1.block_size=16", "--config.stages.whole2.block_size=16",
+          "--config.eval.window=16",
           "--config.stages.patch.patch_size=16", "--config.stages.patch.patch_jitter=4"]
   first = run_cli(*args)
   assert first.returncode == 0, first.stderr
@@ -41,8 +43,8 @@ def test_prepare_synthesises_then_reuses(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["prepare", "--config", "configs/synthetic.py", "--config.data.imagesize=3"],
      "unknown config key data.imagesize (did you mean data.image_size?)"),
-    (["prepare", "--config", "configs/synthetic.py", "--config.data.image_size=big"],
-     "config key data.image_size expects an int"),
+    (["prepare", "--config", "configs/synthetic.py", "--config.data.context_slices=big"],
+     "config key data.context_slices expects an int"),
     (["prepare", "--config", "configs/missing.py"], "config file configs/missing.py does not exist"),
     (["prepare"], "the following arguments are required: --config"),
     (["prepare", "--config", "configs/synthetic.py", "--config.data.synthetic.enabled=false",
@@ -66,7 +68,7 @@ def test_overrides_parse_to_the_fields_type():
                                                 ("data.lits_dir", "gs://bucket/lits")])
   assert out.data.val_fraction == 0.5 and out.data.synthetic.enabled is False
   assert out.data.lits_dir == "gs://bucket/lits"
-  assert config.data.val_fraction == 0.3, "the original is untouched"
+  assert config.data.val_fraction == 0.17, "the original is untouched"
   prior = config_loading.apply_overrides(config, [("model.foreground_prior", "0.01")])
   assert prior.model.foreground_prior == 0.01
   cleared = config_loading.apply_overrides(prior, [("model.foreground_prior", "None")])

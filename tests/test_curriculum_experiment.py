@@ -19,7 +19,8 @@ import count_test_lesions  # noqa: E402
 SCRIPT = os.path.join(_ROOT, "benchmarks", "curriculum_experiment.py")
 TINY = ["--config.data.synthetic.num_cases=4", "--config.data.synthetic.size=32",
         "--config.data.synthetic.slices=16", "--config.data.synthetic.storage_variants=false",
-        "--config.data.image_size=32", "--config.model.depth=2", "--config.model.base_width=4",
+        "--config.data.spacing_mm=None", "--config.data.image_size=32",
+        "--config.stages.*.block_size=None", "--config.eval.window=None", "--config.model.depth=2", "--config.model.base_width=4",
         "--config.eval.batch_size=8", "--config.stages.*.patch_size=16",
         "--config.stages.*.patch_jitter=4", "--config.stages.*.crop_size=32",
         "--config.stages.*.crop_margin=2", "--config.stages.*.batch_size=4",
@@ -246,9 +247,10 @@ def test_the_default_experiment_data_and_budget():
       ce.DEFAULT_TOTAL_STEPS // 2, ce.DEFAULT_TOTAL_STEPS - ce.DEFAULT_TOTAL_STEPS // 2]
   numbers = ce.numbers_of_test_cases(configs["three_stage"], ce.DEFAULT_TEST_CASES)
   splits = ce.data_splits(configs["three_stage"], numbers)
-  assert splits["validation"] == [0, 2, 3, 5]
-  assert splits["train"] == [1, 4, 6, 7, 8, 9, 10, 11, 12, 13]
-  assert splits["test"] == list(range(14, 54))
+  validation = [2, 4, 11, 18, 20, 21, 34, 43]
+  assert splits["validation"] == validation
+  assert splits["train"] == [n for n in range(48) if n not in validation]
+  assert splits["test"] == list(range(48, 88))
 
 
 def test_a_record_saved_before_a_config_field_existed_still_matches():

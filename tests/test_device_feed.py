@@ -33,6 +33,7 @@ def data(tmp_path_factory):
   cfg.data.lits_dir = str(root / "lits")
   cfg.data.tfds_dir = str(root / "tfds")
   cfg.data.image_size = 32
+  cfg.data.spacing_mm = None
   cfg.data.synthetic.update(dict(num_cases=4, size=32, slices=16, storage_variants=False))
   with cfg.data.unlocked():
     cfg.data.hu_window = (-60.0, 140.0)
@@ -158,7 +159,8 @@ _MULTI_DEVICE = textwrap.dedent("""
 
 def test_global_batches_are_the_same_on_1_2_and_4_devices(data, tmp_path):
   _, data_cfg = data
-  args = dict(data={k: data_cfg[k] for k in ("lits_dir", "tfds_dir", "image_size")} | dict(
+  args = dict(data={k: data_cfg[k] for k in ("lits_dir", "tfds_dir", "image_size", "spacing_mm",
+                                             "val_fraction")} | dict(
       synthetic=data_cfg.synthetic.to_dict(), hu_window=list(data_cfg.hu_window),
       slice_selection="all", host_threads=2), augment=dict(AUGMENT, on_device=True),
       stage=stage().to_dict(), out=str(tmp_path))

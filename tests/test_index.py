@@ -10,17 +10,21 @@ from data_pipelines.index import SplitIndex, case_liver_boxes
 class Builder:  # the builder's metadata, as SplitIndex reads it
   class info:  # noqa: N801
     metadata = {"index": {"train": {
-        "cases": [[0, 0, 10, 2, 8], [3, 10, 6, -1, -1]],
-        # example, component, centre row, centre col, diameter, area, stored_pixels
-        "tumours": [[4, 1, 5, 5, 3, 7, 6], [5, 1, 5, 5, 3, 7, 0], [7, 2, 9, 9, 2, 3, 1],
-                    [4, 2, 1, 1, 2, 3, 2], [12, 1, 3, 3, 1, 1, 0]]}}}
+        # case_number, first example, slices, liver z-range, stored rows and cols
+        "cases": [[0, 0, 10, 2, 8, 40, 40], [3, 10, 6, -1, -1, 30, 52]],
+        # example, component, centre row, centre col, diameter, area, stored_pixels, box
+        "tumours": [[4, 1, 5, 5, 3, 7, 6, 4, 4, 7, 7], [5, 1, 5, 5, 3, 7, 0, 5, 5, 6, 6],
+                    [7, 2, 9, 9, 2, 3, 1, 9, 9, 10, 10], [4, 2, 1, 1, 2, 3, 2, 0, 0, 2, 3],
+                    [12, 1, 3, 3, 1, 1, 0, 3, 3, 4, 4]]}}}
 
 
 def test_split_index_keeps_the_tumour_parts_visible_in_the_stored_labels():
   index = SplitIndex.from_builder(Builder, "train")
-  assert index.num_examples == 16 and index.cases.shape == (2, 5)
-  assert index.tumours.shape == (3, 7) and (index.tumours[:, 6] > 0).all()
+  assert index.num_examples == 16 and index.cases.shape == (2, 7)
+  assert index.tumours.shape == (3, 11) and (index.tumours[:, 6] > 0).all()
   assert index.tumour_slices().tolist() == [4, 7]  # 5 and 12 lost their tumour when stored
+  np.testing.assert_array_equal(index.slice_shapes([0, 9, 10, 15]),
+                                [[40, 40], [40, 40], [30, 52], [30, 52]])
 
 
 def test_a_missing_split_is_a_clear_error():

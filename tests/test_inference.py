@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from curriculum_seg import inference, sharding, stages
-from data_pipelines import lits, synthetic
+from data_pipelines import intensity, lits, synthetic
 from tests.test_stages import tiny_config
 
 LIVER_HU, TUMOUR_HU = 100, 300
@@ -35,7 +35,8 @@ class BrightIsTumour(nn.Module):
 
 def oracle_network(size, context=3, mesh=None):
   return inference.Network(config=None, model=BrightIsTumour(), variables={}, task="tumour",
-                           image_size=size, context_slices=context, hu_window=WINDOW,
+                           image_size=size, context_slices=context,
+                           normaliser=intensity.window(*WINDOW),
                            mesh=mesh or sharding.make_mesh(1), stage="oracle")
 
 

@@ -22,7 +22,8 @@ def tiny_config(root, **overrides):
   config = config_loading.load_config_file("configs/synthetic.py")
   values = {"data.lits_dir": str(root / "lits"), "data.tfds_dir": str(root / "tfds"),
             "data.synthetic.num_cases": "5", "data.synthetic.size": "64",
-            "data.synthetic.slices": "12", "data.image_size": "32", "data.val_fraction": "0.4"}
+            "data.synthetic.slices": "12", "data.image_size": "32", "data.spacing_mm": "None",
+            "data.val_fraction": "0.4"}
   values.update(overrides)
   return config_loading.apply_overrides(config, values.items())
 
@@ -96,8 +97,8 @@ def test_examples_hold_resampled_slices_with_context_and_components(prepared):
     assert seen_components == set(range(1, n + 1))
     liver_z = np.flatnonzero((case.labels >= 1).any((0, 1)))
     row = [r for r in index["cases"] if r[0] == number][0]
-    assert row[3:] == [int(liver_z[0]), int(liver_z[-1])]
-    np.testing.assert_array_equal(examples[(number, 0)]["liver_z_range"], row[3:])
+    assert row[3:] == [int(liver_z[0]), int(liver_z[-1]), 32, 32]  # + stored rows, cols
+    np.testing.assert_array_equal(examples[(number, 0)]["liver_z_range"], row[3:5])
   # The tumour index points at the examples that hold those parts.
   source = builder.as_data_source("train")
   for position, component, r, c, *_ in index["tumours"]:
@@ -161,7 +162,8 @@ def test_interrupted_prepare_is_not_taken_for_a_finished_one(tmp_path):
   synthetic.ensure_synthetic(config.data.lits_dir, 8, 0, lits_tfds.synth_config(config.data))
   args = [f"{k}={v}" for k, v in {
       "data.lits_dir": config.data.lits_dir, "data.tfds_dir": config.data.tfds_dir,
-      "data.image_size": "32", "data.val_fraction": "0.4", **overrides}.items()]
+      "data.image_size": "32", "data.spacing_mm": "None", "data.val_fraction": "0.4",
+      **overrides}.items()]
   proc = subprocess.Popen([sys.executable, "-c", _PREPARE_SCRIPT, *args],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   dataset_root = os.path.join(config.data.tfds_dir, "lits")
@@ -226,10 +228,12 @@ def test_shards_are_written_with_the_configured_compression(prepared, tmp_path):
 def test_index_records_the_stored_pixels_of_each_tumour_part(prepared):
   config, builder = prepared
   source = builder.as_data_source("train")
-  for position, component, *_, stored in builder.info.metadata["index"]["train"]["tumours"]:
+  for position, component, *_, stored, r0, c0, r1, c1 in (
+      builder.info.metadata["index"]["train"]["tumours"]):
     e = source[position]
     i = [int(c) for c in e["tumours"]["component"]].index(component)
     assert int(e["tumours"]["stored_pixels"][i]) == stored
+    np.testing.assert_allclose(e["tumours"]["bbox"][i], [r0, c0, r1, c1], atol=1e-3)
     r0, c0, r1, c1 = e["tumours"]["bbox"][i]
     box = e["label"][int(np.floor(r0)):int(np.ceil(r1)), int(np.floor(c0)):int(np.ceil(c1))]
     assert stored == int((box == 2).sum())

@@ -23,8 +23,9 @@ def tiny_overrides(root, **extra):
   values = {
       "data.lits_dir": f"{root}/lits", "data.tfds_dir": f"{root}/tfds",
       "data.synthetic.num_cases": "4", "data.synthetic.size": "64", "data.synthetic.slices": "16",
-      "data.image_size": "32", "data.val_fraction": "0.25", "model.depth": "2",
+      "data.spacing_mm": "(8.0, 8.0)", "data.val_fraction": "0.25", "model.depth": "2",
       "model.base_width": "4", "stages.patch.patch_size": "16", "stages.patch.patch_jitter": "4",
+      "stages.whole1.block_size": "32", "stages.whole2.block_size": "32", "eval.window": "32",
       "eval.batch_size": "8"}
   for name in ("whole1", "patch", "whole2"):
     values.update({f"stages.{name}.steps": str(STEPS), f"stages.{name}.batch_size": "4",
@@ -173,21 +174,23 @@ def test_next_stage_starts_from_exactly_the_chosen_checkpoint(reference, tmp_pat
   patch = config.stages.patch
   previous = (whole1, stages.StageResult("whole1", STEPS, meta["best_score"], meta["step"],
                                          "best"), controller._tx(stage1))
-  fresh = controller._initial_state(1, "patch", patch, controller._tx(patch), previous)
+  fresh, scores = controller._initial_state(1, "patch", patch, controller._tx(patch), previous)
   for a, b in zip(jax.tree.leaves(best.params), jax.tree.leaves(fresh.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert int(fresh.step) == 0
+  # The starting weights' scores are those whole1 recorded for them (same validation).
+  assert scores["val_dice"] == meta["val_dice"] == meta["best_score"]
   moments = lambda s: [np.asarray(x) for x in jax.tree.leaves(s.opt_state)  # noqa: E731
                        if np.asarray(x).ndim > 0]
   assert all(not m.any() for m in moments(fresh)), "optimiser state reset by default"
   carry = config_loading.apply_overrides(config, [("stages.patch.carry_optimizer", "true")])
-  carried = controller._initial_state(1, "patch", carry.stages.patch, controller._tx(patch),
-                                      previous)
+  carried, _ = controller._initial_state(1, "patch", carry.stages.patch,
+                                         controller._tx(patch), previous)
   for a, b in zip(moments(best), moments(carried)):
     np.testing.assert_array_equal(a, b)
   last = config_loading.apply_overrides(config, [("stages.patch.init", "last")])
-  from_last = controller._initial_state(1, "patch", last.stages.patch, controller._tx(patch),
-                                        previous)
+  from_last, _ = controller._initial_state(1, "patch", last.stages.patch,
+                                           controller._tx(patch), previous)
   latest, _ = whole1.restore(controller._abstract_state(stage1, controller._tx(stage1)))
   for a, b in zip(jax.tree.leaves(latest.params), jax.tree.leaves(from_last.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -5,7 +5,7 @@ import cloudpickle
 import numpy as np
 import pytest
 
-from data_pipelines import augment, crops, samplers
+from data_pipelines import augment, crops, intensity, samplers
 from data_pipelines import transforms as T
 from data_pipelines.index import SplitIndex
 
@@ -113,7 +113,7 @@ def test_eval_rows_and_window_mark_padding_and_scale_intensities():
   np.testing.assert_array_equal(rows["mask"], [1, 1, 0])
   np.testing.assert_array_equal(rows["case_number"], [9, 4, -1])
   np.testing.assert_array_equal(rows["slice_index"], [1, 0, -1])
-  out = T.Window(-60.0, 140.0).map(rows)
+  out = T.Normalise(intensity.window(-60.0, 140.0)).map(rows)
   assert set(out) == {"image", "label", "mask", "case_number", "slice_index"}
   assert out["image"].dtype == np.float32 and out["label"].dtype == np.int32
   np.testing.assert_allclose(out["image"][0, :, 0, 0], [0, 0, 0.5, 1, 1])
@@ -131,7 +131,7 @@ def test_eval_crops_are_the_training_crops_of_each_case():
                label=np.stack([s[1] for s in slices_] + [np.zeros((24, 24), np.uint8)]),
                mask=np.array([1, 1, 1, 0], np.float32), example=np.array([0, 4, 1, -1]),
                case_number=np.zeros(4, np.int32), slice_index=np.zeros(4, np.int32))
-  out = T.CropToLiverBox(INDEX, boxes, 8, -60.0, 140.0).map(batch)
+  out = T.CropToLiverBox(INDEX, boxes, 8, intensity.window(-60.0, 140.0)).map(batch)
   assert out["image"].shape == (4, 8, 8, 3) and out["label"].dtype == np.int32
   for k, case_row in ((0, 0), (1, 1), (2, 0)):
     hu, label = crops.crop_slices(batch["image"][k:k + 1], tuple(boxes[case_row]), 8,
@@ -146,7 +146,7 @@ def test_worker_side_transforms_pickle():
   for transform in (T.ProcessRows(8, 4, 4), T.SelectSlice(sampler), T.ReadSlice(FakeRecords()),
                     T.CropPatch(sampler, 12), T.DrawAugmentation(SPEC, 1, 3.5, 5.5),
                     T.MapIntoLiverBox(INDEX, np.zeros((2, 4)), 8), T.TrainRows(),
-                    T.EvalRows(INDEX), T.Window(-60.0, 140.0)):
+                    T.EvalRows(INDEX), T.Normalise(intensity.window(-60.0, 140.0))):
     copy = cloudpickle.loads(cloudpickle.dumps(transform))
     assert type(copy) is type(transform)
   row = cloudpickle.loads(cloudpickle.dumps(T.SelectSlice(sampler))).map(6)
