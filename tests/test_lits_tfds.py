@@ -13,7 +13,7 @@ import pytest
 from scipy import ndimage
 
 from curriculum_seg import config_loading
-from data_pipelines import lits, lits_tfds, slices
+from data_pipelines import intensity, lits, lits_tfds, slices
 
 SIX = ndimage.generate_binary_structure(3, 1)
 
@@ -237,3 +237,51 @@ def test_index_records_the_stored_pixels_of_each_tumour_part(prepared):
     r0, c0, r1, c1 = e["tumours"]["bbox"][i]
     box = e["label"][int(np.floor(r0)):int(np.ceil(r1)), int(np.floor(c0)):int(np.ceil(c1))]
     assert stored == int((box == 2).sum())
+
+
+def test_a_target_spacing_keeps_each_case_s_field_of_view(tmp_path):
+  """data.spacing_mm: each case resampled in plane to the same mm a pixel, so slices keep their
+  field of view and differ in size; the spacing, the components' centres, the index and the
+  training split's HU histograms follow."""
+  config = config_loading.apply_overrides(config_loading.load_config_file("configs/synthetic.py"),
+                                          {"data.lits_dir": str(tmp_path / "lits"),
+                                           "data.tfds_dir": str(tmp_path / "tfds"),
+                                           "data.synthetic.num_cases": "4",
+                                           "data.synthetic.size": "64",
+                                           "data.synthetic.slices": "10",
+                                           "data.spacing_mm": "(5.0, 6.0)",
+                                           "data.val_fraction": "0.25"}.items())
+  builder = lits_tfds.prepare(config.data, log=lambda s: None)
+  assert builder.builder_config.name.startswith("ctx3_sp5x6_")
+  examples = {(int(e["case_number"]), int(e["slice_index"])): e for e in _all(builder, "train")}
+  index = builder.info.metadata["index"]["train"]
+  hists = {k: 0 for k in ("liver", "tumour")}
+  shapes = set()
+  for number in builder.info.metadata["splits"]["train"]:
+    case = lits.load_case(os.path.join(config.data.lits_dir, f"volume-{number}.nii.gz"),
+                          os.path.join(config.data.lits_dir, f"segmentation-{number}.nii.gz"))
+    x, y, z = case.image.shape
+    rows, cols = round(x * case.spacing[0] / 5.0), round(y * case.spacing[1] / 6.0)
+    shapes.add((rows, cols))
+    image = slices.resample_image(case.image, (rows, cols))
+    comps, _ = ndimage.label(case.labels == 2, structure=SIX)
+    for k in range(z):
+      e = examples[(number, k)]
+      assert e["image"].shape == (rows, cols, 3) and e["label"].shape == (rows, cols)
+      np.testing.assert_array_equal(e["image"][:, :, 1], image[:, :, k])
+      np.testing.assert_allclose(e["spacing"], [x * case.spacing[0] / rows,
+                                                y * case.spacing[1] / cols, case.spacing[2]],
+                                 rtol=1e-5)
+      for cid, centre in zip(e["tumours"]["component"], e["tumours"]["centre"]):
+        r, c = np.nonzero(comps[:, :, k] == cid)
+        np.testing.assert_allclose(centre, [(r.mean() + 0.5) * rows / x - 0.5,
+                                            (c.mean() + 0.5) * cols / y - 0.5], atol=1e-3)
+    row = [r for r in index["cases"] if r[0] == number][0]
+    assert row[5:7] == [rows, cols]
+    for key, hist in slices.intensity_histograms(case.image, case.labels).items():
+      hists[key] = hists[key] + hist
+  assert len(shapes) > 1, "cases of different fields of view give slices of different sizes"
+  stored = builder.info.metadata["intensity"]["train"]
+  for key in ("liver", "tumour"):
+    np.testing.assert_array_equal(intensity.unpack(stored[key]), hists[key])
+  assert "training foreground HU" in lits_tfds.describe(builder, config.data)

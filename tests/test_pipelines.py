@@ -67,6 +67,9 @@ def stage(**kw):
               component_sampling="component", patch_jitter=3)
   if kw.get("pipeline") == "liver_crop":
     base.update(crop_size=24, crop_margin=2)
+  if kw.get("pipeline") == "blocks":  # whole stages on blocks, half of each batch on tumour
+    kw = dict(kw, pipeline="whole")
+    base.update(block_size=(16, 16), tumour_fraction=0.5, block_sampling="component")
   base.update(kw)
   return ml_collections.ConfigDict(base)
 
@@ -93,7 +96,7 @@ def assert_batches_equal(a, b, image_atol=0.0):
         np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
 
-@pytest.mark.parametrize("pipeline", ["whole", "patch", "liver_crop"])
+@pytest.mark.parametrize("pipeline", ["whole", "patch", "liver_crop", "blocks"])
 def test_process_shards_are_disjoint_cover_the_data_and_form_the_same_global_batches(
     data, pipeline):
   builder, data_cfg = data
@@ -162,7 +165,7 @@ def test_eval_batches_hold_the_stored_slices(data):
                                atol=1e-6)
 
 
-@pytest.mark.parametrize("pipeline", ["whole", "patch", "liver_crop"])
+@pytest.mark.parametrize("pipeline", ["whole", "patch", "liver_crop", "blocks"])
 def test_same_seed_same_batches_other_seed_other_batches(data, pipeline):
   builder, data_cfg = data
   make = lambda seed: pipelines.make_train_pipeline(  # noqa: E731
@@ -171,7 +174,7 @@ def test_same_seed_same_batches_other_seed_other_batches(data, pipeline):
   assert_batches_equal(first, take(make(7), 3))
   other = take(make(8), 3)
   assert not np.array_equal(first[0]["image"], other[0]["image"])
-  size = dict(whole=32, patch=16, liver_crop=24)[pipeline]
+  size = dict(whole=32, patch=16, liver_crop=24, blocks=16)[pipeline]
   assert first[0]["image"].shape == (8, size, size, 3) and first[0]["label"].shape == (8, size,
                                                                                       size)
   assert first[0]["image"].dtype == np.float32 and first[0]["label"].dtype == np.int32
@@ -262,7 +265,7 @@ def test_a_closed_stream_goes_on_at_its_position(data):
   assert_batches_equal(first + take(stream, 2), reference)
 
 
-@pytest.mark.parametrize("pipeline", ["whole", "patch", "liver_crop"])
+@pytest.mark.parametrize("pipeline", ["whole", "patch", "liver_crop", "blocks"])
 def test_resumed_stream_equals_the_uninterrupted_one(data, pipeline):
   builder, data_cfg = data
   make = lambda start=0: pipelines.make_train_pipeline(  # noqa: E731
@@ -609,3 +612,103 @@ def test_lesion_contrast_changes_tumour_pixels_only(data):
     np.testing.assert_array_equal(a["image"][~tumour], b["image"][~tumour])
     changed += int((np.abs(a["image"] - b["image"])[tumour] > 0.05).sum())
   assert changed > 0, "inverted lesions must look different"
+
+
+# ---- whole-stage blocks -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sampling", ["slice", "component"])
+def test_blocks_sit_on_liver_and_on_tumour_in_the_tumour_rows(data, sampling):
+  """Unaugmented blocks are the stored slice around the planned centre (air outside); exactly
+  round(f*B) rows of every global batch hold tumour, of the planned component with 'component'
+  sampling; the other rows hold liver wherever their slice has some."""
+  builder, data_cfg = data
+  index = SplitIndex.from_builder(builder, "train")
+  source = builder.as_data_source("train")
+  stream = pipelines.make_train_pipeline(
+      builder, data_cfg, augment_cfg(enabled=False),
+      stage(pipeline="blocks", batch_size=8, block_sampling=sampling), 0, 0, 1)
+  assert stream.info["block_size"] == [16, 16] and stream.info["tumour_rows_per_batch"] == 4
+  picked = set()
+  for b in range(6):
+    plan, batch = stream.plan(b), next(stream)
+    assert plan["tumour_row"].sum() == 4
+    for k in range(8):
+      label = source[int(plan["example"][k])]["label"]
+      block = batch["label"][k]
+      # the stored label around the block (centre - 8 .. centre + 8), background outside
+      r, c = (int(v) for v in stream_centre(stream, plan, k, label))
+      padded = np.pad(label, 16)
+      np.testing.assert_array_equal(block, padded[r + 8:r + 24, c + 8:c + 24])
+      if plan["tumour_row"][k]:
+        assert (block == 2).any()
+        if sampling == "component":
+          part = index.tumours[plan["part"][k]]
+          assert part[0] == plan["example"][k]
+          r0, c0, r1, c1 = part[7:11]
+          rows, cols = np.nonzero(block == 2)
+          rows, cols = rows + r - 8, cols + c - 8
+          assert ((rows >= np.floor(r0)) & (rows < np.ceil(r1)) & (cols >= np.floor(c0))
+                  & (cols < np.ceil(c1))).any(), "the planned component is in the block"
+          picked.add(int(plan["part"][k]))
+        else:
+          assert plan["part"][k] == -1
+      elif (label >= 1).any():
+        assert (block >= 1).any()
+  stream.close()
+  if sampling == "component":
+    assert len(picked) > 3
+
+
+def stream_centre(stream, plan, k, label):
+  """The centre the block sampler places row k of a plan at (its public `place`)."""
+  sampler = stream.sampler
+  return sampler.place(label, {key: value[k] for key, value in plan.items()})
+
+
+def test_block_offsets_keep_the_anchor_inside_and_the_block_inside_the_slice():
+  rng = np.random.default_rng(0)
+  for _ in range(2000):
+    extent, block = rng.integers(1, 60), rng.integers(1, 40)
+    anchor, u = rng.integers(0, extent), rng.random()
+    offset = int(samplers.block_offsets([extent], [block], [anchor], [u])[0])
+    if extent >= block:
+      assert 0 <= offset <= extent - block and offset <= anchor < offset + block
+    else:
+      assert offset == -((block - extent) // 2)  # the slice centred in the block
+  # u spans every allowed offset, lowest at 0 and highest near 1
+  got = {int(samplers.block_offsets([50], [10], [20], [u])[0]) for u in np.linspace(0, 0.999, 99)}
+  assert got == set(range(11, 21))
+
+
+def test_blocks_larger_than_the_slice_hold_it_centred_in_air(data):
+  builder, data_cfg = data
+  stream = pipelines.make_train_pipeline(
+      builder, data_cfg, augment_cfg(enabled=False),
+      stage(pipeline="blocks", block_size=(48, 48), batch_size=4), 0, 0, 1)
+  source = builder.as_data_source("train")
+  batch, plan = next(stream), stream.plan(0)
+  stream.close()
+  for k in range(4):
+    stored = source[int(plan["example"][k])]
+    np.testing.assert_array_equal(batch["label"][k][8:40, 8:40], stored["label"])
+    assert not batch["label"][k][:8].any() and (batch["image"][k][:8] == 0).all()
+
+
+def test_blocks_over_slices_of_different_sizes(tmp_path_factory):
+  """A target-spacing dataset: slices differ in size per case; blocks, patches and liver crops
+  batch, and the same global batches come from 1 or 2 processes."""
+  builder, data_cfg = prepare_tiny(tmp_path_factory, "pipelines_spacing", size=48)
+  cfg = ml_collections.ConfigDict(data_cfg.to_dict())
+  with cfg.unlocked():
+    cfg.image_size, cfg.spacing_mm = None, (9.0, 9.0)
+  builder = lits_tfds.prepare(cfg, log=lambda _: None)
+  sizes = {tuple(r[5:7]) for r in builder.info.metadata["index"]["train"]["cases"]}
+  assert len(sizes) > 1
+  for kw in (dict(pipeline="blocks"), dict(pipeline="patch"), dict(pipeline="liver_crop")):
+    one = take(pipelines.make_train_pipeline(builder, cfg, augment_cfg(), stage(**kw), 0, 0, 1), 2)
+    two = [take(pipelines.make_train_pipeline(builder, cfg, augment_cfg(), stage(**kw), 0, p, 2),
+                2) for p in range(2)]
+    merged = [{k: np.concatenate([t[i][k] for t in two]) for k in two[0][i]} for i in range(2)]
+    assert_batches_equal(merged, one, image_atol=WARP_ATOL)
+  with pytest.raises(ValueError, match="stage.block_size must be set"):
+    pipelines.make_train_pipeline(builder, cfg, augment_cfg(), stage(), 0, 0, 1)
