@@ -247,8 +247,10 @@ def make_train_pipeline(builder, data_cfg, augment_cfg, stage_cfg, seed: int,
     """This process's rows of the sampler's global batch b."""
     return {k: v[rows[0]:rows[1]] for k, v in sampler.global_batch(b).items()}
 
-  return stream.Stream(batches, start, None, host_transforms=host_transforms, finish=finish,
-                       info=info, plan=plan, **settings)
+  out = stream.Stream(batches, start, None, host_transforms=host_transforms, finish=finish,
+                      info=info, plan=plan, **settings)
+  out.sampler = sampler  # what draws the rows (tests and notebooks inspect its choices)
+  return out
 
 
 def make_eval_pipeline(builder, data_cfg, split: str, batch_size: int, process_index: int,
