@@ -1,14 +1,11 @@
-"""The machine description every benchmark writes next to its figures."""
+"""The machine description every benchmark writes next to its figures (curriculum_seg.machine,
+standard library only), importable from this folder's scripts."""
 
-import json
 import os
+import sys
 
-from curriculum_seg.machine import describe  # noqa: F401  (the benchmarks' import)
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:  # the scripts run as `python benchmarks/X.py` from the repository
+  sys.path.insert(0, _ROOT)
 
-
-def write_result(path: str, result: dict) -> None:
-  """Writes a benchmark's result JSON (creating its folder) and says where."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(result, f, indent=1)
-  print(f"wrote {path}")
+from curriculum_seg.machine import describe, write_result  # noqa: E402,F401

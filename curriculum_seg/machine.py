@@ -1,4 +1,5 @@
-"""The machine a result was measured on: CPU, cores, Python, platform, package versions.
+"""The machine a result was measured on (CPU, cores, Python, platform, package versions), and
+the JSON file a script writes its result to.
 
 Standard library only, so the scripts that run outside the project's environment (the PyTorch
 baseline) describe their machine the same way.
@@ -6,6 +7,7 @@ baseline) describe their machine the same way.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from importlib import metadata
@@ -28,3 +30,11 @@ def describe(*packages: str) -> dict:
     except metadata.PackageNotFoundError:
       info[name] = None
   return info
+
+
+def write_result(path: str, result: dict) -> None:
+  """Writes a script's result JSON (creating its folder) and says where."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(result, f, indent=1)
+  print(f"wrote {path}")

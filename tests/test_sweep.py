@@ -341,3 +341,19 @@ def test_scale_steps_and_finished_run_checks():
   current["stages"]["whole"]["steps"] = 600
   assert rundir.config_differences(saved, current, ignore=sweep.NOT_RESULTS) == [
       "augment.lesion_invert", "stages.whole.steps"]
+
+
+def test_count_test_lesions_counts_the_cases_the_sweep_scores(first, sweep_file):
+  """experiments/count_test_lesions.py, before any training, counts the reference lesions of
+  the held-out cases as the sweep's records hold them."""
+  sys.path.insert(0, os.path.join(REPO, "experiments"))
+  import count_test_lesions  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  out, _ = first
+  cases = count_test_lesions.measure(sweep_file, log=lambda m: None)
+  record = _json(out / "records" / "whole_only-seed0.json")
+  assert [c["case"] for c in cases] == record["case_numbers"]
+  assert [c["diameters_mm"] for c in cases] == [
+      [lesion["diameter_mm"] for lesion in c["reference_lesions"]] for c in record["cases"]]
+  total = count_test_lesions.cumulative(cases)[-1]
+  assert {k: total[k] for k in (*stats.BINS, "all")} == stats.lesion_counts(
+      stats.case_table(record["cases"]))
