@@ -49,6 +49,16 @@ config:
 """
 
 
+SWEEP_EPILOG = """\
+config:
+  --config FILE[:ARG]     a config file with get_sweep(arg=None) beside get_config; ARG goes to
+                          get_sweep (configs/synthetic.py: a comma-separated subset of regimes)
+  --config.KEY=VALUE      overrides one key of every run's config, repeatable;
+                          --config.stages.*.FIELD=VALUE sets FIELD of every stage that has it
+  Every run's config is checked before any work; a mistake names the run and the key (exit 2).
+"""
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
   """Shows each option's default (where it has one the help does not already give) and keeps
   the epilog's layout."""
@@ -468,7 +478,7 @@ def cmd_score(argv: list[str]) -> int:
 def cmd_sweep(argv: list[str]) -> int:
   raw = list(argv)
   argv, overrides = config_loading.split_override_args(argv)
-  parser = _Parser(prog="curriculum-seg sweep", epilog=CONFIG_EPILOG,
+  parser = _Parser(prog="curriculum-seg sweep", epilog=SWEEP_EPILOG,
                    description="Train every run of the sweep the config file declares "
                                "(get_sweep beside get_config: regimes x seeds at equal "
                                "optimiser steps), score each run's chosen checkpoint on held-out "
@@ -477,8 +487,7 @@ def cmd_sweep(argv: list[str]) -> int:
                                "run. Finished runs are skipped and an interrupted one resumes "
                                "at its exact step: run the same command again.")
   parser.add_argument("--config", required=True,
-                      help="config file declaring a sweep, e.g. configs/synthetic.py (FILE:ARG "
-                           "passes ARG to its get_sweep)")
+                      help="config file declaring a sweep, e.g. configs/synthetic.py")
   parser.add_argument("--out", required=True,
                       help="the sweep's folder: new, empty, or one this command made")
   parser.add_argument("--score_dir", default=None,

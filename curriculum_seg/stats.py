@@ -39,11 +39,11 @@ a variance-components (two-way random effects) t interval:
   3. Interval: estimate ± t(0.975, ν) √V. `excludes_zero`: it lies above or below 0.
 With one seed (or one case) the seed (case) variation cannot be measured: the interval is then
 the one-way t interval over the cases (seeds) and `seed_variation` says so.
-Why not resample: with 5 seeds a bootstrap over seeds, alone or crossed with cases, uses the
-normal spread of at most 126 distinct seed draws and undercovers when seeds matter (the old seed
-interval excluded 0 in 16 % of null data sets); the t quantile with few df is what corrects it.
-tests/test_stats.py simulates null data sets with seed, case and interaction effects, per-case
-means and lesion ratios, and checks coverage near 95 %.
+Why not resample: with a handful of seeds a bootstrap over seeds, alone or crossed with cases,
+reads its percentiles off a few distinct seed draws and undercovers when seeds matter; the t
+quantile with few degrees of freedom is what corrects that. tests/test_stats.py simulates null
+data sets with seed, case and interaction effects, for per-case means and lesion ratios, and
+checks that the interval covers about 95 % of them.
 """
 
 from __future__ import annotations

@@ -357,3 +357,27 @@ def test_count_test_lesions_counts_the_cases_the_sweep_scores(first, sweep_file)
   total = count_test_lesions.cumulative(cases)[-1]
   assert {k: total[k] for k in (*stats.BINS, "all")} == stats.lesion_counts(
       stats.case_table(record["cases"]))
+
+
+def test_runs_scored_on_every_case_of_a_folder(sweep_file, tmp_path):
+  """--score_dir: every case of a LiTS folder scores the runs; a finished sweep refuses other
+  cases, and the training folder is no held-out folder."""
+  held_out = tmp_path / "held_out"
+  synth = run_cli("synth", "--out_dir", str(held_out), "--num_cases", "2", "--seed", "7",
+                  "--size", "32", "--slices", "16", "--plain_storage")
+  assert synth.returncode == 0, synth.stderr
+  out = tmp_path / "out"
+  spec = f"{sweep_file}:whole_only"
+  result = run_cli("sweep", "--config", spec, "--out", str(out), "--score_dir", str(held_out))
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert f"scored on 2 held-out cases (every case of {held_out})" in result.stdout
+  record = _json(out / "records" / "whole_only-seed1.json")
+  assert record["scored_on"] == {"folder": str(held_out)} and record["case_numbers"] == [0, 1]
+  assert f"(every case of {held_out})" in (out / "results.md").read_text()
+  other = tmp_path / "other"
+  assert run_cli("synth", "--out_dir", str(other), "--num_cases", "3", "--size", "32",
+                 "--slices", "16", "--plain_storage").returncode == 0
+  one_line_error(run_cli("sweep", "--config", spec, "--out", str(out), "--score_dir", str(other)),
+                 "whole_only-seed0.json was scored on other cases")
+  one_line_error(run_cli("sweep", "--config", spec, "--out", str(out), "--score_dir",
+                         str(out / "data" / "lits")), "is the training data folder")
