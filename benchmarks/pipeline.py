@@ -194,7 +194,8 @@ def _job(job: dict[str, Any]) -> dict[str, Any]:
   if job["kind"].startswith("warp_"):
     return dict(out, **_warp(job), **_memory())
   from data_pipelines import lits_tfds  # pylint: disable=import-outside-toplevel
-  from data_pipelines import pipelines  # noqa: F401 pylint: disable=import-outside-toplevel,unused-import
+  # pylint: disable-next=import-outside-toplevel,unused-import
+  from data_pipelines import pipelines  # noqa: F401  (imported before the memory is measured)
   out["rss_before_pipeline_mib"] = _memory()["rss_mib"]  # interpreter + imports
   cfg = data_config(job["data_dir"], job["image_size"])
   with cfg.unlocked():

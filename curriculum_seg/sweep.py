@@ -426,8 +426,8 @@ def train_and_score(sweep: Sweep, run: Run, config: ml_collections.ConfigDict, o
       config_file=run_spec(sweep, run), config_digest=config_digest(config_json),
       config=config_json, total_steps=sum(r.steps for r in results), stages=stage_results,
       checkpoint=evaluation["checkpoint"], scored_on=source, case_numbers=list(numbers),
-      curve=read_curve(workdir, stage_results), cases=sorted(cases,
-                                                             key=lambda c: c["case_number"]),
+      curve=read_curve(workdir, stage_results),
+      cases=sorted(cases, key=lambda c: c["case_number"]),
       resumed=resumed, train_seconds=None if resumed else train_s, eval_seconds=eval_s,
       machine=machine.describe("jax", "jaxlib", "flax"))
   record = metrics.json_safe(record)
