@@ -14,8 +14,6 @@ sensitive than wall time to other jobs on a shared machine):
     tfds_all_features       TFDS's features.deserialize_example_np (what
                             builder.as_data_source does: every feature, the tumour table too)
     tf_parse_single_example TensorFlow's tf.io.parse_single_example of the two features
-    legacy_walker           the hand-written protobuf walker of the pipelines before Grain
-                            (benchmarks/legacy_pipeline.py)
     zlib_label_only         zlib.decompress of the stored label alone (inside every option)
   raw_layout                a layout with no parser: the image and label bytes as they are
                             in memory, one ArrayRecord record each (written to a temporary
@@ -59,7 +57,6 @@ def measure(size: int, data_dir: str, repeats: int) -> dict:
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
   from tensorflow_datasets.core import example_parser  # pylint: disable=import-outside-toplevel
-  import legacy_pipeline  # pylint: disable=import-outside-toplevel
   from data_pipelines import lits_tfds, records  # pylint: disable=import-outside-toplevel
 
   builder = lits_tfds.prepare(pipeline_bench.data_config(data_dir, size), log=print)
@@ -89,7 +86,6 @@ def measure(size: int, data_dir: str, repeats: int) -> dict:
             np.frombuffer(zlib.decompress(parsed["label"].numpy()), np.uint8).reshape(size,
                                                                                       size))
 
-  legacy = legacy_pipeline.ExampleDecoder(features["image"], features["label"], size, c)
   labels = [ours(r)[1] for r in raw]
   stored_labels = [zlib.compress(label.tobytes()) for label in labels]  # as TFDS stores them
   out["decode"] = {
@@ -97,14 +93,12 @@ def measure(size: int, data_dir: str, repeats: int) -> dict:
       "tfds_parser_2_features": _cpu_ms(tfds_parser, raw, repeats),
       "tfds_all_features": _cpu_ms(features.deserialize_example_np, raw, repeats),
       "tf_parse_single_example": _cpu_ms(tf_parse, raw, repeats),
-      "legacy_walker": _cpu_ms(legacy, raw, repeats),
       "zlib_label_only": _cpu_ms(zlib.decompress, stored_labels, repeats),
   }
   for name in out["decode"]:  # every option gives the same arrays
     if name != "zlib_label_only":
       fn = dict(tfds_parser_2_features=tfds_parser, tf_parse_single_example=tf_parse,
-                legacy_walker=legacy, tfds_all_features=features.deserialize_example_np).get(
-                    name, ours)
+                tfds_all_features=features.deserialize_example_np).get(name, ours)
       got = fn(raw[1])
       got = (got["image"], got["label"]) if isinstance(got, dict) else got
       want = ours(raw[1])

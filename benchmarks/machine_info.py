@@ -1,32 +1,11 @@
-"""The machine description every benchmark writes next to its figures."""
+"""The machine description every benchmark writes next to its figures (curriculum_seg.machine,
+standard library only), importable from this folder's scripts."""
 
-import json
 import os
-import platform
-from importlib import metadata
+import sys
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:  # the scripts run as `python benchmarks/X.py` from the repository
+  sys.path.insert(0, _ROOT)
 
-def describe(*packages: str) -> dict:
-  """CPU model, cores, Python, platform and the versions of `packages` (distribution names)."""
-  cpu = platform.processor()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  info = dict(cpu=cpu, cores=os.cpu_count(), python=platform.python_version(),
-              platform=platform.platform(), load_average=os.getloadavg())
-  for name in packages:
-    try:
-      info[name] = metadata.version(name)
-    except metadata.PackageNotFoundError:
-      info[name] = None
-  return info
-
-
-def write_result(path: str, result: dict) -> None:
-  """Writes a benchmark's result JSON (creating its folder) and says where."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(result, f, indent=1)
-  print(f"wrote {path}")
+from curriculum_seg.machine import describe, write_result  # noqa: E402,F401

@@ -1,27 +1,24 @@
-"""Benchmarks the input pipelines: whole slices/s and patches/s, Grain beside the pipelines it
-replaced, with 0, 1 and 2 worker processes, CPU per item and host memory.
+"""Benchmarks the input pipelines: whole slices/s and patches/s with 0, 1 and 2 Grain worker
+processes, CPU per item and host memory.
 
 Prepares (once, cached under --data_dir) a synthetic dataset of 8 cases of 64 slices stored as
 --image_size slices (default 256) with 3 context slices, then measures, each job in a fresh
 process pinned to the given cores (so every thread pool and the Grain worker processes, which
 inherit the pinning, stay on them):
 
-  whole_1core_{legacy,grain}      whole-slice host pipeline on 1 core (2 read threads): the
+  whole_1core                     whole-slice host pipeline on 1 core (2 read threads): the
                                   per-core figure
-  whole_{legacy,grain_w0,_w1,_w2} the same on all cores; grain with 0, 1 or 2 worker processes
-                                  (read threads: the cores shared out over the processes)
-  patch_{legacy,grain_w0,_w1,_w2} 128x128 tumour patches (half of them on tumour parts) on all
+  whole_w{0,1,2}                  the same on all cores with 0, 1 or 2 worker processes (read
+                                  threads: the cores shared out over the processes)
+  patch_w{0,1,2}                  128x128 tumour patches (half of them on tumour parts) on all
                                   cores
-  equality                        the first batches of both pipelines (whole slices with
-                                  tumour_fraction 0.5, patches, 2 processes' shares) compared
-                                  key by key: they must be equal bitwise
   transfer_1core                  what a batch of whole slices costs to cross from a worker
                                   process (Grain's shared memory: copy in, open, free) against
                                   a plain copy, per slice
 
-Both pipelines draw the augmentation parameters on the host and leave the warp to the device
-(augment.on_device=True, the design), so these are host figures. 'legacy' is
-benchmarks/legacy_pipeline.py, a frozen copy of the pipelines before Grain. Figures are medians
+The pipelines draw the augmentation parameters on the host and leave the warp to the device
+(augment.on_device=True, the design), so these are host figures. (The comparison with the
+pipelines Grain replaced, and its figures, are in the git history.) Figures are medians
 over repeats after warm-up; each job also reports CPU seconds per item summed over its process
 and its worker processes (less sensitive to other load on a shared machine than wall-clock
 rates), and resident memory (RSS) of the process and of its workers. The machine description
@@ -120,39 +117,12 @@ def _memory() -> dict[str, float]:
               peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-def _make(impl: str, builder, cfg, stage: dict, process_index=0, process_count=1):
+def _make(builder, cfg, stage: dict, process_index=0, process_count=1):
   import ml_collections  # pylint: disable=import-outside-toplevel
-  if impl == "legacy":
-    import legacy_pipeline as module  # pylint: disable=import-outside-toplevel
-  else:
-    from data_pipelines import pipelines as module  # pylint: disable=import-outside-toplevel
-  return module.make_train_pipeline(builder, cfg, ml_collections.ConfigDict(AUGMENT),
-                                    ml_collections.ConfigDict(stage), 0, process_index,
-                                    process_count)
-
-
-def _equality(job: dict[str, Any]) -> dict[str, Any]:
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from data_pipelines import lits_tfds  # pylint: disable=import-outside-toplevel
-  cfg = data_config(job["data_dir"], job["image_size"])
-  builder = lits_tfds.builder_for(cfg)
-  out = {}
-  stages = dict(whole=dict(pipeline="whole", batch_size=16, tumour_fraction=0.5),
-                patch=dict(PATCH_STAGE, batch_size=16))
-  for name, stage in stages.items():
-    for share in range(2):
-      streams = [_make(impl, builder, cfg, stage, share, 2) for impl in ("legacy", "grain")]
-      same = {}
-      for _ in range(3):
-        old, new = next(streams[0]), next(streams[1])
-        for key in old:
-          same[key] = same.get(key, True) and key in new and np.array_equal(old[key], new[key])
-        same["keys"] = same.get("keys", True) and set(old) == set(new)
-      for s in streams:
-        s.close()
-      out[f"{name}_process_{share}_of_2"] = same
-  out["all_equal"] = all(all(v.values()) for v in out.values())
-  return out
+  from data_pipelines import pipelines  # pylint: disable=import-outside-toplevel
+  return pipelines.make_train_pipeline(builder, cfg, ml_collections.ConfigDict(AUGMENT),
+                                       ml_collections.ConfigDict(stage), 0, process_index,
+                                       process_count)
 
 
 def _transfer(job: dict[str, Any]) -> dict[str, Any]:
@@ -219,17 +189,13 @@ def _job(job: dict[str, Any]) -> dict[str, Any]:
   os.sched_setaffinity(0, set(job["cpus"]))  # before any thread pool or worker exists
   sys.path.insert(0, str(REPO))
   out: dict[str, Any] = dict(kind=job["kind"], cores=len(job["cpus"]))
-  if job["kind"] == "equality":
-    return dict(out, **_equality(job))
   if job["kind"] == "transfer":
     return dict(out, **_transfer(job))
   if job["kind"].startswith("warp_"):
     return dict(out, **_warp(job), **_memory())
   from data_pipelines import lits_tfds  # pylint: disable=import-outside-toplevel
-  if job["impl"] == "grain":
-    from data_pipelines import pipelines  # noqa: F401 pylint: disable=import-outside-toplevel,unused-import
-  else:
-    import legacy_pipeline  # noqa: F401 pylint: disable=import-outside-toplevel,unused-import
+  # pylint: disable-next=import-outside-toplevel,unused-import
+  from data_pipelines import pipelines  # noqa: F401  (imported before the memory is measured)
   out["rss_before_pipeline_mib"] = _memory()["rss_mib"]  # interpreter + imports
   cfg = data_config(job["data_dir"], job["image_size"])
   with cfg.unlocked():
@@ -239,8 +205,8 @@ def _job(job: dict[str, Any]) -> dict[str, Any]:
   batch = job["batch_size"]
   stage = (dict(PATCH_STAGE, batch_size=batch) if job["kind"] == "patch"
            else dict(pipeline="whole", batch_size=batch))
-  host = _make(job["impl"], builder, cfg, stage)
-  out.update(impl=job["impl"], workers=job["workers"], threads=job["threads"],
+  host = _make(builder, cfg, stage)
+  out.update(workers=job["workers"], threads=job["threads"],
              batch_size=batch, host_info=host.info)
   out.update(_rates(lambda: next(host), batch, job["warmup"], job["steps"], job["repeats"]))
   out.update(_memory())
@@ -286,16 +252,14 @@ def main(argv=None) -> int:
   repeats = 2 if args.quick else args.repeats
   base = dict(data_dir=args.data_dir, image_size=args.image_size, warmup=warmup, steps=steps,
               repeats=repeats)
-  jobs = [dict(base, kind="equality", name="equality", cpus=cpus),
-          dict(base, kind="transfer", name="transfer_1core", cpus=cpus[:1], batch_size=32)]
-  for impl in ("legacy", "grain"):
-    jobs.append(dict(base, kind="whole", impl=impl, workers=0, cpus=cpus[:1], threads=2,
-                     batch_size=32, name=f"whole_1core_{impl}"))
+  jobs = [dict(base, kind="transfer", name="transfer_1core", cpus=cpus[:1], batch_size=32),
+          dict(base, kind="whole", workers=0, cpus=cpus[:1], threads=2, batch_size=32,
+               name="whole_1core")]
   for kind, batch in (("whole", 32), ("patch", 64)):
-    for impl, workers in (("legacy", 0), ("grain", 0), ("grain", 1), ("grain", 2)):
-      jobs.append(dict(base, kind=kind, impl=impl, workers=workers, cpus=cpus,
+    for workers in (0, 1, 2):
+      jobs.append(dict(base, kind=kind, workers=workers, cpus=cpus,
                        threads=0, batch_size=batch,  # 0: the cores over the processes
-                       name=f"{kind}_{impl}" + (f"_w{workers}" if impl == "grain" else "")))
+                       name=f"{kind}_w{workers}"))
   if args.warp:
     for kind in ("warp_tf", "warp_xla"):
       jobs.append(dict(base, kind=kind, cpus=cpus[:1], batch_size=16, warmup=1, steps=3,
@@ -306,9 +270,6 @@ def main(argv=None) -> int:
   for job in jobs:
     result = _run_job(job)
     results[job["name"]] = result
-    if job["kind"] == "equality":
-      print(f"{'equality':22s} legacy and grain batches equal bitwise: {result['all_equal']}")
-      continue
     if job["kind"] == "transfer":
       print(f"{'transfer_1core':22s} per slice: shared memory "
             f"{result['shared_memory']['cpu_ms_per_item']:.3f} CPU-ms, plain copy "
@@ -323,12 +284,10 @@ def main(argv=None) -> int:
 
   r = results
   summary = dict(
-      batches_equal_to_legacy=r["equality"]["all_equal"],
       transfer_cpu_ms_per_slice=dict(
           shared_memory=r["transfer_1core"]["shared_memory"]["cpu_ms_per_item"],
           plain_copy=r["transfer_1core"]["plain_copy"]["cpu_ms_per_item"]),
-      whole_slices_per_s_1core=dict(legacy=r["whole_1core_legacy"]["per_s"],
-                                    grain=r["whole_1core_grain"]["per_s"]),
+      whole_slices_per_s_1core=r["whole_1core"]["per_s"],
       **{f"{kind}_per_s_{len(cpus)}cores": {name.split("_", 1)[1]: r[name]["per_s"]
                                             for name in r if name.startswith(kind + "_")
                                             and "1core" not in name}

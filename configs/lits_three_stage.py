@@ -83,3 +83,22 @@ def get_config(arg=None):
   config.eval = ml_collections.ConfigDict(dict(batch_size=64))
 
   return set_regime(config, regime)
+
+
+# The ablation sweep (`curriculum-seg sweep --config configs/lits_three_stage.py --out DIR
+# --config.data.lits_dir=... --config.data.tfds_dir=...`): the regimes above and the cascade
+# (configs/lits_cascade.py) for every seed at TOTAL_STEPS, scored on a held-out test split.
+SWEEP_REGIMES = REGIMES + ("cascade",)
+SWEEP_SEEDS = (0, 1, 2)
+SWEEP_STEPS = TOTAL_STEPS
+SWEEP_REFERENCE = "three_stage"
+SWEEP_TEST_FRACTION = 0.15  # 20 of LiTS's 131 training cases held out (its test set has no labels)
+
+
+def get_sweep(arg=None):
+  """The regimes x seeds ablation on LiTS; `arg`: a comma-separated subset of SWEEP_REGIMES."""
+  regimes = tuple(r for r in arg.split(",") if r) if arg else SWEEP_REGIMES
+  runs = [dict(regime=r, seed=s, **(dict(config="lits_cascade.py") if r == "cascade" else {}))
+          for s in SWEEP_SEEDS for r in regimes]
+  return dict(runs=runs, total_steps=SWEEP_STEPS, reference=SWEEP_REFERENCE,
+              overrides={"data.test_fraction": SWEEP_TEST_FRACTION})

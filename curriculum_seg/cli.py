@@ -28,6 +28,9 @@ commands:
   evaluate --workdir DIR [--split validation]     score the run's chosen checkpoint on volumes
   predict  --workdir DIR --input CT --output MASK segment CT volumes (a file or a folder)
   score    --reference DIR --prediction DIR       LiTS scores of any tool's masks
+  sweep    --config FILE --out DIR [...]          train and score every run of the config's
+           [--score_dir DIR]                      declared ablation sweep (resumes)
+  compare  DIR [--reference REGIME]               a sweep's results from its runs' records
 
 FILE may be FILE:REGIME (configs/synthetic.py:whole_only); --config.KEY=VALUE overrides any key
 of the config (--config.stages.whole1.steps=5). `curriculum-seg COMMAND --help` describes a
@@ -43,6 +46,16 @@ config:
                           --config.stages.whole1.steps=5 --config.data.lits_dir=/data/lits
                           --config.model.base_width=16 --config.loss.class_weights=None
   The whole config is checked before any work; a mistake names its full key (exit 2).
+"""
+
+
+SWEEP_EPILOG = """\
+config:
+  --config FILE[:ARG]     a config file with get_sweep(arg=None) beside get_config; ARG goes to
+                          get_sweep (configs/synthetic.py: a comma-separated subset of regimes)
+  --config.KEY=VALUE      overrides one key of every run's config, repeatable;
+                          --config.stages.*.FIELD=VALUE sets FIELD of every stage that has it
+  Every run's config is checked before any work; a mistake names the run and the key (exit 2).
 """
 
 
@@ -462,6 +475,67 @@ def cmd_score(argv: list[str]) -> int:
   return 0
 
 
+def cmd_sweep(argv: list[str]) -> int:
+  raw = list(argv)
+  argv, overrides = config_loading.split_override_args(argv)
+  parser = _Parser(prog="curriculum-seg sweep", epilog=SWEEP_EPILOG,
+                   description="Train every run of the sweep the config file declares "
+                               "(get_sweep beside get_config: regimes x seeds at equal "
+                               "optimiser steps), score each run's chosen checkpoint on held-out "
+                               "cases, and write one record per run and the paired results "
+                               "(results.json, .md, .png, val_dice.png) after every finished "
+                               "run. Finished runs are skipped and an interrupted one resumes "
+                               "at its exact step: run the same command again.")
+  parser.add_argument("--config", required=True,
+                      help="config file declaring a sweep, e.g. configs/synthetic.py")
+  parser.add_argument("--out", required=True,
+                      help="the sweep's folder: new, empty, or one this command made")
+  parser.add_argument("--score_dir", default=None,
+                      help="score the runs on every case of this LiTS folder (default: the "
+                           "prepared dataset's test split, config.data.test_fraction > 0)")
+  args = parser.parse_args(argv)
+  _quiet_tensorflow(progress_bars=True)
+  import shlex  # pylint: disable=g-import-not-at-top
+  from curriculum_seg import compare, stages, sweep  # pylint: disable=g-import-not-at-top
+  command = "curriculum-seg sweep " + " ".join(shlex.quote(a) for a in raw)
+  try:
+    results = sweep.run_sweep(args.config, args.out, score_dir=args.score_dir,
+                              overrides=overrides, command=command,
+                              log=lambda m: print(m, flush=True))
+  except (sweep.SweepError, compare.CompareError, stages.StageError) as e:
+    raise UsageError(str(e)) from e
+  except sweep.SweepStopped as e:
+    _close_progress_bars()
+    print(f"curriculum-seg sweep: {e}", file=sys.stderr, flush=True)
+    return 143
+  except stages.NonFiniteLossError as e:
+    print(f"curriculum-seg sweep: error: {e}", file=sys.stderr)
+    return 1
+  print(compare.markdown(results), end="")
+  return 0
+
+
+def cmd_compare(argv: list[str]) -> int:
+  parser = _Parser(prog="curriculum-seg compare",
+                   description="Rebuild a sweep's results (results.json, .md, .png, "
+                               "val_dice.png) in DIR from its finished runs' records alone "
+                               "(DIR/records/*.json and DIR/sweep.json): scores per regime and "
+                               "the paired differences of the reference regime against every "
+                               "other one, with intervals over seeds and test cases.")
+  parser.add_argument("dir", metavar="DIR", help="a sweep's --out folder, or a copy of its "
+                                                  "sweep.json and records/")
+  parser.add_argument("--reference", default=None,
+                      help="the regime compared with every other one (default: the sweep's)")
+  args = parser.parse_args(argv)
+  from curriculum_seg import compare  # pylint: disable=g-import-not-at-top
+  try:
+    results = compare.compare_dir(args.dir, args.reference, log=lambda m: print(m, flush=True))
+  except compare.CompareError as e:
+    raise UsageError(str(e)) from e
+  print(compare.markdown(results), end="")
+  return 0
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "synth": cmd_synth,
     "check": cmd_check,
@@ -470,6 +544,8 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "evaluate": cmd_evaluate,
     "predict": cmd_predict,
     "score": cmd_score,
+    "sweep": cmd_sweep,
+    "compare": cmd_compare,
 }
 
 

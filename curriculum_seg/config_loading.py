@@ -31,9 +31,8 @@ def _resolve_path(path: str) -> str:
   raise ConfigError(f"config file {path} does not exist")
 
 
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """Loads `path/to/config.py[:arg]` by calling its `get_config(arg)`."""
-  path, _, arg = spec.partition(":")
+def load_config_module(path: str) -> Any:
+  """The Python module of config file `path` (resolved as `load_config_file` does)."""
   path = _resolve_path(path)
   module_spec = importlib.util.spec_from_file_location("_curriculum_seg_config", path)
   if module_spec is None or not path.endswith(".py"):
@@ -43,6 +42,15 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     module_spec.loader.exec_module(module)
   except Exception as e:  # a broken config file is the user's input: report it in one line
     raise ConfigError(f"config file {path} failed to load: {type(e).__name__}: {e}") from e
+  module.__file__ = path
+  return module
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path/to/config.py[:arg]` by calling its `get_config(arg)`."""
+  path, _, arg = spec.partition(":")
+  module = load_config_module(path)
+  path = module.__file__
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path} has no get_config(arg=None) function")
   try:
@@ -127,6 +135,26 @@ def apply_overrides(config: ml_collections.ConfigDict,
     except (TypeError, ValueError) as e:
       raise ConfigError(f"config key {key}: cannot set {text!r}: {e}") from e
   return config
+
+
+STAGE_WILDCARD = "stages.*."
+
+
+def expand_stage_wildcards(config: ml_collections.ConfigDict,
+                           overrides: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+  """`stages.*.FIELD` overrides as one `stages.NAME.FIELD` override per stage of `config` that
+  has FIELD (stages without it are left alone: a patch size means nothing to a whole stage);
+  other overrides are kept as they are, in order."""
+  out = []
+  for key, value in overrides:
+    if not key.startswith(STAGE_WILDCARD):
+      out.append((key, value))
+      continue
+    field = key[len(STAGE_WILDCARD):]
+    stages = config.get("stages", ml_collections.ConfigDict())
+    out += [(f"stages.{name}.{field}", value) for name in stages.keys()
+            if field.split(".")[0] in stages[name]]
+  return out
 
 
 def split_override_args(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:

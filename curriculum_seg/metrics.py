@@ -487,7 +487,8 @@ def _prf(tp: int, fp: int, fn: int) -> dict[str, Any]:
   return dict(tp=int(tp), fp=int(fp), fn=int(fn), precision=precision, recall=recall, f1=f1)
 
 
-def _diameter_bin(d: float) -> str:
+def diameter_bin(d: float) -> str:
+  """The DIAMETER_BINS name of a lesion diameter in mm (20 mm itself is in 10-20mm)."""
   for name, low, high in DIAMETER_BINS:
     if low <= d < high or (name == "10-20mm" and d == high):
       return name
@@ -540,10 +541,10 @@ def aggregate(cases: Sequence[Mapping], *, diameter_key: str = "diameter_mm") ->
     bins = {name: dict(tp=0, fp=0, fn=0) for name, _, _ in DIAMETER_BINS}
     for c in cases:
       for rec in c["detection"]["reference_lesions"]:
-        bins[_diameter_bin(rec[diameter_key])]["tp" if rec[f"detected_{crit}"] else "fn"] += 1
+        bins[diameter_bin(rec[diameter_key])]["tp" if rec[f"detected_{crit}"] else "fn"] += 1
       for rec in c["detection"]["predicted_lesions"]:
         if not rec[f"tp_{crit}"]:
-          bins[_diameter_bin(rec[diameter_key])]["fp"] += 1
+          bins[diameter_bin(rec[diameter_key])]["fp"] += 1
     entry["by_diameter"] = {name: dict(_prf(**b), num_reference_lesions=b["tp"] + b["fn"])
                             for name, b in bins.items()}
     detection[crit] = entry

@@ -120,15 +120,21 @@ def _same_path(a: Any, b: Any) -> bool:
   return a == b
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
+def config_differences(saved: dict, current: dict,
+                       ignore: Optional[Iterable[str]] = None) -> list[str]:
   """Dotted keys whose values differ, ignoring run lengths (steps, intervals) and the cache; a
-  field the saved config predates counts as equal when the current one has its old default."""
+  field the saved config predates counts as equal when the current one has its old default.
+
+  `ignore`: the field names (a key's last part) or full dotted keys to leave out instead of the
+  run lengths and the cache (e.g. a sweep compares steps but not where the data lie).
+  """
   a, b = _flatten(saved), _flatten(current)
   keys = sorted(set(a) | set(b))
+  ignored = set(_RESUMABLE_FIELDS if ignore is None else ignore)
 
   def differs(k):
     field = k.rsplit(".", 1)[-1]
-    if field in _RESUMABLE_FIELDS:
+    if field in ignored or k in ignored:
       return False
     if k not in a and field in ADDED_FIELD_DEFAULTS:
       return b[k] != ADDED_FIELD_DEFAULTS[field]

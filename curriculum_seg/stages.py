@@ -227,6 +227,10 @@ class _SigtermFlag:
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+      if self.raised and callable(self._previous):
+        # A caller's own handler (a sweep of runs) still hears the SIGTERM this run took, even
+        # one that came after the last step; the default action (train alone) is not re-run.
+        self._previous(signal.SIGTERM, None)
 
 
 class _RunClock:

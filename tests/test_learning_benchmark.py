@@ -1,4 +1,4 @@
-"""benchmarks/learning.py: recipes resolve to the configs they name, and the summary of known
+"""experiments/learning.py: recipes resolve to the configs they name, and the summary of known
 curves (Dice at steps, plateau, seconds to a Dice) is what the curves say."""
 
 import math
@@ -8,7 +8,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+sys.path.insert(0, os.path.join(REPO, "experiments"))
 
 import learning  # noqa: E402  pylint: disable=wrong-import-position
 

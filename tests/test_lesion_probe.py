@@ -1,4 +1,4 @@
-"""benchmarks/lesion_probe.py: per-lesion contrast and probabilities, and the threshold sweep,
+"""experiments/lesion_probe.py: per-lesion contrast and probabilities, and the threshold sweep,
 on hand-made volumes with known answers (no training)."""
 
 import math
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+sys.path.insert(0, os.path.join(REPO, "experiments"))
 
 import lesion_probe  # noqa: E402  pylint: disable=wrong-import-position
 from curriculum_seg import metrics  # noqa: E402  pylint: disable=wrong-import-position

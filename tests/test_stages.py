@@ -424,3 +424,23 @@ def test_regimes_train_equal_total_steps(path, regimes):
   assert sum(int(lits_cascade.stages[n].steps) for n in lits_cascade.curriculum) == 60_000
   with pytest.raises(ValueError, match="unknown regime"):
     config_loading.load_config_file(f"{path}:wholeonly")
+
+
+def test_a_sigterm_the_run_took_reaches_the_callers_own_handler():
+  """A caller with its own SIGTERM handler (a sweep of runs) hears a SIGTERM that arrived while
+  a run held the signal, even after the run's last step; without one, nothing more happens."""
+  heard = []
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: heard.append(signum))
+  try:
+    with stages._SigtermFlag() as flag:  # pylint: disable=protected-access
+      os.kill(os.getpid(), signal.SIGTERM)
+      deadline = time.time() + 5
+      while not flag.raised and time.time() < deadline:
+        time.sleep(0.01)
+      assert flag.raised and heard == []
+    assert heard == [signal.SIGTERM]
+    with stages._SigtermFlag():  # pylint: disable=protected-access
+      pass
+    assert heard == [signal.SIGTERM]
+  finally:
+    signal.signal(signal.SIGTERM, previous)

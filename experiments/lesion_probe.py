@@ -17,7 +17,7 @@ A lesion whose largest tumour probability is near 0 cannot be found by any thres
 network does not see it. Writes OUT (JSON) with the machine and the command. Run from the
 repository root:
 
-  .venv/bin/python benchmarks/lesion_probe.py --workdir runs/demo --out /tmp/probe.json
+  .venv/bin/python experiments/lesion_probe.py --workdir runs/demo --out /tmp/probe.json
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
-import machine_info  # noqa: E402  this folder
+from curriculum_seg import machine as machine_info  # noqa: E402
 
 THRESHOLDS = ("argmax", 0.5, 0.3, 0.2, 0.1, 0.05)
 LARGE_MM = 10.0
@@ -119,7 +119,7 @@ def probe(workdir: str, split: str = "validation", stage: Optional[str] = None,
     case = lits.load_case(volume, segmentation)
     argmax = np.zeros(case.image.shape, np.uint8)
     tumour_prob = np.zeros(case.image.shape, np.float32)
-    for z0, z1, probs in network.volume_probabilities(case.image, options):
+    for z0, z1, probs in network.volume_probabilities(case.image, options, spacing=case.spacing):
       argmax[:, :, z0:z1] = np.moveaxis(to_lits[probs.argmax(-1)], 0, 2)
       tumour_prob[:, :, z0:z1] = np.moveaxis(probs[..., -1], 0, 2)
     rows = lesion_rows(tumour_prob, case.labels, case.image, f"case-{n}")
@@ -202,7 +202,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   if args.out:
     from curriculum_seg import metrics  # pylint: disable=g-import-not-at-top
     result.update(machine=machine_info.describe("jax", "flax"),
-                  command=["benchmarks/lesion_probe.py"] + raw)
+                  command=["experiments/lesion_probe.py"] + raw)
     machine_info.write_result(args.out, metrics.json_safe(result))
   return 0
 

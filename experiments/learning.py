@@ -25,7 +25,7 @@ Each run is a workdir under OUT/runs/RECIPE/seedK; an interrupted invocation res
 unfinished run at its exact step and skips finished ones (refusing a finished one of another
 `--steps`). Run from the repository root:
 
-  .venv/bin/python benchmarks/learning.py --out docs/learning --recipes old,new --seeds 0,1,2 \\
+  .venv/bin/python experiments/learning.py --out docs/learning --recipes old,new --seeds 0,1,2 \\
       --steps 3000 --eval_every 100
 
 `--config.KEY=VALUE` overrides apply to every recipe (after the recipe's own).
@@ -47,8 +47,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
-import curriculum_experiment  # noqa: E402  this folder: step scaling, --seeds parsing
-import machine_info  # noqa: E402  benchmarks/machine_info.py (this script's folder)
+from curriculum_seg import machine as machine_info  # noqa: E402
+from curriculum_seg import sweep  # noqa: E402  step scaling
 
 # name -> config overrides on top of configs/synthetic.py:REGIME (applied to every stage that
 # has the field for `stages.*.FIELD`).
@@ -82,19 +82,12 @@ def recipe_config(recipe: str, seed: int, steps: int, eval_every: int, regime: s
   names = list(config.curriculum)
   pairs += [("stages.*.eval_every", str(eval_every)), ("stages.*.checkpoint_every",
                                                         str(eval_every))]
-  expanded = []
-  for key, value in pairs:
-    if key.startswith("stages.*."):
-      field = key[len("stages.*."):]
-      expanded += [(f"stages.{n}.{field}", value) for n in names
-                   if field.split(".")[0] in config.stages[n]]
-    else:
-      expanded.append((key, value))
-  config = config_loading.apply_overrides(config, expanded)
+  config = config_loading.apply_overrides(
+      config, config_loading.expand_stage_wildcards(config, pairs))
   config.seed = int(seed)
   if steps < len(names):
     raise LearningError(f"--steps={steps} is fewer than the {len(names)} stages of {regime}")
-  curriculum_experiment.scale_steps(config, int(steps))
+  sweep.scale_steps(config, int(steps))
   return config
 
 
@@ -259,11 +252,22 @@ def parse_args(argv: Optional[list[str]] = None):
   unknown = [r for r in args.recipes if r not in RECIPES]
   if unknown:
     parser.error(f"unknown recipe(s) {unknown}: choose from {', '.join(RECIPES)}")
-  args.seeds = curriculum_experiment.parse_seeds(parser, args.seeds)
+  args.seeds = parse_seeds(parser, args.seeds)
   if args.steps < 1 or args.eval_every < 1:
     parser.error("--steps and --eval_every must be >= 1")
   args.overrides = overrides
   return args
+
+
+def parse_seeds(parser: argparse.ArgumentParser, text: str) -> list[int]:
+  """`--seeds` (comma-separated integers, at least one), or the parser's error."""
+  try:
+    seeds = [int(s) for s in text.split(",") if s.strip()]
+  except ValueError:
+    parser.error(f"--seeds must be comma-separated integers, got {text!r}")
+  if not seeds:
+    parser.error("--seeds names no seed")
+  return seeds
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -296,7 +300,7 @@ def write_results(out: str, runs: dict, args, raw, data_dir: str, start: float,
   """learning.json, learning.md and learning.png of the runs finished so far."""
   summary = summarise(runs)
   machine = machine_info.describe("jax", "flax", "optax")
-  command = ("python benchmarks/learning.py " + " ".join(raw)).strip()
+  command = ("python experiments/learning.py " + " ".join(raw)).strip()
   table = markdown_table(summary, args.steps, command, machine)
   if not complete:
     table = "(partial: not every recipe and seed has finished)\n\n" + table
@@ -315,6 +319,6 @@ def write_results(out: str, runs: dict, args, raw, data_dir: str, start: float,
 if __name__ == "__main__":
   try:
     sys.exit(main())
-  except (LearningError, curriculum_experiment.ExperimentError) as e:
+  except LearningError as e:
     print(f"learning: error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -7,14 +7,14 @@ script is that implementation. It runs in two steps, because torch lives in its 
 
   # 1. export (the project's .venv): the prepared dataset's slices as .npy + index.json;
   #    prepares the TFDS dataset first if `config.data` names one that is not prepared yet
-  .venv/bin/python benchmarks/torch_baseline.py export --config configs/synthetic.py \\
+  .venv/bin/python experiments/torch_baseline.py export --config configs/synthetic.py \\
       [--config.data.lits_dir=DIR --config.data.tfds_dir=DIR ...] --out EXPORT_DIR
 
   # 2. train (a torch virtualenv: python3 -m venv /work/torchenv &&
   #    /work/torchenv/bin/pip install torch==2.13.0 monai==1.6.1 numpy scipy)
-  /work/torchenv/bin/python benchmarks/torch_baseline.py train --data EXPORT_DIR \\
+  /work/torchenv/bin/python experiments/torch_baseline.py train --data EXPORT_DIR \\
       --seconds 300 --seed 0 [--eval_every_s 30 | --eval_every_steps N] \\
-      --out benchmarks/results/torch_baseline.json
+      --out experiments/results/torch_baseline.json
 
 `train` writes the curve (step, train_seconds, val_dice, the mean per-slice Dice, the predicted
 and reference tumour pixels, the mean training loss and hard training-batch Dice since the last
@@ -74,10 +74,10 @@ import numpy as np
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
-if _HERE not in sys.path:
-  sys.path.insert(0, _HERE)
+if _ROOT not in sys.path:  # the torch virtualenv does not install the project
+  sys.path.insert(0, _ROOT)
 
-import machine_info  # noqa: E402  benchmarks/machine_info.py (stdlib only: works in both venvs)
+from curriculum_seg import machine as machine_info  # noqa: E402  stdlib only: both venvs
 
 FILES = ("train_images.npy", "train_labels.npy", "val_images.npy", "val_labels.npy")
 INDEX = "index.json"
@@ -114,6 +114,9 @@ def export(config_spec: str, overrides: list[tuple[str, str]], out: str) -> dict
   config = config_loading.apply_overrides(config_loading.load_config_file(config_spec),
                                           overrides)
   data = config.data
+  if data.get("spacing_mm", None) is not None or data.get("image_size", None) is None:
+    raise SystemExit("torch_baseline.py trains on whole slices of one size: give "
+                     "--config.data.spacing_mm=None --config.data.image_size=N")
   start = time.perf_counter()
   builder = lits_tfds.prepare(data)
   lo, hi = pipelines.hu_window(data)
@@ -439,8 +442,6 @@ def main(argv: Optional[list[str]] = None) -> int:
   tr.add_argument("--channels", type=int, nargs="+", default=[8, 16, 32, 64])
   tr.add_argument("--threads", type=int, default=0, help="torch threads (0: available cores)")
   if argv[:1] == ["export"]:  # `--config.x=y` / `--config.x y` overrides, as `curriculum-seg`
-    if _ROOT not in sys.path:
-      sys.path.insert(0, _ROOT)
     from curriculum_seg import config_loading  # pylint: disable=import-outside-toplevel
     try:
       argv, overrides = config_loading.split_override_args(argv)
