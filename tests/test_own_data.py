@@ -159,3 +159,32 @@ def test_version_help_and_quiet_start():
   result = cli("check", "--config", "configs/synthetic.py", "--config.data.lits_dir=/nowhere/new")
   assert result.returncode == 0, result.stderr
   assert result.stderr == "", "no TensorFlow, oneDNN or absl start-up lines"
+
+
+def test_a_run_made_before_target_spacing_evaluates_and_resumes(tmp_path):
+  """A run on a fixed slice size whose config.json and checkpoints predate data.spacing_mm,
+  blocks, normalisers and sliding windows (their keys absent, its dataset of an older format)
+  still evaluates, predicts and resumes: the absent keys mean the behaviour it had."""
+  args = tiny_args(tmp_path, **{"data.spacing_mm": "None", "data.image_size": "32",
+                                "stages.whole1.block_size": "None", "eval.window": "None"})
+  trained = cli("train", "--config", "configs/synthetic.py", "--workdir", str(tmp_path / "run"),
+                *args)
+  assert trained.returncode == 0, trained.stderr[-2000:]
+  saved = json.loads((tmp_path / "run" / "config.json").read_text())
+  for section, key in (("data", "spacing_mm"), ("data", "normalisation"), ("eval", "window"),
+                       ("eval", "overlap"), ("eval", "val_overlap"), ("eval", "sigma_scale")):
+    del saved[section][key]
+  for stage in saved["stages"].values():
+    stage.pop("block_size", None), stage.pop("block_sampling", None)
+  (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+  for meta in (tmp_path / "run" / "checkpoints").glob("*/*/*/meta/metadata"):
+    record = json.loads(meta.read_text())
+    record.pop("normaliser")
+    meta.write_text(json.dumps(record))
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(tmp_path / "tfds")  # its dataset format is gone: prepared again
+  evaluated = cli("evaluate", "--workdir", str(tmp_path / "run"))
+  assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+  extended = cli("train", "--workdir", str(tmp_path / "run"), "--config.stages.whole1.steps=3")
+  assert extended.returncode == 0, extended.stderr[-2000:]
+  assert "extending the finished stage from 2 to 3 steps" in extended.stdout

@@ -444,3 +444,29 @@ def test_a_sigterm_the_run_took_reaches_the_callers_own_handler():
     assert heard == [signal.SIGTERM]
   finally:
     signal.signal(signal.SIGTERM, previous)
+
+
+def test_pgps_grows_the_block_and_logs_each_stage_s_block_and_batch(tmp_path):
+  """configs/synthetic.py:pgps through the ordinary trainer: whole stages on growing blocks,
+  each continuing the last one's weights and moments; the metrics log says the input size and
+  batch size of every training row."""
+  base = {k: v for k, v in tiny_overrides(tmp_path).items() if not k.startswith("stages.")}
+  config = config_loading.apply_overrides(
+      config_loading.load_config_file("configs/synthetic.py:pgps"), base.items())
+  sizes = {"grow64": (8, 8), "grow96": (16, 4), "grow128": (32, 2)}
+  overrides = []
+  for name, (side, batch) in sizes.items():
+    overrides += [(f"stages.{name}.block_size", f"({side}, {side})"),
+                  (f"stages.{name}.batch_size", str(batch)), (f"stages.{name}.steps", "3"),
+                  (f"stages.{name}.log_every", "1"), (f"stages.{name}.eval_every", "0"),
+                  (f"stages.{name}.schedule.warmup_steps", "0")]
+  config = config_loading.apply_overrides(config, overrides)
+  assert list(config.curriculum) == list(sizes)
+  lines = []
+  stages.train(config, tmp_path / "run", log=lines.append)
+  assert "[grow96] starts from grow64's latest checkpoint (step 3)" in lines
+  rows = [r for r in rundir.MetricsLog(epath.Path(tmp_path / "run")).read() if "loss" in r]
+  for name, (side, batch) in sizes.items():
+    mine = [r for r in rows if r["stage"] == name]
+    assert len(mine) == 3 and {(r["input_size"], r["batch_size"]) for r in mine} == {(side,
+                                                                                       batch)}
