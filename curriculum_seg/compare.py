@@ -188,8 +188,8 @@ def markdown(results: dict) -> str:
   data = results["data"]
   numbers, lesions = data["case_numbers"], data["lesions_per_bin"]
   scored_on = data["scored_on"] or {}
-  where = (f"every case of {scored_on['folder']}" if "folder" in scored_on
-           else "the prepared dataset's test split")
+  from curriculum_seg import sweep  # pylint: disable=g-import-not-at-top  (sweep imports this)
+  where = sweep.describe_scored_on(scored_on)
   steps = results["total_steps"]
   lines += [
       "",

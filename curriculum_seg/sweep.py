@@ -9,7 +9,9 @@ configs:
         runs=[dict(regime=r, seed=s) for s in (0, 1, 2) for r in ("three_stage", "whole_only")],
         total_steps=1200,          # every run's optimiser steps (None: each as configured)
         reference="three_stage",   # the regime every other one is compared with
-        overrides={"data.test_fraction": 0.3})  # for every run (optional)
+        overrides={"data.test_fraction": 0.3},  # for every run (optional)
+        held_out=None)  # or dict(num_cases=45, seed=1, max_tumours=16): synthetic cases
+                        # made into OUT/data/held_out and scored instead of a test split
 
 A run is `regime` (the `get_config` arg) and `seed` (config.seed), with optional `name`
 (default REGIME-seedSEED), `overrides` (its own) and `config` (another config file FILE[:ARG],
@@ -62,7 +64,9 @@ RECORD_FORMAT = 1
 # made): left out of the config digest and of the check of a finished run against its config.
 NOT_RESULTS = rundir.PATH_FIELDS + ("compilation_cache_dir",) + rundir.INPUT_SPEED_FIELDS
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-_SWEEP_KEYS = ("runs", "total_steps", "reference", "overrides")
+_SWEEP_KEYS = ("runs", "total_steps", "reference", "overrides", "held_out")
+HELD_OUT_DIR = "held_out"  # OUT/data/held_out: a declared synthetic held-out set
+_HELD_OUT_KEYS = ("num_cases", "seed", "max_tumours")
 _RUN_KEYS = ("regime", "seed", "name", "overrides", "config")
 
 
@@ -93,6 +97,8 @@ class Sweep:
   reference: str
   total_steps: Optional[int]
   overrides: tuple[tuple[str, str], ...] = ()
+  # A synthetic held-out set the sweep makes and scores on (keys: _HELD_OUT_KEYS), or None.
+  held_out: Optional[tuple[tuple[str, int], ...]] = None
 
   @property
   def regimes(self) -> list[str]:
@@ -175,8 +181,17 @@ def _parse(declared: Any, spec: str, path: str) -> Sweep:
   total = declared.get("total_steps")
   if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < 1):
     raise SweepError(f"{where}: total_steps must be a positive integer or None, got {total!r}")
+  held_out = declared.get("held_out")
+  if held_out is not None:
+    if not isinstance(held_out, Mapping) or set(held_out) - set(_HELD_OUT_KEYS) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in held_out.values()):
+      raise SweepError(f"{where}: held_out must be a dict of non-negative integers with keys "
+                       f"among {', '.join(_HELD_OUT_KEYS)}, got {held_out!r}")
+    if held_out.get("num_cases", 0) < 1:
+      raise SweepError(f"{where}: held_out needs num_cases >= 1")
+    held_out = tuple(sorted(held_out.items()))
   return Sweep(spec=spec, path=path, runs=tuple(runs), reference=reference, total_steps=total,
-               overrides=_overrides(declared.get("overrides"), where))
+               overrides=_overrides(declared.get("overrides"), where), held_out=held_out)
 
 
 def _relative_spec(spec: str, declaring_file: str) -> str:
@@ -277,6 +292,56 @@ def _check_same_data(sweep: Sweep, configs: dict) -> None:
     if diff:
       raise SweepError(f"runs {first} and {run.name} read different data (data."
                        f"{', data.'.join(diff[:5])}); a paired comparison needs the same data")
+
+
+def held_out_settings(sweep: Sweep, config: ml_collections.ConfigDict, out: str) -> dict:
+  """The declared synthetic held-out set: its folder and the generator settings (the runs'
+  generator with the declared case count, seed and tumours per case at most)."""
+  from data_pipelines import lits_tfds  # pylint: disable=g-import-not-at-top
+  data = config.data
+  if not data.synthetic.enabled:
+    raise SweepError("held_out declares synthetic held-out cases, but the runs' data are not "
+                     "synthetic (config.data.synthetic.enabled=false): give --score_dir")
+  settings = dict(sweep.held_out)
+  seed = settings.get("seed", int(data.synthetic.seed) + 1)
+  if seed == int(data.synthetic.seed):
+    raise SweepError(f"held_out seed {seed} is the training generator's seed: its cases would "
+                     "be the training cases; declare another seed")
+  generator = lits_tfds.synth_config(data)
+  if "max_tumours" in settings:
+    generator = dataclasses.replace(generator, max_tumours=int(settings["max_tumours"]))
+  return dict(folder=os.path.join(out, "data", HELD_OUT_DIR), num_cases=int(
+      settings["num_cases"]), seed=int(seed), generator=dataclasses.asdict(generator))
+
+
+def describe_scored_on(source: dict) -> str:
+  """Where a sweep's runs were scored, in words."""
+  if "held_out" in source:
+    h = source["held_out"]
+    return (f"{h['num_cases']} synthetic held-out cases (generator seed {h['seed']}, up to "
+            f"{h['max_tumours']} tumours a case)")
+  if "folder" in source:
+    return f"every case of {source['folder']}"
+  return "the prepared dataset's test split"
+
+
+def make_held_out(held_out: dict, log: Callable[[str], Any]) -> None:
+  """Synthesises the declared held-out set into its folder (reused when complete)."""
+  from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
+  cfg = synthetic.SynthConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                 for k, v in held_out["generator"].items()})
+  if synthetic.read_manifest(held_out["folder"]) is None:
+    log(f"synthesising {held_out['num_cases']} held-out cases (seed {held_out['seed']}) into "
+        f"{held_out['folder']}")
+  synthetic.ensure_synthetic(held_out["folder"], held_out["num_cases"], held_out["seed"], cfg,
+                             key="held_out")
+
+
+def score_folder(source: dict, out: str) -> Optional[str]:
+  """The LiTS folder the runs are scored on (None: the prepared dataset's test split)."""
+  if "held_out" in source:
+    return os.path.join(out, "data", HELD_OUT_DIR)
+  return source.get("folder")
 
 
 def scored_cases(config: ml_collections.ConfigDict,
@@ -411,7 +476,7 @@ def train_and_score(sweep: Sweep, run: Run, config: ml_collections.ConfigDict, o
   train_s = time.perf_counter() - start
   start = time.perf_counter()
   evaluation = evaluate.evaluate_run(
-      workdir, split="test", lits_dir=source.get("folder"),
+      workdir, split="test", lits_dir=score_folder(source, out),
       output=os.path.join(workdir, "eval", "sweep"), pictures=False, log=prefixed)
   eval_s = time.perf_counter() - start
   cases = [stats.case_record(c) for c in evaluation["cases"]]
@@ -487,7 +552,14 @@ def run_sweep(spec: str, out: str, *, score_dir: Optional[str] = None,
   configs = {run.name: run_config(sweep, run, out, overrides) for run in sweep.runs}
   _check_wildcards(configs, overrides)
   _check_same_data(sweep, configs)
-  source, numbers = scored_cases(configs[sweep.runs[0].name], score_dir)
+  held_out = None
+  if sweep.held_out is not None and score_dir is None:
+    held_out = held_out_settings(sweep, configs[sweep.runs[0].name], out)
+    source = dict(held_out=dict(num_cases=held_out["num_cases"], seed=held_out["seed"],
+                                max_tumours=held_out["generator"]["max_tumours"]))
+    numbers = list(range(held_out["num_cases"]))
+  else:
+    source, numbers = scored_cases(configs[sweep.runs[0].name], score_dir)
   if not numbers:
     raise SweepError("no held-out case to score the runs on")
   check_out(out)
@@ -505,9 +577,10 @@ def run_sweep(spec: str, out: str, *, score_dir: Optional[str] = None,
       runs=[dict(name=r.name, regime=r.regime, seed=r.seed, config_file=run_spec(sweep, r),
                  config_digest=config_digest(jsons[r.name])) for r in sweep.runs])
   _claim_out(out)
+  if held_out is not None:
+    make_held_out(held_out, log)
   rundir.write_atomically(os.path.join(out, PLAN_FILE), json.dumps(plan, indent=1) + "\n")
-  where = (f"every case of {source['folder']}" if "folder" in source
-           else "the prepared dataset's test split")
+  where = describe_scored_on(source)
   log(f"sweep {spec}: {len(sweep.runs)} runs ({_count(len(sweep.regimes), 'regime')} x "
       f"{_count(len(sweep.seeds), 'seed')}), "
       + (f"{sweep.total_steps} optimiser steps each" if sweep.total_steps else "steps as "

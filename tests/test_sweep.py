@@ -24,7 +24,8 @@ from configs import synthetic
 TINY = {
     "data.lits_dir": "{out}/data/lits", "data.tfds_dir": "{out}/data/tfds",
     "data.synthetic.num_cases": 6, "data.synthetic.size": 32, "data.synthetic.slices": 16,
-    "data.synthetic.storage_variants": False, "data.image_size": 32,
+    "data.synthetic.storage_variants": False, "data.image_size": 32, "data.spacing_mm": None,
+    "stages.*.block_size": None, "eval.window": None,
     "data.val_fraction": 1 / 6, "data.test_fraction": 2 / 6,
     "model.depth": 2, "model.base_width": 4, "eval.batch_size": 8,
     "stages.*.patch_size": 16, "stages.*.patch_jitter": 4, "stages.*.crop_size": 32,
@@ -38,6 +39,10 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
+  if arg == "held_out":  # one run, scored on synthetic held-out cases the sweep makes
+    return dict(runs=[dict(regime="whole_only", seed=0)], total_steps=2,
+                reference="whole_only", overrides=dict(TINY, **{"data.test_fraction": 0.0}),
+                held_out=dict(num_cases=3, seed=7, max_tumours=2))
   regimes = tuple(arg.split(",")) if arg else ("whole_only", "cascade")
   return dict(runs=[dict(regime=r, seed=s) for s in (0, 1) for r in regimes], total_steps=6,
               reference=regimes[0], overrides=TINY)
@@ -381,3 +386,20 @@ def test_runs_scored_on_every_case_of_a_folder(sweep_file, tmp_path):
                  "whole_only-seed0.json was scored on other cases")
   one_line_error(run_cli("sweep", "--config", spec, "--out", str(out), "--score_dir",
                          str(out / "data" / "lits")), "is the training data folder")
+
+
+def test_a_declared_held_out_set_is_synthesised_and_scored(sweep_file, tmp_path):
+  """held_out=dict(num_cases, seed, max_tumours): the sweep synthesises those cases with the
+  runs' generator (another seed) into OUT/data/held_out and scores every run on them."""
+  out = tmp_path / "out"
+  result = run_cli("sweep", "--config", f"{sweep_file}:held_out", "--out", str(out))
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  manifest = _json(out / "data" / "held_out" / "manifest.json")
+  assert manifest["seed"] == 7 and manifest["num_cases"] == 3
+  assert all(len(c["tumours"]) <= 2 for c in manifest["cases"])
+  record = _json(out / "records" / "whole_only-seed0.json")
+  assert record["scored_on"] == dict(held_out=dict(num_cases=3, seed=7, max_tumours=2))
+  assert record["case_numbers"] == [0, 1, 2]
+  assert "3 synthetic held-out cases (generator seed 7" in (out / "results.md").read_text()
+  again = run_cli("sweep", "--config", f"{sweep_file}:held_out", "--out", str(out))
+  assert again.returncode == 0 and "finished before: skipped" in again.stdout
