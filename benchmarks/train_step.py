@@ -237,7 +237,8 @@ def torch_runner(model_cfg: dict[str, Any], size: int, batch: int, channels_last
 
 
 def torch_unet(model_cfg: dict[str, Any], in_channels: int):
-  """The PyTorch twin of curriculum_seg.models.unet.UNet (NCHW): same layers, widths, order."""
+  """The PyTorch twin of curriculum_seg.models.unet.UNet (NCHW, or NCDHW for spatial_dims 3):
+  same layers, widths, order."""
   import torch  # pylint: disable=import-outside-toplevel
   from torch import nn  # pylint: disable=import-outside-toplevel
 
@@ -248,28 +249,33 @@ def torch_unet(model_cfg: dict[str, Any], in_channels: int):
   residual = model_cfg['block'] == 'residual'
   n_classes = unet_lib.num_classes(model_cfg['task'])
   eps = unet_lib.NORM_EPSILON
+  dims = model_cfg.get('spatial_dims', 2)
+  conv_nd = {2: nn.Conv2d, 3: nn.Conv3d}[dims]
+  up_nd = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dims]
+  pool = {2: torch.nn.functional.max_pool2d, 3: torch.nn.functional.max_pool3d}[dims]
 
   def norm(c):
     if norm_kind == 'batch':
-      return nn.BatchNorm2d(c, eps=eps, momentum=1 - unet_lib.BATCH_NORM_MOMENTUM)
+      return {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims](
+          c, eps=eps, momentum=1 - unet_lib.BATCH_NORM_MOMENTUM)
     if norm_kind == 'group':
       return nn.GroupNorm(groups, c, eps=eps)
     if norm_kind == 'instance':
-      return nn.InstanceNorm2d(c, eps=eps, affine=True)
+      return {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[dims](c, eps=eps, affine=True)
     return nn.Identity()
 
   class Block(nn.Module):
     def __init__(self, cin, cout):
       super().__init__()
       bias = norm_kind == 'none'
-      self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=bias)
+      self.conv1 = conv_nd(cin, cout, 3, padding=1, bias=bias)
       self.norm1 = norm(cout)
       self.drop = nn.Dropout(model_cfg['dropout']) if model_cfg['dropout'] > 0 else nn.Identity()
-      self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=bias)
+      self.conv2 = conv_nd(cout, cout, 3, padding=1, bias=bias)
       self.norm2 = norm(cout)
       self.shortcut = None
       if residual and cin != cout:
-        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=bias), norm(cout))
+        self.shortcut = nn.Sequential(conv_nd(cin, cout, 1, bias=bias), norm(cout))
 
     def forward(self, x):
       y = self.drop(torch.relu(self.norm1(self.conv1(x))))
@@ -288,17 +294,17 @@ def torch_unet(model_cfg: dict[str, Any], in_channels: int):
         cin = w
       self.bottleneck = Block(widths[-2], widths[-1])
       self.upsample = nn.ModuleList(
-          [nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2)
+          [up_nd(widths[i + 1], widths[i], 2, stride=2)
            for i in range(len(widths) - 1)])
       self.up = nn.ModuleList([Block(2 * widths[i], widths[i]) for i in range(len(widths) - 1)])
-      self.head = nn.Conv2d(widths[0], n_classes, 1)
+      self.head = conv_nd(widths[0], n_classes, 1)
 
     def forward(self, x):
       skips = []
       for block in self.down:
         x = block(x)
         skips.append(x)
-        x = torch.nn.functional.max_pool2d(x, 2)
+        x = pool(x, 2)
       x = self.bottleneck(x)
       for level in reversed(range(len(self.up))):
         x = torch.cat([self.upsample[level](x), skips[level]], dim=1)
@@ -322,8 +328,9 @@ def load_flax_params_into_torch(net, variables: dict[str, Any]) -> None:
     with torch.no_grad():
       tensor.copy_(torch.from_numpy(np.array(array, copy=True, order='C')))
 
-  def conv(module, p):
-    put(module.weight, p['kernel'], (3, 2, 0, 1))
+  def conv(module, p):  # [*window, I, O] -> [O, I, *window]
+    n = p['kernel'].ndim - 2
+    put(module.weight, p['kernel'], (n + 1, n) + tuple(range(n)))
     if 'bias' in p:
       put(module.bias, p['bias'])
 
@@ -352,7 +359,9 @@ def load_flax_params_into_torch(net, variables: dict[str, Any]) -> None:
   block(net.bottleneck, 'bottleneck')
   for i, module in enumerate(net.up):
     block(module, f'up_{i}')
-    put(net.upsample[i].weight, params[f'upsample_{i}']['kernel'], (2, 3, 0, 1))
+    kernel = params[f'upsample_{i}']['kernel']  # [*window, I, O] -> [I, O, *window]
+    n = kernel.ndim - 2
+    put(net.upsample[i].weight, kernel, (n, n + 1) + tuple(range(n)))
     put(net.upsample[i].bias, params[f'upsample_{i}']['bias'])
   conv(net.head, params['head'])
 

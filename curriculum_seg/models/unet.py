@@ -126,18 +126,22 @@ def _same_padding(size: int, window: int, stride: int) -> tuple[int, int]:
   return total // 2, total - total // 2
 
 
-def conv_depth_taps(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
+def _depth_pad(x: jax.Array, low: int, high: int) -> jax.Array:
+  return jnp.pad(x, ((0, 0), (low, high)) + ((0, 0),) * (x.ndim - 2))
+
+
+def conv_input_shift(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
   """A 3-D 'SAME' convolution as a sum over the kernel's depth taps of 2-D convolutions.
 
   Depth is folded into the batch: tap i convolves the depth-shifted input (every `stride`-th
   slice) over (H, W) with kernel[i]. Same function as `conv_plain`; XLA:CPU runs 2-D
-  convolutions (and their gradients) far faster than 3-D ones.
+  convolutions and their gradients far faster than 3-D ones.
   """
   b, d = x.shape[:2]
   window = kernel.shape[0]
   low, high = _same_padding(d, window, stride)
   out_d = -(-d // stride)
-  padded = jnp.pad(x, ((0, 0), (low, high)) + ((0, 0),) * (x.ndim - 2))
+  padded = _depth_pad(x, low, high)
   out = None
   for i in range(window):
     taps = jax.lax.slice_in_dim(padded, i, i + (out_d - 1) * stride + 1, stride, axis=1)
@@ -146,18 +150,46 @@ def conv_depth_taps(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Arr
   return out.reshape((b, out_d) + out.shape[1:])
 
 
+def conv_output_shift(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
+  """Like `conv_input_shift`, but every depth tap convolves the unshifted input (depth folded
+  into the batch) and the tap's output is shifted in depth before the sum.
+
+  No shifted copy of the input is made, forward or backward (the shifts move Cout-channel
+  outputs and gradients instead). Stride 2 would waste half the taps' work, so it is computed
+  as `conv_input_shift`.
+  """
+  if stride != 1:
+    return conv_input_shift(x, kernel, stride)
+  b, d = x.shape[:2]
+  window = kernel.shape[0]
+  low, _ = _same_padding(d, window, 1)
+  flat = x.reshape((b * d,) + x.shape[2:])
+  out = None
+  for i in range(window):
+    y = conv_plain(flat, kernel[i]).reshape((b, d) + x.shape[2:-1] + (kernel.shape[-1],))
+    shift = i - low  # out[:, j] += y[:, j + shift], zero outside the volume
+    if shift > 0:
+      y = _depth_pad(y[:, shift:], 0, shift)
+    elif shift < 0:
+      y = _depth_pad(y[:, :shift], -shift, 0)
+    out = y if out is None else out + y
+  return out
+
+
 # 3-D convolution formulations: all the same function of the same [3, 3, 3, Cin, Cout] kernel.
-CONV3D_FORMULATIONS = {'plain': conv_plain, 'depth_taps': conv_depth_taps}
+CONV3D_FORMULATIONS = {'plain': conv_plain, 'input_shift': conv_input_shift,
+                       'output_shift': conv_output_shift}
 
 
 def conv3d_formulation(backend: str | None = None) -> str:
   """The 3-D convolution formulation used on `backend` (default: JAX's default backend).
 
-  XLA:CPU's 3-D convolution is about 10x slower than PyTorch's (and its gradients worse still);
-  GPU and TPU compilers have fast native 3-D convolutions, so they get the plain op.
+  XLA:CPU's 3-D convolution, and above all its gradients, are several times slower than 2-D
+  convolutions doing the same work (docs/3d_convolutions.md); GPU and TPU compilers have fast
+  native 3-D convolutions, so they get the plain op.
   """
   backend = backend or jax.default_backend()
-  return 'depth_taps' if backend == 'cpu' else 'plain'
+  return 'output_shift' if backend == 'cpu' else 'plain'
 
 
 def spatial_conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
