@@ -306,6 +306,15 @@ def test_benchmark_quick_run_writes_its_figures(tmp_path):
   assert row['jax']['step_s'] > 0 and row['jax']['flops'] > 0
   assert row['achieved_flops_per_s'] > 0 and row['slices_per_s'] > 0
   assert 'slices/s' in result.stdout and 'GFLOP/step' in result.stdout
+  # The 3-D case: timed, counted, and its peak memory measured in fresh processes.
+  row_3d = report['results'][1]
+  assert row_3d['spatial_dims'] == 3 and row_3d['size'] == [8, 16, 16]
+  assert row_3d['blocks_per_s'] > 0 and row_3d['jax']['flops'] > 0
+  assert row_3d['conv3d_formulation'] == 'output_shift'
+  for mode in ('forward', 'train'):
+    memory = row_3d['memory'][f'jax_{mode}']
+    assert memory['rss_added_bytes'] > 0 and memory['xla_peak_bytes'] > 0, mode
+  assert 'blocks/s' in result.stdout and 'peak memory per sample' in result.stdout
 
 
 def test_benchmark_knows_accelerator_peaks_for_mfu():

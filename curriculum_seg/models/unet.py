@@ -3,15 +3,20 @@
 The network is fully convolutional: the same parameters run on patches and on whole slices (or
 blocks) of any size divisible by input_stride * 2**depth in every spatial axis. One definition
 serves both: `spatial_dims` 2 takes [B, H, W, C] (C = context slices), 3 takes [B, D, H, W, C],
-and every layer below is generic over the number of spatial axes. Parameters are always float32; the compute
-dtype (float32 or bfloat16) is a config choice, and the logits are returned in float32 so that
-losses and softmax are computed in full precision.
+and every layer below is generic over the number of spatial axes. Parameters are always
+float32; the compute dtype (float32 or bfloat16) is a config choice, and the logits are returned
+in float32 so that losses and softmax are computed in full precision.
 
 The defaults are the paper authors' layout (max-pool, two 3x3 convs per block, concatenated
 skips, full-resolution first level). Cheaper variants, each a `config.model` field: `downsample`
 ('strided': a stride-2 first conv instead of max-pool + conv, as MONAI's UNet), `convs_per_level`
 (3x3 convs per block), `skip` ('add' halves the decoder's first conv) and `input_stride` (2 runs
 every level at half resolution, as MONAI's UNet, whose first conv already strides the input).
+
+Each layer is written in the form XLA compiles fastest (a matmul for pointwise and transposed
+convolutions, a reshape for pooling); 3-D convolutions on CPU are sums of 2-D convolutions over
+the kernel's depth taps (`conv3d_formulation`, docs/3d_convolutions.md). Parameters keep nn.Conv's
+names and shapes whatever the formulation, so checkpoints do not depend on it.
 """
 
 from __future__ import annotations
