@@ -15,8 +15,13 @@ the same way on blocks of D x H x W voxels, and their peak memory per sample is 
 memory analysis of the compiled train step and forward pass, and for both frameworks the peak
 resident memory a forward pass (and a train step) adds, each measured in a fresh process.
 
+With --layers it times instead each 3-D layer alone (forward + both gradients, XLA:CPU against
+PyTorch) in every formulation the model offers and a few rejected ones (LAYER_CANDIDATES), at the
+small 3-D network's shapes: the table of docs/3d_convolutions.md.
+
   python benchmarks/train_step.py [--quick] [--out benchmarks/results/train_step.json]
   python benchmarks/train_step.py --only 3d_small:32x96x96,3d_authors:64x256x256
+  python benchmarks/train_step.py --layers [--out benchmarks/results/layers_3d.json]
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -252,7 +258,7 @@ def _jax_forward(model_cfg: dict[str, Any], size: int | tuple[int, ...], batch: 
   model = build_model(ml_collections.ConfigDict(model_cfg), channels)
   shape = (batch,) + spatial_shape(size) + (channels,)
   variables = unet_lib.init_variables(model, jax.random.key(0), (1,) + shape[1:])
-  images = jax.numpy.asarray(synthetic_batch(batch, size, channels)['image'])
+  images = jnp.asarray(synthetic_batch(batch, size, channels)['image'])
   forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
   return forward.lower(variables, images).compile(), variables, images
 
@@ -524,6 +530,129 @@ def load_flax_params_into_torch(net, variables: dict[str, Any]) -> None:
   conv(net.head, params['head'])
 
 
+def _conv_one_conv_depth_mix(x, kernel):
+  """Rejected: one 2-D conv of the depth-folded input to 3 * Cout channels, then a depth mix."""
+  b, d, h, w, c = x.shape
+  cout = kernel.shape[-1]
+  merged = jnp.transpose(kernel, (1, 2, 3, 0, 4)).reshape(3, 3, c, 3 * cout)
+  y = unet_lib.conv_plain(x.reshape(b * d, h, w, c), merged).reshape(b, d, h, w, 3, cout)
+  y = jnp.pad(y, ((0, 0), (1, 1)) + ((0, 0),) * 4)
+  return y[:, :d, ..., 0, :] + y[:, 1:d + 1, ..., 1, :] + y[:, 2:, ..., 2, :]
+
+
+def _conv_im2col(x, kernel):
+  """Rejected: the 27 shifted copies of the input on channels, one matmul."""
+  b, d, h, w, c = x.shape
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (1, 1), (0, 0)))
+  cols = jnp.concatenate([padded[:, i:i + d, j:j + h, k:k + w] for i in range(3)
+                          for j in range(3) for k in range(3)], axis=-1)
+  return jnp.dot(cols.reshape(-1, 27 * c), kernel.reshape(27 * c, -1)).reshape(b, d, h, w, -1)
+
+
+# 3-D conv formulations timed by --layers besides the model's own (unet_lib.CONV3D_FORMULATIONS).
+LAYER_CANDIDATES = {'one_conv_depth_mix': _conv_one_conv_depth_mix, 'im2col': _conv_im2col}
+# (batch, depth, height, width, Cin, Cout): the small 3-D network's level-0 and level-1 convs,
+# and a colleague's reference shape (16 -> 16 on 1x32x96x96).
+CONV_LAYER_CASES = [(1, 32, 96, 96, 16, 16), (2, 32, 96, 96, 1, 8), (2, 32, 96, 96, 8, 8),
+                    (2, 32, 96, 96, 16, 8), (2, 16, 48, 48, 16, 16)]
+QUICK_CONV_LAYER_CASES = [(1, 4, 8, 8, 2, 3)]
+
+
+def _jax_layer(fn, *args):
+  """A blocking callable computing fn(*args) and the gradients of <fn(*args), g> w.r.t. every
+  argument (forward + backward, as in training)."""
+  out_shape = jax.eval_shape(fn, *args)
+  cotangent = jnp.ones(out_shape.shape, out_shape.dtype)
+
+  def full(cotangent, *args):
+    out, pullback = jax.vjp(fn, *args)
+    return out, pullback(cotangent)
+
+  compiled = jax.jit(full).lower(cotangent, *args).compile()
+  return lambda: jax.block_until_ready(compiled(cotangent, *args))
+
+
+def _torch_layer(module_or_fn, x):
+  """The same for PyTorch: forward, then backward to the input and the module's weights."""
+  import torch  # pylint: disable=import-outside-toplevel
+  x = x.detach().requires_grad_(True)
+
+  def run():
+    x.grad = None
+    if isinstance(module_or_fn, torch.nn.Module):
+      module_or_fn.zero_grad(set_to_none=True)
+    out = module_or_fn(x)
+    out.backward(torch.ones_like(out))
+
+  return run
+
+
+def _record(results, name, shape, times):
+  row = {'layer': name, 'shape': shape,
+         'ms': {k: 1e3 * statistics.median(v) for k, v in times.items()},
+         'times_s': times}
+  results.append(row)
+  print(f'{name:26s} {shape:28s} ' + '  '.join(
+      f'{k} {v:8.1f}' for k, v in row['ms'].items()) + '  (ms, forward + backward)', flush=True)
+
+
+def run_layers(warmup: int, repeats: int, use_torch: bool, quick: bool) -> list[dict[str, Any]]:
+  """Times each 3-D layer formulation (forward + backward) against PyTorch's layer."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  torch = None
+  if use_torch and importlib.util.find_spec('torch') is not None:
+    import torch  # pylint: disable=import-outside-toplevel,redefined-outer-name
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+  to_torch = lambda a: torch.from_numpy(np.moveaxis(np.asarray(a), -1, 1).copy())  # noqa: E731
+  results = []
+  for b, d, h, w, cin, cout in QUICK_CONV_LAYER_CASES if quick else CONV_LAYER_CASES:
+    x, kernel = normal(b, d, h, w, cin), normal(3, 3, 3, cin, cout) * 0.1
+    reference = unet_lib.conv_plain(x, kernel)
+    runners = {}
+    for name, fn in {**unet_lib.CONV3D_FORMULATIONS, **LAYER_CANDIDATES}.items():
+      conv = (lambda x, k, fn=fn: fn(x, k))
+      np.testing.assert_allclose(jax.jit(conv)(x, kernel), reference, rtol=1e-4, atol=1e-3)
+      runners[name] = _jax_layer(conv, x, kernel)
+    if torch is not None:
+      runners['torch'] = _torch_layer(torch.nn.Conv3d(cin, cout, 3, padding=1, bias=False),
+                                      to_torch(x))
+    _record(results, f'conv 3x3x3 {cin}->{cout}', f'{b}x{d}x{h}x{w}',
+            time_interleaved(runners, warmup, repeats))
+
+  b, d, h, w = (1, 2, 4, 4) if quick else (2, 16, 48, 48)
+  x, half = normal(b, d, h, w, 16), normal(b, 2 * d, 2 * h, 2 * w, 8)
+  upsample = {'params': {'kernel': normal(2, 2, 2, 16, 8), 'bias': normal(8)}}
+  layers = {
+      'up-conv 2x2x2 16->8': (
+          lambda v, x: unet_lib.Upsample2x(8).apply(v, x),
+          lambda v, x: nn.ConvTranspose(8, (2, 2, 2), strides=(2, 2, 2)).apply(  # flips
+              {'params': {'kernel': v['params']['kernel'][::-1, ::-1, ::-1],
+                          'bias': v['params']['bias']}}, x),
+          upsample, x, 'transposed_conv',
+          lambda: torch.nn.ConvTranspose3d(16, 8, 2, stride=2)),
+      'max-pool 2x2x2': (
+          lambda v, x: unet_lib.max_pool_2x2(x),
+          lambda v, x: nn.max_pool(x, (2, 2, 2), (2, 2, 2)), {}, half[..., :8],
+          'reduce_window', lambda: (lambda t: torch.nn.functional.max_pool3d(t, 2))),
+      'instance norm': (
+          lambda v, x: unet_lib.InstanceNorm().apply(v, x),
+          lambda v, x: nn.InstanceNorm(epsilon=unet_lib.NORM_EPSILON).apply(v, x),
+          {'params': {'scale': normal(8), 'bias': normal(8)}}, half, 'flax',
+          lambda: torch.nn.InstanceNorm3d(8, eps=unet_lib.NORM_EPSILON, affine=True)),
+  }
+  for name, (ours, standard, variables, x, standard_name, torch_layer) in layers.items():
+    np.testing.assert_allclose(jax.jit(ours)(variables, x), jax.jit(standard)(variables, x),
+                               rtol=1e-4, atol=1e-4)
+    runners = {'model': _jax_layer(ours, variables, x),
+               standard_name: _jax_layer(standard, variables, x)}
+    if torch is not None:
+      runners['torch'] = _torch_layer(torch_layer(), to_torch(x))
+    _record(results, name, 'x'.join(str(s) for s in x.shape[:-1]) + f' C={x.shape[-1]}',
+            time_interleaved(runners, warmup, repeats))
+  return results
+
+
 def run_cases(cases, warmup: int, repeats: int, skip_torch: bool, channels_last: bool,
               memory: bool = True) -> list[dict[str, Any]]:
   """Benchmarks each (model, kind, size, batch) case; prints one line per case (and, for 3-D
@@ -555,7 +684,9 @@ def run_cases(cases, warmup: int, repeats: int, skip_torch: bool, channels_last:
         **{k: model_cfg.get(k, v) for k, v in unet_lib.VARIANT_DEFAULTS.items()},
     }
     if three_d:
-      row['conv3d_formulation'] = unet_lib.conv3d_formulation()
+      row['conv3d_formulation'] = {
+          'first_layer': unet_lib.conv3d_formulation(in_channels=input_channels(model_cfg)),
+          'other_layers': unet_lib.conv3d_formulation(in_channels=model_cfg['base_width'])}
     run_jax, compiled, variables = jax_runner(model_cfg, size, batch)
     runners = {'jax': run_jax}
     original_layout = all(row[k] == v for k, v in unet_lib.VARIANT_DEFAULTS.items()
@@ -616,6 +747,8 @@ def main(argv=None) -> int:
   parser.add_argument('--no_memory', action='store_true',
                       help='skip the peak-memory probes of 3-D cases')
   parser.add_argument('--memory_probe', default=None, help=argparse.SUPPRESS)
+  parser.add_argument('--layers', action='store_true',
+                      help='time each 3-D layer formulation alone (docs/3d_convolutions.md)')
   args = parser.parse_args(argv)
   if args.memory_probe:  # FRAMEWORK:MODE:MODEL:DxHxW:BATCH, in a fresh process
     framework, mode, name, size, batch = args.memory_probe.split(':')
@@ -636,6 +769,18 @@ def main(argv=None) -> int:
   if details['load_average_start'][0] > 0.5 * (os.cpu_count() or 1):
     print(f'warning: load average {details["load_average_start"][0]:.1f} on '
           f'{os.cpu_count()} cores: other processes share this machine, timings are noisy')
+  if args.layers:
+    results = run_layers(warmup, args.repeats or 5, not args.no_torch, args.quick)
+    details['load_average_end'] = os.getloadavg()
+    print(f'load average {details["load_average_start"][0]:.1f} -> '
+          f'{details["load_average_end"][0]:.1f}')
+    out = pathlib.Path(args.out if args.out != parser.get_default('out') else
+                       REPO / 'benchmarks/results/layers_3d.json')
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({'machine': details, 'warmup': warmup, 'repeats': args.repeats or 5,
+                               'results': results}, indent=2))
+    print(f'wrote {out}')
+    return 0
   results = run_cases(cases, warmup, repeats, args.no_torch, args.torch_channels_last,
                       memory=not args.no_memory)
   details['load_average_end'] = os.getloadavg()

@@ -310,7 +310,8 @@ def test_benchmark_quick_run_writes_its_figures(tmp_path):
   row_3d = report['results'][1]
   assert row_3d['spatial_dims'] == 3 and row_3d['size'] == [8, 16, 16]
   assert row_3d['blocks_per_s'] > 0 and row_3d['jax']['flops'] > 0
-  assert row_3d['conv3d_formulation'] == 'output_shift'
+  assert row_3d['conv3d_formulation'] == {'first_layer': 'stacked_taps',
+                                          'other_layers': 'output_shift'}
   for mode in ('forward', 'train'):
     memory = row_3d['memory'][f'jax_{mode}']
     assert memory['rss_added_bytes'] > 0 and memory['xla_peak_bytes'] > 0, mode

@@ -493,7 +493,7 @@ def _assert_same_function(fn, reference, *args, rtol=1e-5, atol=1e-5):
                want_grads)
 
 
-@pytest.mark.parametrize('formulation', ['input_shift', 'output_shift'])
+@pytest.mark.parametrize('formulation', ['input_shift', 'output_shift', 'stacked_taps'])
 @pytest.mark.parametrize('stride', [1, 2])
 @pytest.mark.parametrize('shape', [(2, 5, 6, 4, 3), (1, 4, 8, 8, 1)])
 def test_3d_conv_formulations_compute_the_plain_convolution(formulation, stride, shape):
@@ -507,10 +507,15 @@ def test_3d_conv_formulations_compute_the_plain_convolution(formulation, stride,
   _assert_same_function(lambda x, k: conv(x, k, stride), plain, x, kernel, atol=1e-4)
 
 
-def test_3d_conv_formulation_is_chosen_per_backend():
+def test_3d_conv_formulation_is_chosen_per_backend_and_input_width():
   assert unet_lib.conv3d_formulation('cpu') == 'output_shift'
-  assert unet_lib.conv3d_formulation('gpu') == unet_lib.conv3d_formulation('tpu') == 'plain'
-  assert set(unet_lib.CONV3D_FORMULATIONS) == {'plain', 'input_shift', 'output_shift'}
+  assert unet_lib.conv3d_formulation('cpu', in_channels=8) == 'output_shift'
+  assert unet_lib.conv3d_formulation('cpu', in_channels=1) == 'stacked_taps'
+  for backend in ('gpu', 'tpu'):
+    assert unet_lib.conv3d_formulation(backend) == 'plain'
+    assert unet_lib.conv3d_formulation(backend, in_channels=1) == 'plain'
+  assert set(unet_lib.CONV3D_FORMULATIONS) == {'plain', 'input_shift', 'output_shift',
+                                               'stacked_taps'}
 
 
 def test_3d_layers_equal_the_standard_layers():
@@ -589,10 +594,9 @@ def test_the_authors_3d_network_output_shape_and_widths():
   assert out.shape == (2, 16, 32, 48, 2) and out.dtype == jnp.float32
 
 
-@pytest.mark.parametrize('formulation', ['plain', 'input_shift'])
-def test_3d_network_is_the_same_function_in_every_conv_formulation(formulation, monkeypatch):
+def test_3d_network_is_the_same_function_in_every_conv_formulation(monkeypatch):
   # The strided variant exercises stride-2 convs; batch norm the train-mode statistics.
-  model = build_model(model_config_3d(downsample='strided', norm='batch'), 2)
+  model = build_model(model_config_3d(depth=1, downsample='strided', norm='batch'), 2)
   x = jnp.asarray(np.random.default_rng(0).random((2, 8, 8, 12, 2)), jnp.float32)
   variables = init_variables(model, jax.random.key(0), (1, 8, 8, 8, 2))
 
@@ -601,15 +605,20 @@ def test_3d_network_is_the_same_function_in_every_conv_formulation(formulation, 
                          mutable=['batch_stats'])
     return jnp.sum(out * jnp.linspace(-1.0, 1.0, out.size).reshape(out.shape)), out
 
-  def run(name):
-    monkeypatch.setattr(unet_lib, 'conv3d_formulation', lambda backend=None: name)
+  per_layer_choice = unet_lib.conv3d_formulation
+
+  def run(name):  # None: this backend's per-layer choice (stacked taps for the 2-channel input)
+    chosen = per_layer_choice if name is None else lambda backend=None, in_channels=None: name
+    monkeypatch.setattr(unet_lib, 'conv3d_formulation', chosen)
     return jax.jit(jax.grad(loss, has_aux=True))(variables['params'], x)
 
-  (grads, out), (want_grads, want) = run(formulation), run('output_shift')
-  assert out.shape == (2, 8, 8, 12, 2)
-  np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), grads,
-               want_grads)
+  want_grads, want = run('plain')
+  for formulation in ('input_shift', 'output_shift', 'stacked_taps', None):
+    grads, out = run(formulation)
+    assert out.shape == (2, 8, 8, 12, 2)
+    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4, err_msg=str(formulation))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4),
+                 grads, want_grads)
 
 
 def test_3d_input_sizes_and_rank_are_checked():
@@ -654,7 +663,7 @@ def test_spatial_dims_takes_a_command_line_override():
 def test_3d_network_trains(overrides):
   import optax  # pylint: disable=import-outside-toplevel
   from curriculum_seg import losses  # pylint: disable=import-outside-toplevel
-  model = build_model(model_config_3d(foreground_prior=0.05, **overrides), 1)
+  model = build_model(model_config_3d(depth=1, foreground_prior=0.05, **overrides), 1)
   rng = np.random.default_rng(0)
   zz, yy, xx = np.mgrid[:8, :16, :16]
   targets = np.stack([((zz - 4) ** 2 + (yy - c) ** 2 + (xx - c) ** 2 < 9).astype(np.int32)

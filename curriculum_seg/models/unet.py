@@ -135,6 +135,20 @@ def _depth_pad(x: jax.Array, low: int, high: int) -> jax.Array:
   return jnp.pad(x, ((0, 0), (low, high)) + ((0, 0),) * (x.ndim - 2))
 
 
+def _depth_taps(x: jax.Array, window: int, stride: int) -> list[jax.Array]:
+  """The input slices each depth tap of a 'SAME' convolution reads: tap i's [B, D_out, ...]."""
+  d = x.shape[1]
+  low, high = _same_padding(d, window, stride)
+  out_d = -(-d // stride)
+  padded = _depth_pad(x, low, high)
+  return [jax.lax.slice_in_dim(padded, i, i + (out_d - 1) * stride + 1, stride, axis=1)
+          for i in range(window)]
+
+
+def _fold_depth(x: jax.Array) -> jax.Array:
+  return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
 def conv_input_shift(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
   """A 3-D 'SAME' convolution as a sum over the kernel's depth taps of 2-D convolutions.
 
@@ -142,17 +156,22 @@ def conv_input_shift(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Ar
   slice) over (H, W) with kernel[i]. Same function as `conv_plain`; XLA:CPU runs 2-D
   convolutions and their gradients far faster than 3-D ones.
   """
-  b, d = x.shape[:2]
-  window = kernel.shape[0]
-  low, high = _same_padding(d, window, stride)
-  out_d = -(-d // stride)
-  padded = _depth_pad(x, low, high)
   out = None
-  for i in range(window):
-    taps = jax.lax.slice_in_dim(padded, i, i + (out_d - 1) * stride + 1, stride, axis=1)
-    y = conv_plain(taps.reshape((b * out_d,) + taps.shape[2:]), kernel[i], stride)
+  for i, taps in enumerate(_depth_taps(x, kernel.shape[0], stride)):
+    y = conv_plain(_fold_depth(taps), kernel[i], stride)
     out = y if out is None else out + y
-  return out.reshape((b, out_d) + out.shape[1:])
+  return out.reshape(taps.shape[:2] + out.shape[1:])
+
+
+def conv_stacked_taps(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
+  """Like `conv_input_shift`, with the depth taps' input slices stacked on channels: one 2-D
+  convolution 3 * Cin -> Cout (kernel [3, 3, 3 * Cin, Cout]). It copies the input three times,
+  which pays off only for very few input channels (the first layer's image)."""
+  taps = _depth_taps(x, kernel.shape[0], stride)
+  stacked = jnp.concatenate(taps, axis=-1)
+  merged = jnp.moveaxis(kernel, 0, 2).reshape(kernel.shape[1:3] + (-1, kernel.shape[-1]))
+  y = conv_plain(_fold_depth(stacked), merged, stride)
+  return y.reshape(stacked.shape[:2] + y.shape[1:])
 
 
 def conv_output_shift(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
@@ -183,25 +202,33 @@ def conv_output_shift(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.A
 
 # 3-D convolution formulations: all the same function of the same [3, 3, 3, Cin, Cout] kernel.
 CONV3D_FORMULATIONS = {'plain': conv_plain, 'input_shift': conv_input_shift,
-                       'output_shift': conv_output_shift}
+                       'output_shift': conv_output_shift, 'stacked_taps': conv_stacked_taps}
+# Up to this many input channels the stacked taps are faster on CPU (the first layer's image).
+_STACKED_TAPS_MAX_CHANNELS = 2
 
 
-def conv3d_formulation(backend: str | None = None) -> str:
+def conv3d_formulation(backend: str | None = None, in_channels: int | None = None) -> str:
   """The 3-D convolution formulation used on `backend` (default: JAX's default backend).
 
   XLA:CPU's 3-D convolution, and above all its gradients, are several times slower than 2-D
-  convolutions doing the same work (docs/3d_convolutions.md); GPU and TPU compilers have fast
-  native 3-D convolutions, so they get the plain op.
+  convolutions doing the same work (docs/3d_convolutions.md): CPU gets depth taps of 2-D
+  convolutions, stacked on channels for an input of very few channels. GPU and TPU compilers
+  have fast native 3-D convolutions, so they get the plain op.
   """
   backend = backend or jax.default_backend()
-  return 'output_shift' if backend == 'cpu' else 'plain'
+  if backend != 'cpu':
+    return 'plain'
+  if in_channels is not None and in_channels <= _STACKED_TAPS_MAX_CHANNELS:
+    return 'stacked_taps'
+  return 'output_shift'
 
 
 def spatial_conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
   """'SAME' convolution, 2-D or 3-D by x's rank; 3-D in the backend's fastest formulation."""
   if x.ndim == 4:
     return conv_plain(x, kernel, stride)
-  return CONV3D_FORMULATIONS[conv3d_formulation()](x, kernel, stride)
+  formulation = conv3d_formulation(in_channels=x.shape[-1])
+  return CONV3D_FORMULATIONS[formulation](x, kernel, stride)
 
 
 class Conv(nn.Module):
