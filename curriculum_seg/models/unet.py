@@ -184,13 +184,12 @@ def conv_output_shift(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.A
   """
   if stride != 1:
     return conv_input_shift(x, kernel, stride)
-  b, d = x.shape[:2]
   window = kernel.shape[0]
-  low, _ = _same_padding(d, window, 1)
-  flat = x.reshape((b * d,) + x.shape[2:])
+  low, _ = _same_padding(x.shape[1], window, 1)
+  flat = _fold_depth(x)
   out = None
   for i in range(window):
-    y = conv_plain(flat, kernel[i]).reshape((b, d) + x.shape[2:-1] + (kernel.shape[-1],))
+    y = conv_plain(flat, kernel[i]).reshape(x.shape[:-1] + kernel.shape[-1:])
     shift = i - low  # out[:, j] += y[:, j + shift], zero outside the volume
     if shift > 0:
       y = _depth_pad(y[:, shift:], 0, shift)
@@ -355,9 +354,8 @@ class ConvBlock(nn.Module):
   used by the paper's authors with instance norm; the shortcut is a 1x1 conv + norm when the
   width changes. `stride` 2 makes the first conv a stride-2 conv (learned downsampling, as
   MONAI's residual units) and the shortcut a 2x2 (2x2x2) average pool (then the projection, if
-  any).
-  Dropout, when configured, follows the first conv's ReLU, or the block's output when it has
-  one conv.
+  any). Dropout, when configured, follows the first conv's ReLU, or the block's output when it
+  has one conv.
   """
 
   features: int
