@@ -78,21 +78,25 @@ def stage(pipeline, steps, batch_size, learning_rate, *, init="best", carry_opti
 def model(depth=4, base_width=16, width_multiplier=2.0, norm="instance", block="residual",
           dropout=0.0, task="tumour", compute_dtype="float32", group_norm_groups=8,
           downsample="maxpool", convs_per_level=2, skip="concat", input_stride=1,
-          foreground_prior=None):
-  """A 2-D U-Net (the paper's authors: residual blocks, instance norm, widths 8..128 in 3-D).
+          foreground_prior=None, spatial_dims=2):
+  """A U-Net, 2-D by default (the paper's authors: 3-D, residual blocks, instance norm, widths
+  8..128, i.e. model(depth=4, base_width=8, spatial_dims=3)).
 
-  The defaults of the last five fields build the original network. Cheaper variants (see
+  The defaults of the last six fields build the original network. Cheaper variants (see
   curriculum_seg/models/unet.py): downsample='strided' (stride-2 convs instead of max-pool, as
   MONAI's UNet), convs_per_level=1 (one 3x3 conv per block instead of two), skip='add' (skips
   added instead of concatenated), input_stride=2 (every level at half resolution, a
   transposed-conv head; inputs must then be multiples of 2**(depth + 1)). foreground_prior
   (e.g. 0.01) starts the softmax foreground probability there instead of 1/classes.
+  spatial_dims=3 makes every layer 3-D: inputs [batch, depth, height, width, channels], every
+  spatial size a multiple of input_stride * 2**depth.
   """
   return ml_collections.ConfigDict(dict(
       name="unet", depth=depth, base_width=base_width, width_multiplier=width_multiplier,
       norm=norm, group_norm_groups=group_norm_groups, dropout=dropout, block=block, task=task,
       compute_dtype=compute_dtype, downsample=downsample, convs_per_level=convs_per_level,
-      skip=skip, input_stride=input_stride, foreground_prior=foreground_prior))
+      skip=skip, input_stride=input_stride, foreground_prior=foreground_prior,
+      spatial_dims=spatial_dims))
 
 
 def loss(name="dice", dice_smooth=1.0, class_weights=None, dice_weight=1.0, ce_weight=1.0):

@@ -54,7 +54,7 @@ def targets_from_labels(labels: jax.Array, task: str) -> jax.Array:
 
 
 def _pixel_mask(mask: jax.Array, like: jax.Array) -> jax.Array:
-  """Per-example mask [B] broadcast to the spatial shape of `like` [B, H, W, ...]."""
+  """Per-example mask [B] broadcast to the shape of `like` [B, *spatial] (2-D or 3-D)."""
   mask = jnp.asarray(mask, jnp.float32)
   return jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (like.ndim - 1)), like.shape)
 

@@ -5,9 +5,10 @@ replicated, batches are split on 'data' (see `curriculum_seg.sharding`), and the
 partitioner inserts the cross-device reductions, so every metric is a global, replicated value.
 The state argument of the train step is donated: do not use a state after passing it in.
 
-Batches are dicts of global arrays: `image` float32 [B, H, W, C], `label` int32 [B, H, W] with raw
-LiTS labels, `mask` float32 [B] (0 marks padding, which counts for nothing). The step maps labels
-to the task's targets itself.
+Batches are dicts of global arrays: `image` float32 [B, *spatial, C], `label` int32 [B, *spatial]
+with raw LiTS labels, `mask` float32 [B] (0 marks padding, which counts for nothing), where
+spatial is (H, W) for a 2-D network and (D, H, W) for a 3-D one. The step maps labels to the
+task's targets itself.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTrans
                        input_shape: Sequence[int], mesh: Mesh | None = None) -> TrainState:
   """Initialises parameters (float32), batch statistics and optimiser state.
 
-  `input_shape` is [B, H, W, C] of any valid size (the model is fully convolutional). With a
+  `input_shape` is [B, H, W, C] (2-D) or [B, D, H, W, C] (3-D) of any valid size (the model
+  is fully convolutional). With a
   `mesh`, the state is created replicated on it, as the steps expect; every process computes the
   same values from the same `rng`.
   """
@@ -78,13 +80,19 @@ def _variables(state: TrainState, params: Any) -> dict[str, Any]:
   return variables
 
 
+def _per_example(mask: jax.Array, like: jax.Array) -> jax.Array:
+  """The example mask [B] shaped to broadcast against `like` [B, ...]."""
+  return mask.reshape(mask.shape + (1,) * (like.ndim - 1))
+
+
 def _overlap_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array,
                   foreground: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Per-example hard-prediction foreground intersection, prediction and target pixel counts."""
+  """Per-example hard-prediction foreground intersection, prediction and target pixel (voxel)
+  counts, summed over all spatial axes."""
   pred = (jnp.argmax(logits, axis=-1) == foreground).astype(jnp.float32)
   target = (targets == foreground).astype(jnp.float32)
-  weight = mask.astype(jnp.float32)[:, None, None]
-  axes = (1, 2)
+  weight = _per_example(mask.astype(jnp.float32), target)
+  axes = tuple(range(1, target.ndim))
   return (jnp.sum(weight * pred * target, axis=axes), jnp.sum(weight * pred, axis=axes),
           jnp.sum(weight * target, axis=axes))
 
@@ -101,7 +109,7 @@ def _prepare(batch: Batch, task: str) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Images with padded rows zeroed (so nothing in them, not even NaN, reaches the loss), the
   task's int32 targets and the float32 example mask."""
   mask = batch['mask'].astype(jnp.float32)
-  image = jnp.where(mask[:, None, None, None] > 0, batch['image'], 0.0)
+  image = jnp.where(_per_example(mask, batch['image']) > 0, batch['image'], 0.0)
   return image, losses.targets_from_labels(batch['label'], task), mask
 
 
@@ -212,15 +220,30 @@ def make_eval_step(model: nn.Module, task: str, mesh: Mesh,
                  out_shardings=replicated)
 
 
+def flip_axes(spatial_dims: int, flip_depth: bool = False) -> tuple[tuple[int, ...], ...]:
+  """The mirrorings of flip TTA as tuples of image axes, the identity first.
+
+  Images are [B, *spatial, C]: the in-plane axes are the last two spatial axes (rows, columns),
+  so 2-D gives 4 mirrorings; 3-D gives the same 4 in-plane ones, or 8 with `flip_depth`.
+  """
+  rows, cols = spatial_dims - 1, spatial_dims
+  axes = [(), (rows,), (cols,), (rows, cols)]
+  if flip_depth and spatial_dims == 3:
+    axes += [(1,) + a for a in axes]
+  return tuple(axes)
+
+
 def make_predict_step(model: nn.Module, mesh: Mesh, flip_tta: bool = False,
-                      gather: bool = False) -> Callable[[Any, jax.Array], jax.Array]:
-  """Compiles `(state, images) -> softmax probabilities` float32 [B, H, W, K], split on 'data'
-  (with `gather`, replicated: every device, so every process, holds all of them).
+                      flip_depth: bool = False, gather: bool = False
+                      ) -> Callable[[Any, jax.Array], jax.Array]:
+  """Compiles `(state, images) -> softmax probabilities` float32 [B, *spatial, K], split on
+  'data' (with `gather`, replicated: every device, so every process, holds all of them).
 
   `state` is a TrainState or a variables dict ({'params': ..., 'batch_stats': ...}). With
   `flip_tta` the probabilities are averaged over the four in-plane mirrorings (none, rows,
-  columns, both), each mapped back before averaging. B must be divisible by the number of mesh
-  devices (pad and drop the extra rows).
+  columns, both), each mapped back before averaging; for 3-D images `flip_depth` adds the depth
+  mirror of each (eight in all). B must be divisible by the number of mesh devices (pad and drop
+  the extra rows).
   """
 
   def predict_fn(state: Any, images: jax.Array) -> jax.Array:
@@ -232,10 +255,11 @@ def make_predict_step(model: nn.Module, mesh: Mesh, flip_tta: bool = False,
 
     if not flip_tta:
       return probs(images)
+    mirrorings = flip_axes(images.ndim - 2, flip_depth)
     total = probs(images)
-    for axes in ((1,), (2,), (1, 2)):
+    for axes in mirrorings[1:]:
       total = total + jnp.flip(probs(jnp.flip(images, axes)), axes)
-    return total / 4.0
+    return total / float(len(mirrorings))
 
   data = sharding.batch_sharding(mesh)
   out = sharding.replicated(mesh) if gather else data

@@ -214,3 +214,25 @@ def test_empty_target_cross_entropy_keeps_a_per_pixel_gradient(smooth):
   assert value == pytest.approx(dice_value + expected_ce, abs=1e-6)
   np.testing.assert_allclose(grad - dice_grad, P[0] / 4, rtol=1e-5)
   assert np.all(grad - dice_grad >= 0.0625 - 1e-6)  # at least min(p) / N at every pixel
+
+
+@pytest.mark.parametrize('name', ['dice', 'ce', 'dice_ce'])
+def test_3d_volumes_reduce_over_every_spatial_axis(name):
+  # Two volumes [2, 2, 2, 2]: example 0 holds P / T as its first depth slice and a copy of them
+  # in reverse as its second; example 1 is padding. Per-example values and batch values then
+  # equal those of the 2-D batch of the two slices.
+  volume_p = np.stack([P[0], P[0, ::-1]])[None]
+  volume_t = np.stack([T[0], T[0, ::-1]])[None]
+  logits = jnp.asarray(two_class_logits(np.concatenate([volume_p, np.full_like(volume_p, 0.9)])))
+  targets = np.concatenate([volume_t, np.ones_like(volume_t)])
+  mask = np.array([1.0, 0.0])
+  assert logits.shape == (2, 2, 2, 2, 2)
+  loss_fn = losses.make_loss_fn(loss_config(name), 'tumour')
+  slices = jnp.asarray(two_class_logits(volume_p[0])), volume_t[0], np.ones(2)
+  want = float(loss_fn(*slices))  # the batch of the volume's two slices
+  got = loss_fn(logits, targets, mask, per_example=True)
+  assert got.shape == (2,)
+  assert float(got[0]) == pytest.approx(want, abs=1e-6) and float(got[1]) == 0.0
+  assert float(loss_fn(logits, targets, mask)) == pytest.approx(want, abs=1e-6)
+  if name == 'dice':  # and the hand value: the 2-D batch of P and its mirror doubles every sum
+    assert want == pytest.approx(1 - (2 * 2.5 + 1) / (4 + 4 + 1), abs=1e-6)

@@ -71,12 +71,13 @@ def dice_flip_bound(flips, target_sum):
   return 3.0 * flips / (target_sum - flips) if target_sum > flips else 1.0
 
 
-def setup(cfg=None, lr=1e-2, loss='dice', mesh=None, size=32, **opt):
+def setup(cfg=None, lr=1e-2, loss='dice', mesh=None, size=32, shape=None, **opt):
   cfg = cfg or model_config()
   mesh = mesh or sharding.make_mesh(1)
-  model = build_model(cfg, 3)
+  shape = shape or (1, size, size, 3)
+  model = build_model(cfg, shape[-1])
   tx, schedule = build_tx(lr, **opt)
-  state = ts.create_train_state(jax.random.key(0), model, tx, (1, size, size, 3), mesh=mesh)
+  state = ts.create_train_state(jax.random.key(0), model, tx, shape, mesh=mesh)
   step = ts.make_train_step(model, tx, loss_config(loss), cfg.task, mesh)
   return model, tx, schedule, state, step, mesh
 
@@ -305,6 +306,16 @@ def test_benchmark_quick_run_writes_its_figures(tmp_path):
   assert row['jax']['step_s'] > 0 and row['jax']['flops'] > 0
   assert row['achieved_flops_per_s'] > 0 and row['slices_per_s'] > 0
   assert 'slices/s' in result.stdout and 'GFLOP/step' in result.stdout
+  # The 3-D case: timed, counted, and its peak memory measured in fresh processes.
+  row_3d = report['results'][1]
+  assert row_3d['spatial_dims'] == 3 and row_3d['size'] == [8, 16, 16]
+  assert row_3d['blocks_per_s'] > 0 and row_3d['jax']['flops'] > 0
+  assert row_3d['conv3d_formulation'] == {'first_layer': 'stacked_taps',
+                                          'other_layers': 'output_shift'}
+  for mode in ('forward', 'train'):
+    memory = row_3d['memory'][f'jax_{mode}']
+    assert memory['rss_added_bytes'] > 0 and memory['xla_peak_bytes'] > 0, mode
+  assert 'blocks/s' in result.stdout and 'peak memory per sample' in result.stdout
 
 
 def test_benchmark_knows_accelerator_peaks_for_mfu():
@@ -316,3 +327,154 @@ def test_benchmark_knows_accelerator_peaks_for_mfu():
   assert bench.peak_flops(device('NVIDIA H200')) == 989e12
   assert bench.peak_flops(device('TPU v5 lite')) == 197e12
   assert bench.peak_flops(device('cpu')) is None
+
+
+# 3-D batches: image [B, D, H, W, C], label [B, D, H, W], mask [B].
+
+def model_config_3d(**overrides):
+  """A tiny 3-D U-Net (depth 1, width 4; one input channel)."""
+  return model_config(spatial_dims=3, depth=1, **overrides)
+
+
+def make_batch_3d(batch=4, shape=(8, 16, 16), seed=0):
+  """Volumes with a bright tumour ball inside a liver ball; labels {0, 1, 2}."""
+  rng = np.random.default_rng(seed)
+  zz, yy, xx = np.mgrid[:shape[0], :shape[1], :shape[2]]
+  label = np.zeros((batch,) + shape, np.int32)
+  for b in range(batch):
+    cz, cy, cx = rng.uniform(0.35, 0.65, 3) * np.array(shape)
+    radius = rng.uniform(0.15, 0.25) * shape[0]
+    distance = (zz - cz) ** 2 + (yy - cy) ** 2 + (xx - cx) ** 2
+    label[b][distance < (2.0 * radius) ** 2] = 1
+    label[b][distance < radius ** 2] = 2
+  image = rng.normal(0.3, 0.05, label.shape + (1,)).astype(np.float32)
+  image += 0.2 * (label[..., None] >= 1) + 0.3 * (label[..., None] == 2)
+  return {'image': image, 'label': label, 'mask': np.ones((batch,), np.float32)}
+
+
+def test_3d_steps_on_eight_devices_match_one_device():
+  # As the 2-D test: batch norm and dropout are the parts most likely to differ.
+  out = subprocess.run(
+      [sys.executable, '-c', textwrap.dedent("""
+          import json, sys
+          sys.path.insert(0, 'tests')
+          import jax, numpy as np
+          import test_train_step as t
+          from curriculum_seg import sharding, train_step as ts
+          cfg = t.model_config_3d(norm='batch', dropout=0.2)
+          model = t.build_model(cfg, 1)
+          tx, _ = t.build_tx(0.05, name='sgd', momentum=0.9, nesterov=True)
+          initial = t.host_copy(
+              ts.create_train_state(jax.random.key(0), model, tx, (1, 8, 16, 16, 1)))
+          runs = {}
+          for n in (8, 1):
+            mesh = sharding.make_mesh(n)
+            state = jax.device_put(initial, sharding.replicated(mesh))
+            step = ts.make_train_step(model, tx, t.loss_config('dice_ce'), 'tumour', mesh)
+            batch = sharding.host_to_global(t.make_batch_3d(batch=8), mesh)
+            assert batch['image'].sharding.spec[0] == 'data'
+            history = []
+            for _ in range(4):
+              state, m = step(state, batch, jax.random.key(3))
+              history.append([float(m[k]) for k in ('loss', 'dice', 'grad_norm')])
+            sums = ts.make_eval_step(model, 'tumour', mesh)(state, batch)
+            probs = ts.make_predict_step(model, mesh)(state, batch['image'])
+            runs[n] = {'history': history,
+                       'eval': {k: float(v) for k, v in sums.items()},
+                       'probs_shape': list(probs.shape),
+                       'params': [np.asarray(x).ravel().tolist()
+                                  for x in jax.tree.leaves(state.params)],
+                       'stats': [np.asarray(x).ravel().tolist()
+                                 for x in jax.tree.leaves(state.batch_stats)]}
+          print(json.dumps(runs))
+      """)],
+      env=dict(os.environ, JAX_NUM_CPU_DEVICES='8', JAX_PLATFORMS='cpu'), cwd=REPO,
+      capture_output=True, text=True, timeout=300, check=False)
+  assert out.returncode == 0, out.stderr[-4000:]
+  runs = json.loads(out.stdout.strip().splitlines()[-1])
+  eight, one = runs['8'], runs['1']
+  history = np.array(one['history'])
+  assert history[-1, 0] < history[0, 0]  # it trains
+  assert eight['probs_shape'] == one['probs_shape'] == [8, 8, 16, 16, 2]
+  eight_history = np.array(eight['history'])
+  np.testing.assert_allclose(eight_history[:, (0, 2)], history[:, (0, 2)], rtol=1e-5)
+  for a, b in zip(eight['params'] + eight['stats'], one['params'] + one['stats']):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  tumour = make_batch_3d(batch=8)['label'] == 2
+  np.testing.assert_allclose(eight_history[:, 1], history[:, 1], rtol=0,
+                             atol=dice_flip_bound(FLIPS, tumour.sum()))
+  want, got = one['eval'], eight['eval']
+  assert set(got) == set(want)
+  assert got['count'] == want['count'] == 8
+  assert got['target_sum'] == want['target_sum'] == tumour.sum()
+  for key in ('intersection', 'pred_sum'):
+    assert abs(got[key] - want[key]) <= FLIPS, key
+  assert got['dice_sum'] == pytest.approx(
+      want['dice_sum'], rel=1e-5, abs=dice_flip_bound(FLIPS, tumour.sum(axis=(1, 2, 3)).min()))
+  assert got['loss_sum'] == pytest.approx(want['loss_sum'], rel=1e-5)
+
+
+_COMPILED_3D = {}
+
+
+def compiled_3d():
+  """(model, initial host state, train step, eval step, predict step, mesh) of the tiny 3-D net."""
+  if not _COMPILED_3D:
+    model, _, _, state, step, mesh = setup(model_config_3d(), lr=2e-2, shape=(1, 8, 16, 16, 1))
+    _COMPILED_3D['v'] = (model, host_copy(state), step, ts.make_eval_step(model, 'tumour', mesh),
+                         mesh)
+  model, initial, step, evaluate, mesh = _COMPILED_3D['v']
+  return model, jax.device_put(initial, sharding.replicated(mesh)), step, evaluate, mesh
+
+
+def test_3d_train_step_learns_and_eval_counts_voxels_over_all_spatial_axes():
+  model, state, step, evaluate, mesh = compiled_3d()
+  host = make_batch_3d()
+  batch = sharding.host_to_global(host, mesh)
+  losses = []
+  for _ in range(15):
+    state, metrics = step(state, batch, jax.random.key(0))
+    losses.append(float(metrics['loss']))
+  assert losses[-1] < 0.8 * losses[0] and float(metrics['finite']) == 1.0
+  sums = {k: float(v) for k, v in evaluate(state, batch).items()}
+  probs = np.asarray(ts.make_predict_step(model, mesh)(state, batch['image']))
+  assert probs.shape == (4, 8, 16, 16, 2)
+  pred, target = probs.argmax(-1) == 1, host['label'] == 2
+  ties = int(np.sum(np.abs(probs[..., 1] - probs[..., 0]) < 1e-4))
+  assert sums['target_sum'] == target.sum() and sums['count'] == 4
+  assert abs(sums['intersection'] - np.sum(pred & target)) <= ties
+  assert abs(sums['pred_sum'] - np.sum(pred)) <= ties
+  per_example = [2 * np.sum(p & t) / (np.sum(p) + np.sum(t)) for p, t in zip(pred, target)]
+  assert sums['dice_sum'] == pytest.approx(
+      sum(per_example), rel=1e-5,
+      abs=dice_flip_bound(ties, target.sum(axis=(1, 2, 3)).min()) if ties else 0.0)
+  # A padded example (mask 0, NaN image) counts for nothing in 3-D too.
+  padded = {k: np.concatenate([v, v[:1]]) for k, v in host.items()}
+  padded['mask'][-1], padded['image'][-1] = 0.0, np.nan
+  padded_sums = evaluate(state, sharding.host_to_global(padded, mesh))
+  assert float(padded_sums['count']) == 4.0
+  assert float(padded_sums['loss_sum']) == pytest.approx(sums['loss_sum'], rel=1e-5)
+
+
+def test_flip_axes_are_the_in_plane_mirrorings_and_optionally_depth():
+  assert ts.flip_axes(2) == ((), (1,), (2,), (1, 2))
+  assert ts.flip_axes(3) == ((), (2,), (3,), (2, 3))
+  assert ts.flip_axes(3, flip_depth=True) == (
+      (), (2,), (3,), (2, 3), (1,), (1, 2), (1, 3), (1, 2, 3))
+
+
+@pytest.mark.parametrize('flip_depth', [False, True])
+def test_3d_flip_tta_averages_the_mirrored_predictions(flip_depth):
+  model, state, step, _, mesh = compiled_3d()
+  state, _ = step(state, sharding.host_to_global(make_batch_3d(), mesh), jax.random.key(0))
+  images = jnp.asarray(make_batch_3d(batch=2, seed=3)['image'])
+  plain = ts.make_predict_step(model, mesh)
+  mirrorings = ts.flip_axes(3, flip_depth)
+  want = sum(np.flip(np.asarray(plain(state, jnp.flip(images, axes))), axes)
+             for axes in mirrorings) / len(mirrorings)
+  got = ts.make_predict_step(model, mesh, flip_tta=True, flip_depth=flip_depth)(state, images)
+  assert got.shape == (2, 8, 16, 16, 2)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # The model is not mirror-symmetric, so which flips are averaged matters.
+  other = ts.make_predict_step(model, mesh, flip_tta=True, flip_depth=not flip_depth)
+  assert not np.allclose(other(state, images), got, atol=1e-5)

@@ -468,3 +468,239 @@ def test_variant_fields_take_command_line_overrides():
   model = build_model(config.model, 3)
   assert (model.downsample, model.convs_per_level, model.skip, model.input_stride,
           model.foreground_prior) == ('strided', 1, 'add', 2, 0.01)
+
+
+# 3-D networks (model.spatial_dims=3): one definition, every layer generic over spatial axes.
+
+def model_config_3d(**overrides):
+  """The tiny model of model_config() in 3-D (widths 4, 8, 16)."""
+  return model_config(spatial_dims=3, **overrides)
+
+
+def _vjp(fn, *args, seed=0):
+  """fn(*args) and the gradients of <fn(*args), g> for a random cotangent g."""
+  out, pullback = jax.vjp(fn, *args)
+  g = jnp.asarray(np.random.default_rng(seed).normal(size=out.shape), jnp.float32)
+  return out, pullback(g)
+
+
+def _assert_same_function(fn, reference, *args, rtol=1e-5, atol=1e-5):
+  got, got_grads = jax.jit(lambda *a: _vjp(fn, *a))(*args)
+  want, want_grads = jax.jit(lambda *a: _vjp(reference, *a))(*args)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=atol), got_grads,
+               want_grads)
+
+
+@pytest.mark.parametrize('formulation', ['input_shift', 'output_shift', 'stacked_taps'])
+@pytest.mark.parametrize('stride', [1, 2])
+@pytest.mark.parametrize('shape', [(2, 5, 6, 4, 3), (1, 4, 8, 8, 1)])
+def test_3d_conv_formulations_compute_the_plain_convolution(formulation, stride, shape):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 3, shape[-1], 4)), jnp.float32)
+  conv = unet_lib.CONV3D_FORMULATIONS[formulation]
+  plain = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
+      x, k, (stride,) * 3, 'SAME', dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'))
+  # forward and both gradients (input and kernel), odd depths and stride-2 padding included
+  _assert_same_function(lambda x, k: conv(x, k, stride), plain, x, kernel, atol=1e-4)
+
+
+def test_3d_conv_formulation_is_chosen_per_backend_and_input_width():
+  assert unet_lib.conv3d_formulation('cpu') == 'output_shift'
+  assert unet_lib.conv3d_formulation('cpu', in_channels=8) == 'output_shift'
+  assert unet_lib.conv3d_formulation('cpu', in_channels=1) == 'stacked_taps'
+  for backend in ('gpu', 'tpu'):
+    assert unet_lib.conv3d_formulation(backend) == 'plain'
+    assert unet_lib.conv3d_formulation(backend, in_channels=1) == 'plain'
+  assert set(unet_lib.CONV3D_FORMULATIONS) == {'plain', 'input_shift', 'output_shift',
+                                               'stacked_taps'}
+
+
+def test_3d_layers_equal_the_standard_layers():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 4, 6, 2, 3)), jnp.float32)
+  _assert_same_function(unet_lib.max_pool_2x2, lambda x: nn.max_pool(x, (2, 2, 2), (2, 2, 2)), x)
+  _assert_same_function(unet_lib.avg_pool_2x2, lambda x: nn.avg_pool(x, (2, 2, 2), (2, 2, 2)), x)
+  conv = {'params': {'kernel': jnp.asarray(rng.normal(size=(3, 3, 3, 3, 5)), jnp.float32),
+                     'bias': jnp.arange(5.0)}}
+  for stride in (1, 2):
+    _assert_same_function(
+        lambda v, x: unet_lib.Conv(5, strides=stride).apply(v, x),
+        lambda v, x: nn.Conv(5, (3, 3, 3), strides=stride).apply(v, x), conv, x, atol=1e-4)
+  pointwise = {'params': {'kernel': jnp.asarray(rng.normal(size=(1, 1, 1, 3, 5)), jnp.float32),
+                          'bias': jnp.arange(5.0)}}
+  _assert_same_function(lambda v, x: unet_lib.PointwiseConv(5).apply(v, x),
+                        lambda v, x: nn.Conv(5, (1, 1, 1)).apply(v, x), pointwise, x)
+  norm = {'params': {'scale': jnp.asarray(rng.normal(size=3), jnp.float32),
+                     'bias': jnp.asarray(rng.normal(size=3), jnp.float32)}}
+  _assert_same_function(
+      lambda v, x: unet_lib.InstanceNorm().apply(v, x),
+      lambda v, x: nn.InstanceNorm(epsilon=unet_lib.NORM_EPSILON).apply(v, x), norm, 2 + 3 * x,
+      rtol=1e-4, atol=1e-4)
+
+
+def test_3d_upsample_is_the_transposed_convolution():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 3, 4, 2, 3)), jnp.float32)
+  variables = {'params': {'kernel': jnp.asarray(rng.normal(size=(2, 2, 2, 3, 5)), jnp.float32),
+                          'bias': jnp.arange(5.0)}}
+
+  def reference(v, x):  # lax.conv_transpose flips the kernel: give it the flipped kernel
+    kernel = v['params']['kernel'][::-1, ::-1, ::-1]
+    y = jax.lax.conv_transpose(x, kernel, (2, 2, 2), 'VALID',
+                               dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'))
+    return y + v['params']['bias']
+
+  _assert_same_function(lambda v, x: unet_lib.Upsample2x(5).apply(v, x), reference, variables, x)
+  y = unet_lib.Upsample2x(5).apply(variables, x)
+  # the PyTorch definition, one voxel: out[2d + i, 2h + j, 2w + l] = x[d, h, w] @ k[i, j, l] + b
+  kernel = variables['params']['kernel']
+  np.testing.assert_allclose(y[1, 2 * 2 + 1, 2 * 3 + 0, 2 * 1 + 1],
+                             x[1, 2, 3, 1] @ kernel[1, 0, 1] + jnp.arange(5.0), rtol=1e-5)
+  assert y.shape == (2, 6, 8, 4, 5)
+
+
+def _with_window_axis(shapes):
+  """A 2-D parameter tree's shapes with one more window axis on every kernel."""
+  return {k: (v[0],) + v if len(v) == 4 else v for k, v in shapes.items()}
+
+
+def test_3d_network_has_the_2d_parameters_with_a_depth_window_axis():
+  model = build_model(model_config_3d(), 3)
+  params = init_shapes(model, (1, 8, 16, 16, 3))['params']
+  got = {'/'.join(p.key for p in path): tuple(leaf.shape)
+         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  assert got == _with_window_axis(ORIGINAL_TINY_PARAMS)
+  assert got['down_0/conv1/kernel'] == (3, 3, 3, 3, 4)
+  assert got['upsample_1/kernel'] == (2, 2, 2, 16, 8)
+  assert got['head/kernel'] == (1, 1, 1, 4, 2)
+  # The 2-D network is untouched by the new field.
+  assert build_model(model_config(spatial_dims=2), 3) == build_model(model_config(), 3)
+
+
+def test_the_authors_3d_network_output_shape_and_widths():
+  # Residual blocks, instance norm, widths 8-16-32-64-128, 2x2x2 transposed up-convolutions.
+  model = build_model(common.model(depth=4, base_width=8, spatial_dims=3), 1)
+  assert model.widths == (8, 16, 32, 64, 128) and model.spatial_dims == 3
+  variables = init_shapes(model, (1, 16, 16, 16, 1))
+  params = variables['params']
+  assert params['bottleneck']['conv2']['kernel'].shape == (3, 3, 3, 128, 128)
+  assert params['upsample_3']['kernel'].shape == (2, 2, 2, 128, 64)
+  assert set(params['down_0']) == {'conv1', 'norm1', 'conv2', 'norm2', 'shortcut_conv',
+                                   'shortcut_norm'}
+  out = jax.eval_shape(model.apply, variables, jnp.zeros((2, 16, 32, 48, 1)))
+  assert out.shape == (2, 16, 32, 48, 2) and out.dtype == jnp.float32
+
+
+def test_3d_network_is_the_same_function_in_every_conv_formulation(monkeypatch):
+  # The strided variant exercises stride-2 convs; batch norm the train-mode statistics.
+  model = build_model(model_config_3d(depth=1, downsample='strided', norm='batch'), 2)
+  x = jnp.asarray(np.random.default_rng(0).random((2, 8, 8, 12, 2)), jnp.float32)
+  variables = init_variables(model, jax.random.key(0), (1, 8, 8, 8, 2))
+
+  def loss(params, x):
+    out, _ = model.apply({**variables, 'params': params}, x, train=True,
+                         mutable=['batch_stats'])
+    return jnp.sum(out * jnp.linspace(-1.0, 1.0, out.size).reshape(out.shape)), out
+
+  per_layer_choice = unet_lib.conv3d_formulation
+
+  def run(name):  # None: this backend's per-layer choice (stacked taps for the 2-channel input)
+    chosen = per_layer_choice if name is None else lambda backend=None, in_channels=None: name
+    monkeypatch.setattr(unet_lib, 'conv3d_formulation', chosen)
+    return jax.jit(jax.grad(loss, has_aux=True))(variables['params'], x)
+
+  want_grads, want = run('plain')
+  for formulation in ('input_shift', 'output_shift', 'stacked_taps', None):
+    grads, out = run(formulation)
+    assert out.shape == (2, 8, 8, 12, 2)
+    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4, err_msg=str(formulation))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4),
+                 grads, want_grads)
+
+
+def test_3d_input_sizes_and_rank_are_checked():
+  model = build_model(model_config_3d(), 1)  # depth 2: multiples of 4
+  variables = init_shapes(model, (1, 8, 8, 8, 1))
+  out = jax.eval_shape(model.apply, variables, jnp.zeros((1, 4, 8, 12, 1)))
+  assert out.shape == (1, 4, 8, 12, 2)
+  with pytest.raises(ValueError, match=r'UNet input size 8x6x8 is not divisible by 2\*\*depth = '
+                                       r'4 \(depth=2\)'):
+    jax.eval_shape(model.apply, variables, jnp.zeros((1, 8, 6, 8, 1)))
+  with pytest.raises(ValueError, match=r'spatial_dims=3\) expects input \[batch, depth, height, '
+                                       r'width, channels\], got shape \(1, 8, 8, 1\)'):
+    model.check_input_shape((1, 8, 8, 1))
+  with pytest.raises(ValueError, match='spatial_dims=2'):
+    build_model(model_config(), 1).check_input_shape((1, 8, 8, 8, 1))
+  strided = build_model(model_config_3d(input_stride=2), 1)
+  with pytest.raises(ValueError, match=r'8x8x12 is not divisible by input_stride \* 2\*\*depth = '
+                                       r'8 \(input_stride=2, depth=2\)'):
+    strided.check_input_shape((1, 8, 8, 12, 1))
+
+
+@pytest.mark.parametrize('value', [4, 1, '3', 3.0, True, None])
+def test_bad_spatial_dims_names_the_key(value):
+  cfg = model_config()
+  with cfg.ignore_type():
+    cfg['spatial_dims'] = value
+  with pytest.raises(ValueError, match=rf'^model.spatial_dims={value!r} is not one of \[2, 3\]$'
+                     .replace('(', r'\(').replace(')', r'\)')):
+    build_model(cfg, num_input_channels=1)
+
+
+def test_spatial_dims_takes_a_command_line_override():
+  from curriculum_seg import config_loading  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict({'model': model_config()})
+  config = config_loading.apply_overrides(config, [('model.spatial_dims', '3')])
+  assert build_model(config.model, 1).spatial_dims == 3
+
+
+@pytest.mark.parametrize('overrides', [dict(), dict(input_stride=2, downsample='strided',
+                                                    convs_per_level=1, skip='add')],
+                         ids=['original', 'cheapest'])
+def test_3d_network_trains(overrides):
+  import optax  # pylint: disable=import-outside-toplevel
+  from curriculum_seg import losses  # pylint: disable=import-outside-toplevel
+  model = build_model(model_config_3d(depth=1, foreground_prior=0.05, **overrides), 1)
+  rng = np.random.default_rng(0)
+  zz, yy, xx = np.mgrid[:8, :16, :16]
+  targets = np.stack([((zz - 4) ** 2 + (yy - c) ** 2 + (xx - c) ** 2 < 9).astype(np.int32)
+                      for c in (5, 10)])
+  x = rng.normal(0.0, 0.1, targets.shape + (1,)).astype(np.float32) + targets[..., None]
+  loss_fn = losses.make_loss_fn(ml_collections.ConfigDict(
+      dict(name='dice_ce', dice_smooth=1.0, class_weights=None)), 'tumour')
+  params = init_variables(model, jax.random.key(0), (1, 8, 16, 16, 1))['params']
+  tx = optax.adam(1e-2)
+
+  @jax.jit
+  def train(params):
+    def loss(p):
+      return loss_fn(model.apply({'params': p}, x, train=True), targets, np.ones(2))
+
+    def step(carry, _):
+      p, opt = carry
+      value, grads = jax.value_and_grad(loss)(p)
+      updates, opt = tx.update(grads, opt, p)
+      return (optax.apply_updates(p, updates), opt), value
+
+    (p, _), values = jax.lax.scan(step, (params, tx.init(params)), None, length=8)
+    return values[0], loss(p)
+
+  first, last = train(params)
+  assert np.isfinite(float(last)) and float(last) < 0.8 * float(first)
+
+
+def test_pytorch_twin_in_the_benchmark_computes_the_same_3d_function():
+  torch = pytest.importorskip('torch')
+  bench = _load_benchmark()
+  model = build_model(model_config_3d(), 1)  # residual + instance norm, as the authors'
+  variables = init_variables(model, jax.random.key(0), (1, 8, 8, 8, 1))
+  x = np.random.default_rng(0).random((2, 8, 16, 12, 1), np.float32)
+  net = bench.torch_unet(model_config_3d().to_dict(), 1)
+  bench.load_flax_params_into_torch(net, variables)
+  net.eval()
+  with torch.no_grad():
+    got = net(torch.from_numpy(x).permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1).numpy()
+  np.testing.assert_allclose(got, apply(model, variables, x), rtol=1e-4, atol=1e-4)
