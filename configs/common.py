@@ -114,18 +114,19 @@ def loss(name="dice", dice_smooth=1.0, class_weights=None, dice_weight=1.0, ce_w
 
 def augment(enabled=True, flip_lr=0.5, flip_ud=0.5, rotate_deg=15.0, scale_range=(0.85, 1.15),
             intensity_shift=0.05, intensity_scale=0.05, lesion_scale=(1.0, 1.0),
-            lesion_invert=0.0, on_device=True):
+            lesion_invert=0.0, on_device=True, flip_depth=0.0):
   """Joint image/label augmentation (nnU-Net-like magnitudes); intensities in window units.
 
   lesion_scale / lesion_invert: label-guided lesion contrast (data_pipelines/augment.py): a
   tumour's difference from the liver's mean HU is scaled by |f| in lesion_scale, negated with
-  probability lesion_invert; (1, 1) and 0 leave lesions as they are.
+  probability lesion_invert; (1, 1) and 0 leave lesions as they are. flip_depth: probability
+  of mirroring a 3-D block's slices.
   """
   return ml_collections.ConfigDict(dict(
       enabled=enabled, flip_lr=flip_lr, flip_ud=flip_ud, rotate_deg=rotate_deg,
       scale_range=scale_range, intensity_shift=intensity_shift,
       intensity_scale=intensity_scale, lesion_scale=lesion_scale, lesion_invert=lesion_invert,
-      on_device=on_device))
+      on_device=on_device, flip_depth=flip_depth))
 
 
 def add_input_settings(data, spacing_mm=None, normalisation="window"):

@@ -116,8 +116,13 @@ def _check_stage(config, name: str) -> None:
   model_cfg = _checked(prefix, stages.stage_model_config, config, name)
   model_prefix = prefix if stage.get("model", None) else "config."
   model = _checked(model_prefix, build_model, model_cfg, int(config.data.context_slices))
-  size = stages.input_size(config, stage)
-  shape = (int(stage.batch_size), size, size, int(config.data.context_slices))
+  spatial = stages.input_shape(config, stage)
+  shape = (int(stage.batch_size),) + spatial + (int(config.data.context_slices),)
+  dims = int(model_cfg.get("spatial_dims", 2))
+  if len(spatial) != dims:
+    what = {"patch": "patch_size", "whole": "block_size"}.get(stage.pipeline, "crop_size")
+    raise ConfigError(f"config.stages.{name}.{what}={spatial} has {len(spatial)} spatial axes "
+                      f"but the network is {dims}-D (config.model.spatial_dims={dims})")
   what = {"patch": "patch_size", "liver_crop": "crop_size"}.get(stage.pipeline)
   if stage.pipeline == "whole" and stage.get("block_size", None) is not None:
     what = "block_size"
@@ -125,7 +130,8 @@ def _check_stage(config, name: str) -> None:
   try:
     model.check_input_shape(shape)
   except ValueError as e:
-    raise ConfigError(f"{key}={shape[1]} does not fit the network of stage {name}: {e}") from e
+    shown = shape[1] if len(spatial) == 2 else spatial
+    raise ConfigError(f"{key}={shown} does not fit the network of stage {name}: {e}") from e
   _checked("config.", losses.make_loss_fn, config.loss, model_cfg.task)
   weights = config.loss.get("class_weights", None)
   if weights is not None:
@@ -179,11 +185,17 @@ def _check_eval(config) -> None:
              "config.data.spacing_mm slices differ in size, so evaluation uses a sliding window")
     return
   for name in tumour_stages:
-    model = build_model(_model_cfg(config, name), int(config.data.context_slices))
+    model_cfg = _model_cfg(config, name)
+    model = build_model(model_cfg, int(config.data.context_slices))
+    dims = int(model_cfg.get("spatial_dims", 2))
+    shown = window[0] if len(window) == 2 else window
+    if len(window) != dims:
+      raise ConfigError(f"config.eval.window={tuple(window)} has {len(window)} spatial axes but "
+                        f"the network of stage {name} is {dims}-D")
     try:
-      model.check_input_shape((1, window[0], window[1], int(config.data.context_slices)))
+      model.check_input_shape((1,) + tuple(window) + (int(config.data.context_slices),))
     except ValueError as e:
-      raise ConfigError(f"config.eval.window={window[0]} does not fit the network of stage "
+      raise ConfigError(f"config.eval.window={shown} does not fit the network of stage "
                         f"{name}: {e}") from e
 
 

@@ -170,13 +170,13 @@ class Network:
 
   def slice_probabilities(self, stacks: np.ndarray,
                           options: InferenceOptions = InferenceOptions()) -> np.ndarray:
-    """Softmax probabilities [N, H, W, K] of normalised slice stacks [N, H, W, C] (float32),
-    each stack predicted whole."""
+    """Softmax probabilities [N, *spatial, K] of normalised inputs [N, *spatial, C] (float32:
+    slice stacks, or a 3-D network's blocks), each predicted whole."""
     n = stacks.shape[0]
     devices = self.mesh.size
     batch = int(math.ceil(int(options.batch_size) / devices) * devices)
     step = self._predict_step(bool(options.flip_tta))
-    out = np.empty(stacks.shape[:3] + (self.num_classes,), np.float32)
+    out = np.empty(stacks.shape[:-1] + (self.num_classes,), np.float32)
     data = sharding.batch_sharding(self.mesh)
     for b0 in range(0, n, batch):
       part = stacks[b0:b0 + batch]
@@ -223,6 +223,41 @@ class Network:
                                          overlap=self.overlap, sigma_scale=self.sigma_scale,
                                          batch_size=int(options.batch_size), pad_value=pad)
 
+  @property
+  def spatial_dims(self) -> int:
+    return 3 if self.window is not None and len(self.window) == 3 else 2
+
+  def _volume_probabilities_3d(self, image: np.ndarray, options: InferenceOptions, spacing
+                               ) -> Iterator[tuple[int, int, np.ndarray]]:
+    """A 3-D network's probabilities of a volume: resampled to the network's grid (in plane,
+    and along z to spacing_mm's slice spacing when it has one), one 3-D sliding window over all
+    of it, and back to the volume's grid chunk by chunk. The network-grid probabilities are held
+    as float16 (a LiTS volume at 1 mm: a few hundred MB)."""
+    x, y, z = image.shape
+    target_z = self.spacing_mm[2] if self.spacing_mm and len(self.spacing_mm) == 3 else None
+    if target_z is not None and spacing is None:
+      raise InferenceError("this network works at a target spacing: give the volume's spacing")
+    depth = slices.stored_depth(z, spacing[2], target_z) if target_z else z
+    if depth != z:
+      image = slices.resample_depth(image, depth)
+      spacing = (spacing[0], spacing[1], spacing[2] * z / depth)
+    stacks = self.slice_stacks(image, 0, depth, spacing=spacing)  # [depth, H, W, C]
+    pad = float(self.normaliser(np.array([augment.AIR_HU], np.float32))[0])
+    grid = np.empty(stacks.shape[:-1] + (self.num_classes,), np.float16)
+    for z0, z1, probs in sw.sliding_window_slabs(
+        lambda w: self.slice_probabilities(w, options), stacks, tuple(self.window),
+        overlap=self.overlap, sigma_scale=self.sigma_scale, batch_size=int(options.batch_size),
+        pad_value=pad):
+      grid[z0:z1] = probs
+    del stacks
+    lo, hi, w = slices.z_weights(depth, z)  # the volume's slices on the network's grid
+    for k0 in range(0, z, int(options.chunk_slices)):
+      k1 = min(z, k0 + int(options.chunk_slices))
+      wk = w[k0:k1, None, None, None]
+      probs = (grid[lo[k0:k1]].astype(np.float32) * (1 - wk)
+               + grid[hi[k0:k1]].astype(np.float32) * wk)
+      yield k0, k1, slices.resample_probabilities_back(probs, (x, y))
+
   def volume_probabilities(self, image: np.ndarray,
                            options: InferenceOptions = InferenceOptions(),
                            z_range: Optional[tuple[int, int]] = None, spacing=None
@@ -230,11 +265,17 @@ class Network:
     """(z0, z1, probabilities [z1 - z0, X, Y, K]) chunk by chunk over a canonical volume.
 
     Probabilities are on the volume's own in-plane grid (bilinear back from the network's).
-    Only one chunk exists at a time; `z_range` limits the slices (default: all); `spacing` (mm
-    per axis) is needed on a target spacing.
+    Only one chunk exists at a time (a 3-D network: see `_volume_probabilities_3d`); `z_range`
+    limits the slices (default: all; 2-D networks); `spacing` (mm per axis) is needed on a
+    target spacing.
     """
     if image.ndim != 3:
       raise ValueError(f"expected a 3-D (X, Y, Z) volume, got shape {image.shape}")
+    if self.spatial_dims == 3:
+      if z_range is not None:
+        raise InferenceError("a 3-D network segments whole volumes (no z_range)")
+      yield from self._volume_probabilities_3d(image, options, spacing)
+      return
     x, y, z = image.shape
     start, stop = (0, z) if z_range is None else (max(0, z_range[0]), min(z, z_range[1]))
     for z0 in range(start, stop, int(options.chunk_slices)):
@@ -326,10 +367,9 @@ def load_network(workdir: epath.PathLike, *, stage: Optional[str] = None,
   size = config.data.get("image_size", None)
   size = None if size is None else int(size)
   window = validation.eval_window(config)
-  init_side = (window or (size, size))[0]
+  init_shape = (1,) + tuple(window or (size, size)) + (context,)
   shapes = jax.eval_shape(
-      lambda rng: model.init(rng, jnp.zeros((1, init_side, init_side, context), jnp.float32),
-                             train=False),
+      lambda rng: model.init(rng, jnp.zeros(init_shape, jnp.float32), train=False),
       jax.random.PRNGKey(0))
   abstract = ckpt_lib.abstract_like(
       dict(params=shapes["params"], batch_stats=shapes.get("batch_stats", {})),

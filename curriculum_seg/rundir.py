@@ -102,7 +102,8 @@ ADDED_FIELD_DEFAULTS = {
     "foreground_prior": None, "dice_weight": 1.0, "ce_weight": 1.0, "tumour_fraction": 0.0,
     "lesion_scale": [1.0, 1.0], "lesion_invert": 0.0, "spacing_mm": None,
     "normalisation": "window", "block_size": None, "block_sampling": "slice", "window": None,
-    "overlap": 0.5, "val_overlap": 0.5, "sigma_scale": 0.125,
+    "overlap": 0.5, "val_overlap": 0.5, "sigma_scale": 0.125, "flip_depth": 0.0,
+    "spatial_dims": 2,
 }
 
 

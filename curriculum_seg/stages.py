@@ -297,8 +297,8 @@ class Controller:
     return self._compiled[key]
 
   def _input_shape(self, stage: ml_collections.ConfigDict) -> tuple[int, ...]:
-    size = input_size(self.config, stage)
-    return (int(stage.batch_size), size, size, int(self.config.data.context_slices))
+    return ((int(stage.batch_size),) + input_shape(self.config, stage)
+            + (int(self.config.data.context_slices),))
 
   def _abstract_state(self, stage, tx):
     """Shapes, dtypes and (replicated) shardings of a stage's train state, computing nothing."""
@@ -565,20 +565,29 @@ def _same_validation(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict)
           and a.get("crop_margin") == b.get("crop_margin"))
 
 
-def input_size(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict) -> int:
-  """The side of the square inputs a stage trains on: its patch, crop or block size, or the
-  dataset's slice size (whole slices)."""
+def input_shape(config: ml_collections.ConfigDict,
+                stage: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The spatial shape of a stage's inputs: its patch, crop or block shape ((rows, cols), or
+  (slices, rows, cols) for 3-D), or the dataset's slice size (whole slices)."""
   if stage.pipeline == "patch":
-    return int(stage.patch_size)
+    return pipelines.patch_shape(stage)
   if stage.pipeline == "liver_crop":
-    return pipelines.crop_settings(stage, config.data.get("image_size", None))[0]
+    size = pipelines.crop_settings(stage, config.data.get("image_size", None))[0]
+    return (size, size)
   block = pipelines.block_size(stage)
   if block is not None:
-    return block[0]
+    return block
   size = config.data.get("image_size", None)
   if size is None:
     raise StageError("a whole stage needs stage.block_size when data.spacing_mm is set")
-  return int(size)
+  return (int(size), int(size))
+
+
+def input_size(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict):
+  """What the metrics log says of a stage's inputs: the side of its square inputs, or the
+  [slices, rows, cols] of 3-D ones."""
+  shape = input_shape(config, stage)
+  return shape[-1] if len(shape) == 2 else list(shape)
 
 
 def check_run_lengths(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:

@@ -34,9 +34,10 @@ DEFAULT_VAL_OVERLAP = 0.5
 DEFAULT_SIGMA_SCALE = 0.125
 
 
-def eval_window(config: ml_collections.ConfigDict) -> Optional[tuple[int, int]]:
-  """The sliding window of evaluation: `config.eval.window`, else the block of the last whole
-  stage that has one; None (whole slices) when neither is set."""
+def eval_window(config: ml_collections.ConfigDict) -> Optional[tuple[int, ...]]:
+  """The sliding window of evaluation ((rows, cols), or (slices, rows, cols) for a 3-D
+  network): `config.eval.window`, else the block of the last whole stage that has one; None
+  (whole slices) when neither is set."""
   value = config.get("eval", {}).get("window", None)
   if value is not None:
     return settings.block_size(dict(block_size=value))
@@ -132,9 +133,10 @@ class Validator:
       self._split = pipelines.open_split(self.builder, "validation")
     return self._split
 
-  def _predict(self, state, model, key):
-    """windows [n, 1, h, w, C] -> probabilities [n, 1, h, w, K], n a multiple of the global
-    batch; every process passes the same windows and gets all the probabilities."""
+  def _predict(self, state, model, key, three_d: bool = False):
+    """windows [n, 1, h, w, C] (a 2-D network) or [n, d, h, w, C] (3-D) -> probabilities of
+    the same shape with K classes, n a multiple of the global batch; every process passes the
+    same windows and gets all the probabilities."""
     if key not in self._predict_steps:
       self._predict_steps[key] = train_step.make_predict_step(model, self.mesh, gather=True)
     step = self._predict_steps[key]
@@ -142,12 +144,12 @@ class Validator:
 
     def predict(windows: np.ndarray) -> np.ndarray:
       n = windows.shape[0]
-      flat = windows.reshape((n,) + windows.shape[2:])
+      flat = windows if three_d else windows.reshape((n,) + windows.shape[2:])
       share = n // processes
       mine = flat[me * share:(me + 1) * share]
       probs = step(state, sharding.host_to_global(dict(image=mine), self.mesh)["image"])
       out = np.asarray(probs.addressable_data(0))
-      return out.reshape((n, 1) + out.shape[1:])
+      return out if three_d else out.reshape((n, 1) + out.shape[1:])
 
     return predict
 
@@ -177,7 +179,8 @@ class Validator:
       window = eval_window(self.config)
       if window is None:
         raise ValueError("config.eval.window must be set to validate slices of different sizes")
-    predict = self._predict(state, model, key)
+    three_d = len(window) == 3
+    predict = self._predict(state, model, key, three_d)
     pad_value = float(self.normaliser(np.array([augment.AIR_HU], np.float32))[0])
     sums = dict(intersection=0.0, pred_sum=0.0, target_sum=0.0, dice_sum=0.0, ce_sum=0.0,
                 pixels=0.0, count=0)
@@ -193,7 +196,8 @@ class Validator:
         self.normaliser.into(image, hu)
         targets = _task_targets(labels, task)
         for z0, z1, probs in sw.sliding_window_slabs(
-            predict, image, (1,) + tuple(window), overlap=_overlap(self.config),
+            predict, image, tuple(window) if three_d else (1,) + tuple(window),
+            overlap=_overlap(self.config),
             sigma_scale=float(self.config.eval.get("sigma_scale", DEFAULT_SIGMA_SCALE)),
             batch_size=batch, pad_value=pad_value):
           t = targets[z0:z1]

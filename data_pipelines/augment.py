@@ -40,6 +40,7 @@ STREAM_INTENSITY_SCALE = 5
 STREAM_INTENSITY_SHIFT = 6
 STREAM_LESION_SCALE = 7
 STREAM_LESION_INVERT = 8
+STREAM_FLIP_DEPTH = 9
 LIVER, TUMOUR = 1, 2  # LiTS label values
 
 _MASK64 = (1 << 64) - 1
@@ -82,9 +83,10 @@ class AugmentSpec:
   lesion_scale: tuple[float, float] = (1.0, 1.0)  # |factor| on a lesion's contrast to the liver
   lesion_invert: float = 0.0    # probability that the factor is negative (polarity flipped)
   on_device: bool = True        # warp in the device feed (True) or in the host pipeline
+  flip_depth: float = 0.0       # probability of mirroring a 3-D row's slices
 
   def __post_init__(self):
-    for key in ("flip_lr", "flip_ud"):
+    for key in ("flip_lr", "flip_ud", "flip_depth"):
       if not 0.0 <= getattr(self, key) <= 1.0:
         raise ValueError(f"augment.{key} must be a probability in [0, 1], got "
                          f"{getattr(self, key)}")
@@ -124,7 +126,8 @@ class AugmentSpec:
                intensity_scale=float(get("intensity_scale", 0.0)),
                lesion_scale=(float(lesion[0]), float(lesion[1])),
                lesion_invert=float(get("lesion_invert", 0.0)),
-               on_device=bool(get("on_device", True)))
+               on_device=bool(get("on_device", True)),
+               flip_depth=float(get("flip_depth", 0.0)))
 
   @property
   def geometric(self) -> bool:
@@ -158,7 +161,8 @@ def sample_params(spec: AugmentSpec, seed: int, positions) -> dict[str, np.ndarr
                 intensity_shift=zeros, lesion_factor=np.ones(n, np.float32))
   u = lambda stream: counter_uniform(seed, positions, stream)  # noqa: E731
   lo, hi = spec.scale_range
-  return dict(
+  depth = dict(flip_depth=u(STREAM_FLIP_DEPTH) < spec.flip_depth) if spec.flip_depth else {}
+  return dict(**depth,
       angle=np.radians((2 * u(STREAM_ANGLE) - 1) * spec.rotate_deg).astype(np.float32),
       scale=(lo + (hi - lo) * u(STREAM_SCALE)).astype(np.float32),
       flip_lr=u(STREAM_FLIP_LR) < spec.flip_lr,
@@ -241,9 +245,9 @@ def warp_nearest(label, affine, out_size: int, fill: int = 0):
 
 
 def scale_lesion_contrast(hu, label, factor):
-  """HU [H, W, C] with every channel's voxels under the tumour label (of [H, W] `label`) moved to
-  ref + factor * (hu - ref), ref the mean HU of the centre channel's liver voxels (label 1);
-  unchanged where the slice holds no liver."""
+  """HU [..., C] with every channel's voxels under the tumour label (`label` [...], [H, W] or
+  [D, H, W]) moved to ref + factor * (hu - ref), ref the mean HU of the centre channel's liver
+  voxels (label 1); unchanged where the row holds no liver."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   hu = hu.astype(jnp.float32)
   liver = (label == LIVER).astype(jnp.float32)
@@ -273,28 +277,40 @@ def make_finish(normaliser, out_size: int,
                 warp: bool) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
   """The device half of a training batch: warp, normalise, jitter; returns the model's batch.
 
-  In: `image` int16 HU [b, F, F, C], `label` uint8 [b, F, F], `mask` [b], `affine` [b, 2, 3],
-  `intensity` [b, 2] (scale, shift) or [b, 3] (+ the lesion contrast factor). `normaliser`:
-  an intensity.Normaliser. Out: `image` float32 [b, O, O, C], `label` int32 [b, O, O], `mask`
-  float32 [b]. Row-wise, so the result does not depend on how rows are sharded.
+  In: `image` int16 HU [b, F, F, C] ([b, D, F, F, C] for 3-D rows), `label` uint8 [b, F, F]
+  ([b, D, F, F]), `mask` [b], `affine` [b, 2, 3] (in plane), `intensity` [b, 2] (scale, shift)
+  or [b, 3] (+ the lesion contrast factor), optionally `flip_depth` [b] (3-D rows mirrored in
+  depth). `normaliser`: an intensity.Normaliser. Out: `image` float32 [b, (D,) O, O, C],
+  `label` int32, `mask` float32 [b]. Row-wise, so the result does not depend on how rows are
+  sharded.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  def one(image, label, affine, intensity):
+  def one(image, label, affine, intensity, flip_depth):
+    three_d = image.ndim == 4  # [D, F, F, C]: every slice warped alike, as channels
+    if three_d:
+      d, f, _, c = image.shape
+      image = jnp.moveaxis(image, 0, 2).reshape(f, f, d * c)
+      label = jnp.moveaxis(label, 0, 2)
     if warp:
       hu = warp_bilinear(image, affine, out_size)
       label = warp_nearest(label, affine, out_size)
     else:
       hu = image
+    if three_d:
+      hu = jnp.moveaxis(hu.reshape(hu.shape[0], hu.shape[1], d, c), 2, 0)
+      label = jnp.moveaxis(label, 2, 0)
+      hu, label = (jnp.where(flip_depth, x[::-1], x) for x in (hu, label))
     if intensity.shape[-1] == 3:
       hu = scale_lesion_contrast(hu, label, intensity[2])
     return (jitter_intensity(normalise(hu, normaliser), intensity[0], intensity[1],
                              normaliser.range), label)
 
   def finish(batch):
+    flips = batch.get("flip_depth", jnp.zeros(batch["mask"].shape, bool))
     image, label = jax.vmap(one)(batch["image"], batch["label"], batch["affine"],
-                                 batch["intensity"])
+                                 batch["intensity"], flips)
     return dict(image=image, label=label.astype(jnp.int32),
                 mask=batch["mask"].astype(jnp.float32))
 

@@ -146,10 +146,13 @@ class Lits(tfds.core.GeneratorBasedBuilder):
       volume, segmentation = cases[number]
       case = lits.load_case(volume, segmentation)
       logging.info("prepare: case %d %s", number, case.image.shape)
-      size = slices.stored_shape(case.image.shape, case.spacing, cfg.image_size, cfg.spacing_mm)
-      examples = slices.case_examples(case.image, case.labels, case.spacing, number,
-                                      cfg.context_slices, size)
-      return examples, size, slices.intensity_histograms(case.image, case.labels)
+      hists = slices.intensity_histograms(case.image, case.labels)  # at the case's resolution
+      target_z = cfg.spacing_mm[2] if cfg.spacing_mm and len(cfg.spacing_mm) == 3 else None
+      image, labels, spacing = slices.resample_case_depth(case.image, case.labels,
+                                                          case.spacing, target_z)
+      size = slices.stored_shape(image.shape, spacing, cfg.image_size, cfg.spacing_mm)
+      examples = slices.case_examples(image, labels, spacing, number, cfg.context_slices, size)
+      return examples, size, hists
 
     # The next case is read and resampled in a background thread while this one is written:
     # at most two cases are in memory.

@@ -33,7 +33,8 @@ from data_pipelines import augment, index as index_lib, intensity, records, samp
 from data_pipelines import transforms as T
 # The settings' public names, as callers know them (pipelines.hu_window, ...).
 from data_pipelines.settings import (DEFAULT_HU_WINDOW, MAX_BLOCK, block_size,  # noqa: F401
-                                     crop_settings, host_threads, hu_window, worker_count)
+                                     crop_settings, host_threads, hu_window, patch_shape,
+                                     worker_count)
 from data_pipelines.settings import process_rows, stage_get, stream_settings
 
 PIPELINES = ("whole", "patch", "liver_crop")
@@ -112,12 +113,11 @@ def check_stage_settings(stage_cfg, data_cfg, image_size: Optional[int]) -> dict
     raise ValueError(f"stage.tumour_fraction ({tumour_fraction}) applies to 'whole' and "
                      f"'liver_crop' stages; a patch stage's tumour share is "
                      f"stage.positive_fraction")
-  out_size = int(stage_get(stage_cfg, "patch_size", 0))
+  shape = patch_shape(stage_cfg)
+  out_size = shape[-1]
   if image_size is not None and not 1 <= out_size <= image_size:
     raise ValueError(f"stage.patch_size ({out_size}) must be in [1, data.image_size="
                      f"{image_size}]")
-  if not 1 <= out_size <= MAX_BLOCK:
-    raise ValueError(f"stage.patch_size ({out_size}) must be in [1, {MAX_BLOCK}]")
   fraction = float(stage_get(stage_cfg, "positive_fraction", 0.5))
   if not 0.0 <= fraction <= 1.0:
     raise ValueError(f"stage.positive_fraction must be in [0, 1], got {fraction}")
@@ -126,11 +126,11 @@ def check_stage_settings(stage_cfg, data_cfg, image_size: Optional[int]) -> dict
     raise ValueError(f"stage.component_sampling must be one of {samplers.COMPONENT_SAMPLING}, "
                      f"got {sampling!r}")
   jitter = float(stage_get(stage_cfg, "patch_jitter", 0))
-  if not 0.0 <= jitter < out_size / 2:
+  if not 0.0 <= jitter < min(shape) / 2:
     raise ValueError(f"stage.patch_jitter ({jitter}) must be in [0, patch_size/2 = "
-                     f"{out_size / 2}): the tumour must stay in the patch")
+                     f"{min(shape) / 2}): the tumour must stay in the patch")
   return dict(tumour_fraction=0.0, out_size=out_size, fraction=fraction, sampling=sampling,
-              jitter=jitter)
+              jitter=jitter, depth=shape[0] if len(shape) == 3 else 0)
 
 
 def _train_sampler(pipeline, stage_cfg, data_cfg, index, split_records, seed, batch_size):
@@ -149,7 +149,7 @@ def _train_sampler(pipeline, stage_cfg, data_cfg, index, split_records, seed, ba
     if block is not None:
       sampler = samplers.BlockSampler(index, examples, seed, batch_size, block, tumour_fraction,
                                       settings["block_sampling"])
-      return sampler, block[0], None, dict(
+      return sampler, block[-1], None, dict(
           pipeline="whole", block_size=list(block), block_sampling=settings["block_sampling"],
           examples=len(examples), selection=selection, tumour_fraction=tumour_fraction,
           tumour_slices=len(sampler.tumour_examples), components=sampler.num_components,
@@ -176,10 +176,12 @@ def _train_sampler(pipeline, stage_cfg, data_cfg, index, split_records, seed, ba
         tumour_rows_per_batch=sampler.num_tumour)
   out_size = settings["out_size"]
   sampler = samplers.PatchSampler(index, seed, batch_size, settings["fraction"],
-                                  settings["sampling"], settings["jitter"], out_size)
+                                  settings["sampling"], settings["jitter"], out_size,
+                                  depth=settings["depth"])
   return sampler, out_size, None, dict(
       pipeline="patch", parts=len(index.tumours), components=sampler.num_components,
-      positives_per_batch=sampler.num_positive, negative_slices=len(sampler.negative_pool))
+      positives_per_batch=sampler.num_positive, negative_slices=len(sampler.negative_pool),
+      patch_size=list(patch_shape(stage_cfg)))
 
 
 def make_train_pipeline(builder, data_cfg, augment_cfg, stage_cfg, seed: int,
@@ -217,9 +219,12 @@ def make_train_pipeline(builder, data_cfg, augment_cfg, stage_cfg, seed: int,
   if pipeline == "patch" or blocks:  # warp the footprint around the centre into the patch
     in_size = spec.footprint(out_size)
     out_centre, in_centre = float(out_size // 2), float(in_size // 2)
-    if blocks:
-      rows_ds = rows_ds.map(T.PlaceBlock(sampler))
-    rows_ds = rows_ds.map(T.CropPatch(sampler, in_size))
+    rows_ds = rows_ds.map(T.PlaceBlock(sampler) if blocks else T.PlacePatch(sampler))
+    depth = sampler.block[0] if blocks and len(sampler.block) == 3 else (
+        0 if blocks else sampler.depth)
+    if depth:  # 3-D: the block's or patch's slices of the case
+      rows_ds = rows_ds.map(T.ReadDepth(split_records, index, depth))
+    rows_ds = rows_ds.map(T.CropPatch(in_size))
   elif pipeline == "liver_crop":  # augment in the crop's frame, then map it into the box
     if s is None:  # slices of several sizes: padded to the largest so that they batch
       largest = tuple(int(v) for v in index.cases[:, 5:7].max(axis=0))

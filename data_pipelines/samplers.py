@@ -43,6 +43,8 @@ STREAM_BLOCK_ROW = 31
 STREAM_BLOCK_COL = 32
 STREAM_BLOCK_COMPONENT = 33
 STREAM_BLOCK_PART = 34
+STREAM_BLOCK_DEPTH = 35
+STREAM_PATCH_DEPTH_JITTER = 36
 
 
 class _Unlocked:
@@ -238,12 +240,13 @@ class BlockSampler(_RowsOfGlobalBatches):
   """
 
   def __init__(self, index: SplitIndex, examples: np.ndarray, seed: int, batch_size: int,
-               block: tuple[int, int], tumour_fraction: float = 0.0, sampling: str = "slice"):
+               block: tuple[int, ...], tumour_fraction: float = 0.0, sampling: str = "slice"):
     self._init_transient()
     if sampling not in BLOCK_SAMPLING:
       raise ValueError(f"stage.block_sampling must be one of {BLOCK_SAMPLING}, got {sampling!r}")
     self.seed, self.batch_size = int(seed), int(batch_size)
     self.block, self.sampling, self.parts = tuple(int(b) for b in block), sampling, index.tumours
+    self.cases = index.cases  # a 3-D block's depth is placed within its case's slices
     self.slices = WholeSliceSampler(examples, seed, batch_size, index.tumour_slices(),
                                     tumour_fraction)
     self.num_tumour = self.slices.num_tumour
@@ -261,7 +264,8 @@ class BlockSampler(_RowsOfGlobalBatches):
 
   def global_batch(self, b: int) -> dict[str, np.ndarray]:
     """`example`, `position`, `tumour_row`, `part` (index row of a component-sampled tumour
-    row, else -1) and the uniforms `pixel_u`, `offset_u` [B, 2] that place the block."""
+    row, else -1) and the uniforms `pixel_u`, `offset_u` [B, 2] ([B, 3], depth first, for 3-D
+    blocks) that place the block."""
     plan = dict(self.slices.global_batch(b))
     positions = plan["position"]
     part = np.full(self.batch_size, -1, np.int64)
@@ -270,15 +274,19 @@ class BlockSampler(_RowsOfGlobalBatches):
       part[plan["tumour_row"]] = picked
       plan["example"] = plan["example"].copy()
       plan["example"][plan["tumour_row"]] = self.parts[picked, 0].astype(np.int64)
+    streams = (STREAM_BLOCK_ROW, STREAM_BLOCK_COL)
+    if len(self.block) == 3:
+      streams = (STREAM_BLOCK_DEPTH,) + streams
     offset_u = np.stack([augment.counter_uniform(self.seed, positions, stream)
-                         for stream in (STREAM_BLOCK_ROW, STREAM_BLOCK_COL)], -1)
+                         for stream in streams], -1)
     return dict(plan, part=part, pixel_u=augment.counter_uniform(self.seed, positions,
                                                                   STREAM_BLOCK_PIXEL),
                 offset_u=offset_u)
 
-  def place(self, label: np.ndarray, row: dict[str, np.ndarray]) -> tuple[int, int]:
+  def place(self, label: np.ndarray, row: dict[str, np.ndarray]) -> tuple[int, ...]:
     """The centre (row, col) of the row's block in its slice, so that a crop of the block's
-    size around it (top = centre - size // 2) is the placed block."""
+    size around it (top = centre - size // 2) is the placed block; for a 3-D block (slice,
+    row, col), the slice placed among its case's slices around the planned one."""
     candidates = None
     if row["tumour_row"]:
       tumour = label == TUMOUR
@@ -296,7 +304,12 @@ class BlockSampler(_RowsOfGlobalBatches):
     flat = np.flatnonzero(candidates)
     k = flat[min(int(float(row["pixel_u"]) * len(flat)), len(flat) - 1)]
     anchor = np.unravel_index(k, label.shape)
-    offsets = block_offsets(label.shape, self.block, anchor, row["offset_u"])
+    extent = label.shape
+    if len(self.block) == 3:
+      case = np.searchsorted(self.cases[:, 1], int(row["example"]), side="right") - 1
+      first, num_slices = int(self.cases[case, 1]), int(self.cases[case, 2])
+      anchor, extent = (int(row["example"]) - first,) + tuple(anchor), (num_slices,) + extent
+    offsets = block_offsets(extent, self.block, anchor, row["offset_u"])
     return tuple(int(o + b // 2) for o, b in zip(offsets, self.block))
 
 
@@ -311,10 +324,12 @@ class PatchSampler(_RowsOfGlobalBatches):
   """
 
   def __init__(self, index: SplitIndex, seed: int, batch_size: int, positive_fraction: float,
-               component_sampling: str, jitter: float, patch_size: int):
+               component_sampling: str, jitter: float, patch_size: int, depth: int = 0):
     self._init_transient()
     self.seed, self.batch_size = int(seed), int(batch_size)
     self.jitter, self.patch_size = float(jitter), int(patch_size)
+    self.depth = int(depth)  # a 3-D patch's slices (0: 2-D patches)
+    self.cases = index.cases
     self.num_positive = int(round(positive_fraction * batch_size))
     parts = index.tumours
     if self.num_positive > 0 and len(parts) == 0:
@@ -374,8 +389,15 @@ class PatchSampler(_RowsOfGlobalBatches):
       pool = self.negative_pool
       example[~positive] = pool[np.minimum((u * len(pool)).astype(np.int64), len(pool) - 1)]
     pixel_u = augment.counter_uniform(self.seed, positions, STREAM_NEGATIVE_PIXEL)
-    return dict(example=example, position=positions, positive=positive, part=part,
+    plan = dict(example=example, position=positions, positive=positive, part=part,
                 centre=centre, pixel_u=pixel_u)
+    if self.depth:  # the patch's centre slice: the planned slice, positives jittered in depth
+      rows = np.searchsorted(self.cases[:, 1], example, side="right") - 1
+      jz = np.where(positive, np.floor((2 * augment.counter_uniform(
+          self.seed, positions, STREAM_PATCH_DEPTH_JITTER) - 1) * self.jitter + 0.5), 0)
+      plan["centre_z"] = np.clip(example - self.cases[rows, 1] + jz.astype(np.int64), 0,
+                                 self.cases[rows, 2] - 1)
+    return plan
 
   def negative_centre(self, label: np.ndarray, has_tumour: bool, u: float) -> tuple[int, int]:
     """A liver pixel (label 1) whose unaugmented patch holds no tumour when one exists, else

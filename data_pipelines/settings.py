@@ -28,11 +28,14 @@ def target_spacing(data_cfg) -> Optional[tuple[float, ...]]:
 
   None (or absent): every slice is resampled to `data.image_size` pixels, whatever its field of
   view (the grid of datasets made before target spacing). A number s or a 1-tuple: s x s mm in
-  plane; a pair: (rows, cols); a triple adds the slice spacing, 0 keeping each case's own.
+  plane; a pair: (rows, cols); a triple adds the slice spacing (cases are resampled along z
+  too, for 3-D), 0 keeping each case's own.
   """
   value = data_cfg.get("spacing_mm", None)
   if value is None:
     return None
+  if isinstance(value, (list, tuple)) and len(value) == 3 and value[2] == 0:
+    value = tuple(value[:2])
   values = (value,) if isinstance(value, (int, float)) else tuple(value)
   if not 1 <= len(values) <= 3 or not all(
       isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
@@ -45,10 +48,7 @@ def target_spacing(data_cfg) -> Optional[tuple[float, ...]]:
   if not 0 <= through <= 50:
     raise ValueError(f"data.spacing_mm={value!r}: the slice spacing must be in [0, 50] mm (0 "
                      "keeps each case's)")
-  if through > 0:
-    raise ValueError(f"data.spacing_mm={value!r}: resampling the slice spacing is not "
-                     "supported yet; give (rows, cols) or a third value 0")
-  return tuple(float(v) for v in in_plane)
+  return tuple(float(v) for v in in_plane) + ((through,) if through > 0 else ())
 
 
 def worker_count(data_cfg) -> int:
@@ -110,24 +110,37 @@ def stage_get(stage_cfg, key: str, default=None):
 MAX_BLOCK = 1024  # pixels a side of a block or patch: more is a whole LiTS slice twice over
 
 
-def block_size(stage_cfg) -> Optional[tuple[int, int]]:
-  """A whole stage's `block_size` as (rows, cols), or None (whole slices as stored).
+MAX_BLOCK_DEPTH = 512  # slices of a 3-D block or patch
 
-  An int or a 1-tuple is a square; in-plane blocks are square (the augmentation warps squares).
-  """
-  value = stage_get(stage_cfg, "block_size", None)
-  if value is None:
-    return None
+
+def _shape(value, key: str, minimum: int) -> tuple[int, ...]:
+  """An int or a 1-tuple (a square), (rows, cols) or (slices, rows, cols), validated."""
   values = (value,) if isinstance(value, int) else tuple(value)
-  if (len(values) not in (1, 2) or not all(isinstance(v, int) and not isinstance(v, bool)
-                                           for v in values)):
-    raise ValueError(f"stage.block_size must be an int or (rows, cols), got {value!r}")
-  rows, cols = (values[0], values[0]) if len(values) == 1 else values
-  if rows != cols:
-    raise ValueError(f"stage.block_size={value!r}: in-plane blocks are square")
-  if not 8 <= rows <= MAX_BLOCK:
-    raise ValueError(f"stage.block_size={value!r} must be in [8, {MAX_BLOCK}] pixels")
-  return rows, cols
+  if (len(values) not in (1, 2, 3) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                              for v in values)):
+    raise ValueError(f"stage.{key} must be an int, (rows, cols) or (slices, rows, cols), got "
+                     f"{value!r}")
+  values = (values[0], values[0]) if len(values) == 1 else values
+  if values[-1] != values[-2]:
+    raise ValueError(f"stage.{key}={value!r}: in-plane blocks are square")
+  if not minimum <= values[-1] <= MAX_BLOCK:
+    raise ValueError(f"stage.{key}={value!r} must be in [{minimum}, {MAX_BLOCK}] pixels")
+  if len(values) == 3 and not 1 <= values[0] <= MAX_BLOCK_DEPTH:
+    raise ValueError(f"stage.{key}={value!r}: the depth must be in [1, {MAX_BLOCK_DEPTH}]")
+  return values
+
+
+def block_size(stage_cfg) -> Optional[tuple[int, ...]]:
+  """A whole stage's `block_size` as (rows, cols), or (slices, rows, cols) for a 3-D network;
+  None: whole slices as stored. An int or a 1-tuple is a square; in-plane blocks are square
+  (the augmentation warps squares)."""
+  value = stage_get(stage_cfg, "block_size", None)
+  return None if value is None else _shape(value, "block_size", 8)
+
+
+def patch_shape(stage_cfg) -> tuple[int, ...]:
+  """A patch stage's `patch_size` as (rows, cols), or (slices, rows, cols) for 3-D patches."""
+  return _shape(stage_get(stage_cfg, "patch_size", 0), "patch_size", 1)
 
 
 def crop_settings(stage_cfg, image_size: Optional[int]) -> tuple[int, int]:

@@ -39,6 +39,68 @@ def stored_shape(shape_xy: Sequence[int], spacing: Sequence[float], image_size: 
   return shape
 
 
+def stored_depth(num_slices: int, slice_mm: float, target_mm: Optional[float]) -> int:
+  """The stored slice count of a case: its own, or resampled to `target_mm` between slices."""
+  if not target_mm:
+    return int(num_slices)
+  depth = max(1, int(round(num_slices * float(slice_mm) / float(target_mm))))
+  if depth > 8 * MAX_STORED_PIXELS:
+    raise ValueError(f"data.spacing_mm slice spacing {target_mm} mm makes {depth} slices of "
+                     f"{num_slices} at {slice_mm:.3g} mm: is it in millimetres?")
+  return depth
+
+
+def z_weights(n: int, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Linear interpolation from n to m slices (half-pixel convention): for each output slice
+  the lower and upper source slices and the upper one's weight."""
+  src = np.clip((np.arange(m) + 0.5) * n / m - 0.5, 0, n - 1)
+  lo = np.floor(src).astype(np.int64)
+  return lo, np.minimum(lo + 1, n - 1), (src - lo).astype(np.float32)
+
+
+def resample_depth(volume: np.ndarray, depth: int) -> np.ndarray:
+  """An (X, Y, Z) int16 HU volume resampled along Z to `depth` slices, linearly (as nnU-Net
+  resamples a separate, coarse z axis), a band of rows at a time."""
+  z = volume.shape[2]
+  if z == depth:
+    return volume
+  lo, hi, w = z_weights(z, depth)
+  out = np.empty(volume.shape[:2] + (depth,), np.int16)
+  for r in range(0, volume.shape[0], _CHUNK):
+    band = volume[r:r + _CHUNK].astype(np.float32)
+    out[r:r + _CHUNK] = np.rint(band[:, :, lo] * (1 - w) + band[:, :, hi] * w)
+  return out
+
+
+def resample_labels_depth(labels: np.ndarray, depth: int, num_classes: int = 3) -> np.ndarray:
+  """(X, Y, Z) labels resampled along Z: linear interpolation of each class, then argmax (the
+  same rule as in plane)."""
+  z = labels.shape[2]
+  if z == depth:
+    return labels
+  lo, hi, w = z_weights(z, depth)
+  out = np.empty(labels.shape[:2] + (depth,), np.uint8)
+  for r in range(0, labels.shape[0], _CHUNK):
+    band = labels[r:r + _CHUNK]
+    scores = [(band[:, :, lo] == c) * (1 - w) + (band[:, :, hi] == c) * w
+              for c in range(1, num_classes)]
+    scores.insert(0, 1.0 - sum(scores))
+    out[r:r + _CHUNK] = np.argmax(np.stack(scores, -1), -1).astype(np.uint8)
+  return out
+
+
+def resample_case_depth(image: np.ndarray, labels: Optional[np.ndarray], spacing,
+                        target_mm: Optional[float]):
+  """(image, labels, spacing) of a case resampled along Z to `target_mm` between slices
+  (unchanged without a target)."""
+  depth = stored_depth(image.shape[2], spacing[2], target_mm)
+  if depth == image.shape[2]:
+    return image, labels, tuple(spacing)
+  spacing = (spacing[0], spacing[1], spacing[2] * image.shape[2] / depth)
+  labels = None if labels is None else resample_labels_depth(labels, depth)
+  return resample_depth(image, depth), labels, spacing
+
+
 def _size2(size) -> tuple[int, int]:
   return (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
 

@@ -7,6 +7,8 @@ Element transforms (one batch row) run in Grain's read threads and worker proces
   SelectSlice       position -> the sampler's plan of that row (`example`, patch `centre`, ...)
   ReadSlice         + `image` int16 [H, W, C] and `label` uint8 [H, W] of the planned example
   PlaceBlock        + the `centre` of a whole stage's block, placed on the label
+  ReadDepth         a 3-D row: the block's or patch's slices of the case around `centre_z`
+  PlacePatch        + the `centre` of a negative patch, a liver pixel of the label
   CropPatch         image and label -> the footprint around the patch or block centre (air
                     outside)
   PadSlice          image and label padded (air, background) to the split's largest slice
@@ -118,28 +120,75 @@ class PlaceBlock(grain.transforms.Map):
   sampler: Any  # samplers.BlockSampler
 
   def map(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return dict(row, centre=np.asarray(self.sampler.place(row["label"], row), np.int64))
+    centre = self.sampler.place(row["label"], row)
+    if len(centre) == 3:  # a 3-D block: its centre slice in the case, then in plane
+      return dict(row, centre_z=np.int64(centre[0]), centre=np.asarray(centre[1:], np.int64))
+    return dict(row, centre=np.asarray(centre, np.int64))
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadDepth(grain.transforms.Map):
+  """image [H, W, C] and label [H, W] of the planned slice -> the `depth` slices of its case
+  around `centre_z` (slice centre_z - depth // 2 first): image [D, H, W, C], label [D, H, W],
+  air (and background) where the block leaves the case."""
+
+  records: Any  # records.SplitRecords
+  index: SplitIndex
+  depth: int
+
+  def map(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    example = int(row["example"])
+    case = int(self.index.case_rows([example])[0])
+    first, num_slices = (int(v) for v in self.index.cases[case, 1:3])
+    z0 = int(row["centre_z"]) - self.depth // 2
+    image = np.full((self.depth,) + row["image"].shape, np.int16(augment.AIR_HU), np.int16)
+    label = np.zeros((self.depth,) + row["label"].shape, np.uint8)
+    for k in range(self.depth):
+      z = z0 + k
+      if not 0 <= z < num_slices:
+        continue
+      if first + z == example:
+        image[k], label[k] = row["image"], row["label"]
+      else:
+        image[k], label[k] = self.records[first + z]
+    return dict(row, image=image, label=label)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacePatch(grain.transforms.Map):
+  """A negative patch row (no tumour part planned) gets its `centre`: a liver pixel chosen
+  from the label (`PatchSampler.negative_centre`); positive rows keep the planned one."""
+
+  sampler: Any  # samplers.PatchSampler
+
+  def map(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if row["positive"]:
+      return row
+    centre = self.sampler.negative_centre(row["label"], self.sampler.has_tumour(row["example"]),
+                                          float(row["pixel_u"]))
+    return dict(row, centre=np.asarray(centre, np.int64))
 
 
 @dataclasses.dataclass(frozen=True)
 class CropPatch(grain.transforms.Map):
-  """image and label -> the `size` x `size` footprint around the row's `centre` (a patch
-  centre, or a block's from PlaceBlock), air (and background) outside the slice. A negative
-  patch row (no tumour part planned) is centred on a liver pixel chosen from the label
-  (`PatchSampler.negative_centre`)."""
+  """image and label -> the `size` x `size` footprint around the row's `centre` (a patch's,
+  or a block's from PlaceBlock), air (and background) outside the slice; a 3-D row's every
+  slice alike."""
 
-  sampler: Any  # samplers.PatchSampler or samplers.BlockSampler
   size: int
 
   def map(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     image, label = row["image"], row["label"]
-    if row.get("positive", True):
-      r, c = (int(v) for v in row["centre"])
-    else:
-      r, c = self.sampler.negative_centre(label, self.sampler.has_tumour(row["example"]),
-                                          float(row["pixel_u"]))
+    r, c = (int(v) for v in row["centre"])
     f = self.size
     top, left = r - f // 2, c - f // 2
+    if image.ndim == 4:  # [D, H, W, C] (3-D): crop every slice in plane
+      patch = np.empty((image.shape[0], f, f, image.shape[3]), np.int16)
+      patch_label = np.empty((label.shape[0], f, f), np.uint8)
+      for k in range(image.shape[0]):
+        crop_into(patch[k], image[k], top, left, np.int16(augment.AIR_HU))
+        crop_into(patch_label[k], label[k], top, left, 0)
+      return dict(row, image=patch, label=patch_label)
     patch = np.empty((f, f, image.shape[2]), np.int16)
     patch_label = np.empty((f, f), np.uint8)
     crop_into(patch, image, top, left, np.int16(augment.AIR_HU))
@@ -180,8 +229,11 @@ class DrawAugmentation(grain.transforms.Map):
 
   def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     params = augment.sample_params(self.spec, self.seed, batch["position"])
-    return dict(batch, affine=augment.affine_matrices(params, self.out_centre, self.in_centre),
-                intensity=augment.intensity_pairs(params, lesion=self.spec.lesion_contrast))
+    out = dict(batch, affine=augment.affine_matrices(params, self.out_centre, self.in_centre),
+               intensity=augment.intensity_pairs(params, lesion=self.spec.lesion_contrast))
+    if "flip_depth" in params:
+      out["flip_depth"] = params["flip_depth"]
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,9 +257,12 @@ class TrainRows(grain.transforms.Map):
   ones, `affine`, `intensity` (the plan's fields are dropped)."""
 
   def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return dict(image=batch["image"], label=batch["label"],
-                mask=np.ones(len(batch["image"]), np.float32), affine=batch["affine"],
-                intensity=batch["intensity"])
+    out = dict(image=batch["image"], label=batch["label"],
+               mask=np.ones(len(batch["image"]), np.float32), affine=batch["affine"],
+               intensity=batch["intensity"])
+    if "flip_depth" in batch:
+      out["flip_depth"] = batch["flip_depth"]
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,11 @@ BAD_VALUES = [
     ("data.image_size", "4", "config.data.image_size=4 and config.data.spacing_mm=(1.5, 1.5) "
      "are both set"),
     ("data.spacing_mm", "(0.0, 1.0)", "data.spacing_mm=(0.0, 1.0): in-plane spacing must be in"),
-    ("data.spacing_mm", "(1.0, 1.0, 2.0)", "resampling the slice spacing is not supported yet"),
+    ("data.spacing_mm", "(1.0, 1.0, -2.0)", "the slice spacing must be in [0, 50] mm"),
+    ("stages.whole1.block_size", "(24, 64, 64)", "config.stages.whole1.block_size=(24, 64, 64) "
+     "has 3 spatial axes but the network is 2-D"),
+    ("model.spatial_dims", "3", "has 2 spatial axes but the network is 3-D"),
+    ("eval.window", "(8, 64, 64)", "config.eval.window=(8, 64, 64) has 3 spatial axes"),
     ("data.spacing_mm", "None", "config.data.image_size=None must be an integer >= 8"),
     ("data.normalisation", "zscore", "config.data.normalisation='zscore' is not one of"),
     ("stages.whole1.block_size", "(100, 100)", "config.stages.whole1.block_size=100 does not fit"),
@@ -55,7 +59,7 @@ BAD_VALUES = [
      "config.stages.patch.component_sampling must be one of"),
     ("stages.patch.positive_fraction", "1.5",
      "config.stages.patch.positive_fraction must be in [0, 1]"),
-    ("stages.patch.patch_size", "2000", "config.stages.patch.patch_size (2000) must be in"),
+    ("stages.patch.patch_size", "2000", "config.stages.patch.patch_size=2000 must be in [1, 1024]"),
     ("stages.patch.patch_jitter", "40", "config.stages.patch.patch_jitter (40.0) must be in"),
     ("stages.patch.tumour_fraction", "0.5", "unknown config key stages.patch.tumour_fraction"),
     ("stages.whole1.tumour_fraction", "2.0",
@@ -86,6 +90,7 @@ def _config(overrides=(), spec=SYNTHETIC):
 
 def test_the_shipped_configs_pass(tmp_path):
   for spec in ("configs/synthetic.py", "configs/synthetic.py:whole_only",
+               "configs/synthetic_3d.py", "configs/synthetic_3d.py:patch_whole",
                "configs/synthetic.py:patch_whole", "configs/synthetic.py:cascade",
                "configs/lits_three_stage.py", "configs/lits_whole_only.py",
                "configs/lits_cascade.py"):

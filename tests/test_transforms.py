@@ -48,7 +48,7 @@ def test_read_slice_reads_the_planned_example_and_pads_with_zeros():
 
 def test_crop_patch_cuts_the_footprint_around_the_centre_with_air_outside():
   sampler = samplers.PatchSampler(INDEX, 0, 4, 0.5, "component", 0.0, 8)
-  crop = T.CropPatch(sampler, 12)
+  crop = T.CropPatch(12)
   image, label = FakeRecords()[1]
   row = crop.map(dict(example=np.int64(1), positive=np.bool_(True), centre=np.array([10, 12]),
                       pixel_u=0.5, image=image, label=label))
@@ -60,8 +60,9 @@ def test_crop_patch_cuts_the_footprint_around_the_centre_with_air_outside():
   np.testing.assert_array_equal(row["image"][4:, :8], image[:8, 16:])
   assert not row["label"][:4].any() and not row["label"][:, 8:].any()
   # A negative row is centred on a tumour-free liver pixel that the label decides.
-  row = crop.map(dict(example=np.int64(1), positive=np.bool_(False), centre=np.array([-1, -1]),
-                      pixel_u=0.3, image=image, label=label))
+  row = crop.map(T.PlacePatch(sampler).map(dict(
+      example=np.int64(1), positive=np.bool_(False), centre=np.array([-1, -1]), pixel_u=0.3,
+      image=image, label=label)))
   r, c = sampler.negative_centre(label, True, 0.3)
   np.testing.assert_array_equal(row["label"], np.pad(label, 6)[r:r + 12, c:c + 12])
 
@@ -144,7 +145,7 @@ def test_eval_crops_are_the_training_crops_of_each_case():
 def test_worker_side_transforms_pickle():
   sampler = samplers.PatchSampler(INDEX, 0, 4, 0.5, "component", 0.0, 8)
   for transform in (T.ProcessRows(8, 4, 4), T.SelectSlice(sampler), T.ReadSlice(FakeRecords()),
-                    T.CropPatch(sampler, 12), T.DrawAugmentation(SPEC, 1, 3.5, 5.5),
+                    T.CropPatch(12), T.PlacePatch(sampler), T.DrawAugmentation(SPEC, 1, 3.5, 5.5),
                     T.MapIntoLiverBox(INDEX, np.zeros((2, 4)), 8), T.TrainRows(),
                     T.EvalRows(INDEX), T.Normalise(intensity.window(-60.0, 140.0))):
     copy = cloudpickle.loads(cloudpickle.dumps(transform))
