@@ -33,7 +33,8 @@ def get_config(arg=None):
   config.curriculum = ("liver", "tumour")
   config.stages = ml_collections.ConfigDict(dict(
       liver=common.stage("whole", steps=half, batch_size=64, learning_rate=1e-4,
-                         init="scratch", model=dict(task="liver"), **schedule),
+                         init="scratch", model=dict(task="liver"),
+                         block_size=lits_three_stage.BLOCK, **schedule),
       tumour=common.stage("liver_crop", steps=lits_three_stage.TOTAL_STEPS - half,
                           batch_size=64, learning_rate=1e-4, init="scratch", crop_size=256,
                           crop_margin=16, model=dict(task="tumour"), **schedule),

@@ -20,7 +20,7 @@ whole_only, whole_patch, patch_whole). On a GPU with less memory lower the batch
 from configs import lits_three_stage
 
 REGIMES = lits_three_stage.REGIMES
-BATCH_SIZES = {"whole": 16, "patch": 64}  # slices of 512 x 512, patches of 128 x 128
+BATCH_SIZES = {"whole": 32, "patch": 64}  # blocks of 256 x 256, patches of 128 x 128 at 1 mm
 
 
 def get_config(arg=None):

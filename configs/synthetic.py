@@ -25,7 +25,7 @@ from configs import common
 REGIMES = common.REGIME_NAMES + ("cascade", "pgps")
 # pgps: (block side, batch size) of its growing whole stages, pixels per batch about 128^2 x 8.
 PGPS_BLOCKS = ((64, 32), (96, 14), (128, 8))
-TOTAL_STEPS = 1200
+TOTAL_STEPS = 1800
 
 
 BLOCK = (128, 128)  # whole-stage blocks: 192 mm at 1.5 mm a pixel, most of a liver
@@ -34,7 +34,7 @@ BLOCK = (128, 128)  # whole-stage blocks: 192 mm at 1.5 mm a pixel, most of a li
 def whole_stage(steps, init="best", block=BLOCK, batch_size=8):
   return common.stage("whole", steps=steps, batch_size=batch_size, learning_rate=1e-3,
                       init=init, schedule="cosine", warmup_steps=50, tumour_fraction=0.5,
-                      eval_every=200, checkpoint_every=100, block_size=block,
+                      eval_every=300, checkpoint_every=100, block_size=block,
                       block_sampling="slice")
 
 
@@ -107,7 +107,7 @@ def get_config(arg=None):
   config.data.synthetic.storage_variants = True
 
   # In-plane millimetres a pixel (LiTS: 0.56-1.0 mm; the authors resample to 1 mm).
-  common.add_input_settings(config.data, spacing_mm=(1.5, 1.5), normalisation="window")
+  common.add_input_settings(config.data, spacing_mm=(1.5, 1.5), normalisation="ct_foreground")
 
   # Joint image/label augmentation, drawn on the host and applied on the device.
   config.augment = common.augment()

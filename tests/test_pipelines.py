@@ -712,3 +712,62 @@ def test_blocks_over_slices_of_different_sizes(tmp_path_factory):
     assert_batches_equal(merged, one, image_atol=WARP_ATOL)
   with pytest.raises(ValueError, match="stage.block_size must be set"):
     pipelines.make_train_pipeline(builder, cfg, augment_cfg(), stage(), 0, 0, 1)
+
+
+# ---- 3-D blocks and patches -------------------------------------------------------------------
+
+def test_3d_blocks_are_consecutive_slices_of_a_case_placed_around_liver_and_tumour(data):
+  """A (D, H, W) block: D consecutive slices of one case around the planned slice (air past
+  the case's ends), each cropped in plane alike; tumour rows hold tumour; the same global
+  batches from 1 or 2 processes, and resumable."""
+  builder, data_cfg = data
+  index = SplitIndex.from_builder(builder, "train")
+  source = builder.as_data_source("train")
+  blocks = stage(pipeline="blocks", block_size=(6, 16, 16), batch_size=4)
+  stream = pipelines.make_train_pipeline(builder, data_cfg, augment_cfg(enabled=False), blocks,
+                                         0, 0, 1)
+  for b in range(3):
+    plan, batch = stream.plan(b), next(stream)
+    assert batch["image"].shape == (4, 6, 16, 16, 3) and batch["label"].shape == (4, 6, 16, 16)
+    for k in range(4):
+      label = source[int(plan["example"][k])]["label"]
+      z, r, c = stream.sampler.place(label, {key: v[k] for key, v in plan.items()})
+      case = int(index.case_rows([plan["example"][k]])[0])
+      first, n = index.cases[case, 1:3]
+      planned = int(plan["example"][k]) - first
+      assert z - 3 <= planned < z + 3, "the planned slice is in the block"
+      assert 0 <= z - 3 and z + 3 <= n, "a block fits inside its case when the case is deeper"
+      for d in range(6):
+        stored = np.pad(source[int(first + z - 3 + d)]["label"], 16)
+        np.testing.assert_array_equal(batch["label"][k, d], stored[r + 8:r + 24, c + 8:c + 24])
+      if plan["tumour_row"][k]:
+        assert (batch["label"][k] == 2).any()
+  stream.close()
+  one = take(pipelines.make_train_pipeline(builder, data_cfg, augment_cfg(flip_depth=0.5),
+                                           blocks, 0, 0, 1), 3)
+  two = [take(pipelines.make_train_pipeline(builder, data_cfg, augment_cfg(flip_depth=0.5),
+                                            blocks, 0, p, 2), 3) for p in range(2)]
+  merged = [{key: np.concatenate([t[i][key] for t in two]) for key in two[0][i]}
+            for i in range(3)]
+  assert_batches_equal(merged, one, image_atol=WARP_ATOL)
+  resumed = pipelines.make_train_pipeline(builder, data_cfg, augment_cfg(flip_depth=0.5),
+                                          blocks, 0, 0, 1, start=2)
+  assert_batches_equal(take(resumed, 1), one[2:])
+
+
+def test_3d_patches_centre_on_tumour_in_depth_and_flip_in_depth(data):
+  builder, data_cfg = data
+  patch = stage(pipeline="patch", patch_size=(4, 16, 16), positive_fraction=1.0,
+                patch_jitter=1, batch_size=4)
+  plain = take(pipelines.make_train_pipeline(builder, data_cfg, augment_cfg(enabled=False),
+                                             patch, 0, 0, 1), 3)
+  for batch in plain:
+    assert batch["image"].shape == (4, 4, 16, 16, 3)
+    assert all((batch["label"][k] == 2).any() for k in range(4)), "positives hold tumour"
+  flips = augment_cfg(enabled=True, flip_lr=0.0, flip_ud=0.0, rotate_deg=0.0,
+                      scale_range=(1.0, 1.0), intensity_shift=0.0, intensity_scale=0.0,
+                      flip_depth=1.0)
+  flipped = take(pipelines.make_train_pipeline(builder, data_cfg, flips, patch, 0, 0, 1), 3)
+  for a, b in zip(plain, flipped):
+    np.testing.assert_array_equal(b["label"], a["label"][:, ::-1])
+    np.testing.assert_allclose(b["image"], a["image"][:, ::-1], atol=1e-6)
