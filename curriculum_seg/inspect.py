@@ -29,7 +29,7 @@ import numpy as np
 from etils import epath
 
 from curriculum_seg import checkpoints as ckpt_lib
-from curriculum_seg import inference, rundir
+from curriculum_seg import evaluate, inference, rundir
 from curriculum_seg import stages as stages_lib
 
 LIVER, TUMOUR = 1, 2
@@ -403,7 +403,7 @@ class Run:
       fig, ax = plt.subplots(figsize=figsize)
     else:
       fig = ax.figure
-    lo, hi = pipelines.hu_window(self.config.data)
+    lo, hi = evaluate.DISPLAY_WINDOW
     sx, sy = case.spacing[0], case.spacing[1]
     ax.imshow(case.image[:, :, z].T, cmap="gray", vmin=lo, vmax=hi, origin="lower",
               aspect=sy / sx, interpolation="nearest")
@@ -461,7 +461,11 @@ class Run:
     for r, name in enumerate(names):
       batch = batches[name]
       image, label = batch["image"], batch["label"]
+      size = "x".join(str(n) for n in image.shape[1:-1])
+      if image.ndim == 5:  # 3-D rows: their middle slice
+        image, label = image[:, image.shape[1] // 2], label[:, label.shape[1] // 2]
       centre = image.shape[-1] // 2
+      vmin, vmax = (float(v) for v in np.percentile(image, [1, 99]))
       for c in range(cols):
         ax = axes[r, c]
         ax.set_xticks([])
@@ -470,14 +474,13 @@ class Run:
           ax.set_axis_off()
           continue
         # Stored slices are [x, y]: shown as plot_slice shows them (patient right on the left).
-        ax.imshow(image[c, :, :, centre].T, cmap="gray", vmin=0.0, vmax=1.0, origin="lower",
+        ax.imshow(image[c, :, :, centre].T, cmap="gray", vmin=vmin, vmax=vmax, origin="lower",
                   interpolation="nearest")
         ax.imshow(np.ma.masked_equal(label[c].T, 0), cmap=overlay, vmin=LIVER, vmax=TUMOUR,
                   alpha=0.4, origin="lower", interpolation="nearest")
         ax.invert_xaxis()
         ax.set_title(f"row {c}" + (" (tumour)" if (label[c] == TUMOUR).any() else ""),
                      fontsize=8)
-      size = "x".join(str(n) for n in image.shape[1:3])
       fraction = float(self.config.stages[name].get("tumour_fraction", None) or 0.0)
       share = f"\ntumour_fraction {fraction:g}" if fraction else ""
       axes[r, 0].set_ylabel(f"{name}\n{self.stage(name).pipeline} {size}{share}", fontsize=9)
@@ -487,7 +490,7 @@ class Run:
 
   def batch(self, stage: str, position: int = 0) -> dict[str, np.ndarray]:
     """Global batch `position` of a stage's training pipeline, finished (augmented, windowed)
-    on the local CPU: `image` float32 [B, H, W, C] in [0, 1], `label` int32, `mask`."""
+    on the local CPU: `image` float32 [B, (D,) H, W, C] normalised, `label` int32, `mask`."""
     import jax  # pylint: disable=g-import-not-at-top
     import ml_collections  # pylint: disable=g-import-not-at-top
     from data_pipelines import pipelines  # pylint: disable=g-import-not-at-top

@@ -93,3 +93,14 @@ def test_3d_probabilities_map_back_onto_every_slice(run):
   got = labels == 2
   dice = 2 * (got & expected).sum() / (got.sum() + expected.sum())
   assert dice > 0.7, dice
+
+
+def test_load_run_on_a_3d_run(run):
+  from curriculum_seg import inspect  # pylint: disable=g-import-not-at-top
+  loaded = inspect.load_run(run / "run")
+  volume = sorted((run / "lits").glob("volume-*.nii.gz"))[0]
+  labels = loaded.predict(str(volume))
+  assert labels.shape == nib.load(str(volume)).shape
+  fig = loaded.plot_batches()
+  assert len(fig.axes) >= 2
+  assert [s.pipeline for s in loaded.stages] == ["whole", "patch", "whole"]
