@@ -125,27 +125,26 @@ def get_config(arg=None):
 
 
 # The ablation sweep (`curriculum-seg sweep --config configs/synthetic.py --out DIR`): every
-# regime for every seed at one budget, scored on held-out test cases. Edit these to change it.
-SWEEP_REGIMES = ("three_stage", "whole_only", "whole_patch", "patch_whole", "cascade")
+# regime for every seed at one budget, scored on held-out cases. Edit these to change it.
+SWEEP_REGIMES = ("three_stage", "whole_only", "whole_patch", "patch_whole", "cascade", "pgps")
 SWEEP_SEEDS = (0, 1, 2, 3, 4)
-SWEEP_STEPS = 1200  # optimiser steps per run, every regime (spread over its stages)
+SWEEP_STEPS = TOTAL_STEPS  # optimiser steps per run, every regime (spread over its stages)
 SWEEP_REFERENCE = "three_stage"  # compared with every other regime
-SWEEP_CASES = dict(train=10, validation=4, test=40)  # cases per split of the sweep's data
+# Held-out cases: the same generator with another seed and up to 16 tumours a case (LiTS scans
+# hold 0-12, some many more), so that every size bin holds 60 or more lesions.
+SWEEP_HELD_OUT = dict(num_cases=45, seed=1, max_tumours=16)
 
 
 def get_sweep(arg=None):
   """The regimes x seeds ablation (curriculum_seg/sweep.py reads it).
 
-  `arg`: a comma-separated subset of SWEEP_REGIMES (default all of them). The data are this
-  config's generator and settings with SWEEP_CASES cases per split, synthesised into the sweep's
-  own folder (`{out}`: its --out), so the demo's data stay as they are; the test split scores
-  the runs. Runs go seed by seed, so partial results pair the regimes early.
+  `arg`: a comma-separated subset of SWEEP_REGIMES (default all of them). The runs train on this
+  config's data, synthesised into the sweep's own folder (`{out}`: its --out) so the demo's
+  stay as they are, and are scored on SWEEP_HELD_OUT. Runs go seed by seed, so partial results
+  pair the regimes early.
   """
   regimes = tuple(r for r in arg.split(",") if r) if arg else SWEEP_REGIMES
-  cases = sum(SWEEP_CASES.values())
-  data = {"data.lits_dir": "{out}/data/lits", "data.tfds_dir": "{out}/data/tfds",
-          "data.synthetic.num_cases": cases,
-          "data.val_fraction": SWEEP_CASES["validation"] / cases,
-          "data.test_fraction": SWEEP_CASES["test"] / cases}
+  data = {"data.lits_dir": "{out}/data/lits", "data.tfds_dir": "{out}/data/tfds"}
   return dict(runs=[dict(regime=r, seed=s) for s in SWEEP_SEEDS for r in regimes],
-              total_steps=SWEEP_STEPS, reference=SWEEP_REFERENCE, overrides=data)
+              total_steps=SWEEP_STEPS, reference=SWEEP_REFERENCE, overrides=data,
+              held_out=SWEEP_HELD_OUT)

@@ -287,9 +287,9 @@ def test_refusals_are_one_line_with_exit_2_and_write_nothing(sweep_file, tmp_pat
 
 
 def test_the_shipped_configs_declare_their_sweeps(tmp_path):
-  """No training: configs/synthetic.py's sweep is every regime x seeds 0-4 at one budget on one
-  data set of its own with a 40-case test split; configs/lits_three_stage.py's adds the cascade
-  from configs/lits_cascade.py."""
+  """No training: configs/synthetic.py's sweep is every regime x seeds 0-4 at one budget on the
+  demo's data in a folder of its own, scored on 45 synthetic held-out cases;
+  configs/lits_three_stage.py's adds the cascade from configs/lits_cascade.py."""
   from configs import synthetic  # pylint: disable=g-import-not-at-top
   declared = sweep.load_sweep("configs/synthetic.py")
   assert declared.regimes == list(synthetic.SWEEP_REGIMES) and declared.reference == "three_stage"
@@ -302,11 +302,14 @@ def test_the_shipped_configs_declare_their_sweeps(tmp_path):
   assert len(datas) == 1
   config = configs["three_stage-seed3"]
   assert config.seed == 3 and config.data.lits_dir == f"{out}/data/lits"
-  numbers = list(range(config.data.synthetic.num_cases))
-  splits = lits_tfds.assign_splits(numbers, config.data.val_fraction, config.data.test_fraction,
-                                   config.data.split_seed)
-  assert {k: len(v) for k, v in splits.items()} == synthetic.SWEEP_CASES
-  assert sweep.scored_cases(config, None) == ({"split": "test"}, splits["test"])
+  default = config_loading.load_config_file("configs/synthetic.py")
+  for key in ("synthetic", "spacing_mm", "val_fraction", "test_fraction", "normalisation"):
+    assert config.data[key] == default.data[key], "the demo's data, in the sweep's folder"
+  assert declared.held_out == tuple(sorted(synthetic.SWEEP_HELD_OUT.items()))
+  held_out = sweep.held_out_settings(declared, config, out)
+  assert held_out["folder"] == f"{out}/data/held_out" and held_out["seed"] != 0
+  assert held_out["generator"]["size"] == config.data.synthetic.size
+  assert held_out["generator"]["max_tumours"] == 16
   for name, c in configs.items():
     assert sum(c.stages[n].steps for n in c.curriculum) == synthetic.SWEEP_STEPS, name
   cascade = configs["cascade-seed0"]
