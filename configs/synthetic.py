@@ -132,7 +132,7 @@ SWEEP_STEPS = TOTAL_STEPS  # optimiser steps per run, every regime (spread over 
 SWEEP_REFERENCE = "three_stage"  # compared with every other regime
 # Held-out cases: the same generator with another seed and up to 16 tumours a case (LiTS scans
 # hold 0-12, some many more), so that every size bin holds 60 or more lesions.
-SWEEP_HELD_OUT = dict(num_cases=45, seed=1, max_tumours=16)
+SWEEP_HELD_OUT = dict(num_cases=64, seed=1, max_tumours=16)
 
 
 def get_sweep(arg=None):

@@ -1,9 +1,9 @@
 """How many reference lesions a sweep will score its runs on, per diameter bin, before training:
-to size a benchmark's held-out test set (the experiment asks for 100+ lesions, 30+ under 10 mm).
+to size a benchmark's held-out test set (the experiment asks for 60+ lesions in each size bin).
 
 For the sweep a config file declares (`get_sweep`, with any `--config.KEY=VALUE`), the held-out
-cases are those `curriculum-seg sweep` scores: the test split of the runs' data, or every case
-of `--score_dir`. Synthetic cases not yet written are drawn by data_pipelines.synthetic (the
+cases are those `curriculum-seg sweep` scores: its declared synthetic held-out set, the test
+split of the runs' data, or every case of `--score_dir`. Synthetic cases not yet written are drawn by data_pipelines.synthetic (the
 data's generator, seed and settings) into a temporary folder; each case is loaded by
 data_pipelines.lits and its lesions measured by curriculum_seg.metrics as `evaluate` measures
 them (6-connected components, `diameter_mm`). Prints the cumulative counts over the cases and
@@ -29,7 +29,7 @@ if _ROOT not in sys.path:
 
 from curriculum_seg import metrics, stats, sweep  # noqa: E402
 
-MIN_LESIONS, MIN_SMALL = 100, 30
+MIN_PER_BIN = 60  # lesions in each diameter bin the experiment asks for
 
 
 def reference_diameters(volume, segmentation) -> list[float]:
@@ -49,8 +49,16 @@ def measure(spec: str, score_dir: Optional[str] = None, overrides=(),
   declared = sweep.load_sweep(spec)
   with tempfile.TemporaryDirectory() as out:  # `{out}` of the sweep's overrides
     config = sweep.run_config(declared, declared.runs[0], out, overrides)
-    source, numbers = sweep.scored_cases(config, score_dir)
-    folder = source.get("folder") or os.fspath(config.data.lits_dir)
+    generator, seed = lits_tfds.synth_config(config.data), int(config.data.synthetic.seed)
+    if declared.held_out is not None and score_dir is None:  # synthetic held-out cases
+      held_out = sweep.held_out_settings(declared, config, out)
+      folder, numbers = held_out["folder"], list(range(held_out["num_cases"]))
+      generator = synthetic.SynthConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                           for k, v in held_out["generator"].items()})
+      seed = held_out["seed"]
+    else:
+      source, numbers = sweep.scored_cases(config, score_dir)
+      folder = source.get("folder") or os.fspath(config.data.lits_dir)
     present = lits.find_cases(folder) if os.path.isdir(folder) and any(
         n.startswith("volume-") for n in os.listdir(folder)) else {}
     cases = []
@@ -58,8 +66,7 @@ def measure(spec: str, score_dir: Optional[str] = None, overrides=(),
       if n in present:
         diameters = reference_diameters(*present[n])
       else:  # synthetic data not written yet: draw the case alone
-        cfg = lits_tfds.synth_config(config.data)
-        synthetic.write_case(out, int(config.data.synthetic.seed), n, cfg)
+        synthetic.write_case(out, seed, n, generator)
         volume, segmentation = lits.find_cases(out)[n]
         diameters = reference_diameters(volume, segmentation)
         os.remove(volume)
@@ -103,8 +110,8 @@ def main(argv: Optional[list[str]] = None) -> int:
   last = rows[-1] if rows else dict(all=0, **{b: 0 for b in stats.BINS})
   print(f"\n{len(cases)} held-out cases, {last['all']} reference lesions ("
         + ", ".join(f"{b} {last[b]}" for b in stats.BINS) + ")")
-  if last["all"] < MIN_LESIONS or last[stats.BINS[0]] < MIN_SMALL:
-    print(f"fewer than {MIN_LESIONS} lesions or {MIN_SMALL} under 10 mm: hold out more cases")
+  if min(last[b] for b in stats.BINS) < MIN_PER_BIN:
+    print(f"fewer than {MIN_PER_BIN} lesions in a size bin: hold out more cases")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(dict(cases=cases, cumulative=rows), f, indent=1)

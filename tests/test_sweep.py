@@ -288,7 +288,7 @@ def test_refusals_are_one_line_with_exit_2_and_write_nothing(sweep_file, tmp_pat
 
 def test_the_shipped_configs_declare_their_sweeps(tmp_path):
   """No training: configs/synthetic.py's sweep is every regime x seeds 0-4 at one budget on the
-  demo's data in a folder of its own, scored on 45 synthetic held-out cases;
+  demo's data in a folder of its own, scored on 64 synthetic held-out cases;
   configs/lits_three_stage.py's adds the cascade from configs/lits_cascade.py."""
   from configs import synthetic  # pylint: disable=g-import-not-at-top
   declared = sweep.load_sweep("configs/synthetic.py")
