@@ -168,39 +168,71 @@ def _scaling(image: nib.Nifti1Image, path, role: str) -> tuple[float, float]:
 
 
 def _to_hu(raw: np.ndarray, slope: float, inter: float, path) -> np.ndarray:
-  """Scales stored values to HU and rounds them into int16, a chunk of slices at a time."""
+  """Scales stored values to HU and rounds them into int16, a few slices at a time.
+
+  Integer storage with integer scaling is computed in int32, which equals the float32 rounding
+  exactly (every value involved is below 2**24); anything else goes through float32 in place.
+  """
   if raw.dtype == np.int16 and slope == 1.0 and inter == 0.0:
     return raw
   out = np.empty(raw.shape, dtype=np.int16)
-  for k in range(0, raw.shape[2], _CHUNK_SLICES):
-    chunk = raw[:, :, k:k + _CHUNK_SLICES].astype(np.float32)
-    if not np.isfinite(chunk).all():
-      raise CaseError(f"{path}: CT volume contains NaN or infinite values")
-    chunk = chunk * np.float32(slope) + np.float32(inter)
-    np.rint(chunk, out=chunk)
+  exact_int = (np.issubdtype(raw.dtype, np.integer) and raw.dtype.itemsize <= 2
+               and slope.is_integer() and inter.is_integer()
+               and abs(slope) * 2**16 + abs(inter) < 2**24)
+  step = _chunk_slices(raw)
+  for k in range(0, raw.shape[2], step):
+    if exact_int:
+      chunk = raw[:, :, k:k + step].astype(np.int32)
+      if slope != 1.0:
+        np.multiply(chunk, np.int32(slope), out=chunk)
+      np.add(chunk, np.int32(inter), out=chunk)
+    else:
+      chunk = raw[:, :, k:k + step].astype(np.float32)
+      if not np.isfinite(np.add.reduce(chunk, axis=None, dtype=np.float64)):
+        raise CaseError(f"{path}: CT volume contains NaN or infinite values")
+      np.multiply(chunk, np.float32(slope), out=chunk)
+      np.add(chunk, np.float32(inter), out=chunk)
+      np.rint(chunk, out=chunk)
     np.clip(chunk, HU_MIN, HU_MAX, out=chunk)
-    out[:, :, k:k + _CHUNK_SLICES] = chunk
+    out[:, :, k:k + step] = chunk
   return out
 
 
 def _to_labels(raw: np.ndarray, slope: float, inter: float, path) -> np.ndarray:
-  """Converts stored label values to uint8, refusing anything outside {0, 1, 2}."""
+  """Converts stored label values to uint8, refusing anything outside {0, 1, 2}.
+
+  The usual storage (integers, or floats holding exact 0, 1, 2) is checked by its range and an
+  exact round trip; only a file that fails that pays for the exact search of its bad values.
+  """
   if np.issubdtype(raw.dtype, np.integer) and slope == 1.0 and inter == 0.0:
-    values = np.unique(raw) if raw.dtype.itemsize > 1 else np.flatnonzero(np.bincount(raw.ravel()))
-    bad = [v for v in values.tolist() if v not in LABEL_VALUES]
-    if bad:
+    if raw.size and (raw.max() > 2 or raw.min() < 0):
+      values = np.unique(raw)
+      bad = [v for v in values.tolist() if v not in LABEL_VALUES]
       raise CaseError(f"{path}: segmentation has label values {bad[:10]} outside {{0, 1, 2}}")
     return raw.astype(np.uint8, copy=False)
   out = np.empty(raw.shape, dtype=np.uint8)
-  for k in range(0, raw.shape[2], _CHUNK_SLICES):
-    chunk = raw[:, :, k:k + _CHUNK_SLICES].astype(np.float64) * slope + inter
+  step = _chunk_slices(raw)
+  for k in range(0, raw.shape[2], step):
+    chunk = raw[:, :, k:k + step]
+    if slope == 1.0 and inter == 0.0 and np.issubdtype(raw.dtype, np.floating):
+      with np.errstate(invalid="ignore"):
+        fast = chunk.astype(np.uint8)  # NaN, negative or huge values fail the round trip
+      if fast.max(initial=0) <= 2 and np.array_equal(fast, chunk):
+        out[:, :, k:k + step] = fast
+        continue
+    chunk = chunk.astype(np.float64) * slope + inter
     rounded = np.rint(chunk)
     bad = ~np.isfinite(chunk) | (np.abs(chunk - rounded) > 1e-3) | (rounded < 0) | (rounded > 2)
     if bad.any():
       values = np.unique(chunk[bad])[:10].tolist()
       raise CaseError(f"{path}: segmentation has label values {values} outside {{0, 1, 2}}")
-    out[:, :, k:k + _CHUNK_SLICES] = rounded
+    out[:, :, k:k + step] = rounded
   return out
+
+
+def _chunk_slices(raw: np.ndarray) -> int:
+  """Slices converted at a time: about 4 MB of float32, so temporaries stay in cache."""
+  return max(1, min(_CHUNK_SLICES, (1 << 20) // max(1, raw.shape[0] * raw.shape[1])))
 
 
 def _raw_zooms(image: nib.Nifti1Image) -> np.ndarray:

@@ -54,7 +54,11 @@ def context_indices(num_slices: int, context_slices: int) -> np.ndarray:
 
 def resample_image(volume: np.ndarray, size) -> np.ndarray:
   """Resamples an (X, Y, Z) int16 HU volume in-plane to `size` = (rows, cols) (or an int for a
-  square), antialiased bilinear."""
+  square), antialiased bilinear.
+
+  Slices go to TensorFlow as the channels of one image (no transposed copies); each channel is
+  resampled alone, so the result is that of resampling slice by slice.
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   x, y, z = volume.shape
   size = _size2(size)
@@ -62,9 +66,11 @@ def resample_image(volume: np.ndarray, size) -> np.ndarray:
     return volume
   out = np.empty(size + (z,), dtype=np.int16)
   for k in range(0, z, _CHUNK):
-    chunk = np.moveaxis(volume[:, :, k:k + _CHUNK], 2, 0)[..., None].astype(np.float32)
-    res = tf.image.resize(chunk, size, method="bilinear", antialias=True).numpy()
-    out[:, :, k:k + _CHUNK] = np.moveaxis(np.rint(res[..., 0]), 0, 2).clip(-32768, 32767)
+    chunk = volume[None, :, :, k:k + _CHUNK].astype(np.float32)
+    res = tf.image.resize(chunk, size, method="bilinear", antialias=True).numpy()[0]
+    np.rint(res, out=res)
+    np.clip(res, -32768, 32767, out=res)
+    out[:, :, k:k + _CHUNK] = res
   return out
 
 
@@ -85,12 +91,14 @@ def resample_labels(labels: np.ndarray, size, num_classes: int = 3) -> np.ndarra
   classes = np.arange(1, num_classes, dtype=labels.dtype)
   for k in range(0, len(busy), _CHUNK):
     ks = busy[k:k + _CHUNK]
-    chunk = np.moveaxis(labels[:, :, ks], 2, 0)
-    onehot = (chunk[..., None] == classes).astype(np.float32)
+    chunk = labels[:, :, ks]
+    # Channels [slice, class] of one image: each channel is interpolated on its own.
+    onehot = (chunk[..., None] == classes).astype(np.float32).reshape(1, x, y, -1)
     res = tf.image.resize(onehot, size, method="bilinear", antialias=True).numpy()
+    res = res.reshape(size + (len(ks), num_classes - 1))
     background = 1.0 - res.sum(-1, keepdims=True)
     scores = np.concatenate([background, res], axis=-1)
-    out[:, :, ks] = np.moveaxis(scores.argmax(-1).astype(np.uint8), 0, 2)
+    out[:, :, ks] = scores.argmax(-1).astype(np.uint8)
   return out
 
 
@@ -113,6 +121,9 @@ def intensity_histograms(image: np.ndarray, labels: np.ndarray) -> dict[str, np.
   (label 1) and tumour (label 2) voxels, at the case's own resolution: summed over a split's
   cases they give that split's exact foreground percentiles, mean and spread."""
   out = {}
+  zs = np.flatnonzero(labels.any(axis=(0, 1)))  # only slices with a label hold foreground
+  z = slice(int(zs[0]), int(zs[-1]) + 1) if len(zs) else slice(0, 0)
+  image, labels = image[:, :, z], labels[:, :, z]
   for name, value in (("liver", 1), ("tumour", 2)):
     hu = np.clip(image[labels == value].astype(np.int32), HU_LO, HU_HI) - HU_LO
     out[name] = np.bincount(hu, minlength=HU_HI - HU_LO + 1).astype(np.int64)
@@ -128,12 +139,17 @@ def tumour_components(labels: np.ndarray, spacing, size) -> list[list[dict]]:
   `area_mm2` (that part's area), `diameter_mm` (the 3-D component's equivalent-sphere diameter)
   and `num_voxels` (the 3-D component's voxel count). `case_examples` adds `stored_pixels`: the
   tumour pixels of the stored (resampled) label inside the part's box, 0 when resampling lost it.
+  Components are labelled inside the tumour's bounding box, which numbers them as the whole
+  volume would (the scan order is the same).
   """
   x, y, z = labels.shape
   per_slice: list[list[dict]] = [[] for _ in range(z)]
-  comps, n = ndimage.label(labels == 2, structure=_SIX_CONNECTED)
-  if n == 0:
+  tumour = labels == 2
+  box = _bounding_box(tumour)
+  if box is None:
     return per_slice
+  comps, n = ndimage.label(tumour[box], structure=_SIX_CONNECTED)
+  origin = [s.start for s in box]
   rows, cols = _size2(size)
   sr, sc = rows / x, cols / y
   voxel_mm3 = float(np.prod(spacing))
@@ -148,9 +164,9 @@ def tumour_components(labels: np.ndarray, spacing, size) -> list[list[dict]]:
       if count == 0:
         continue
       rows, cols = np.nonzero(plane)
-      rows = rows + box[0].start
-      cols = cols + box[1].start
-      per_slice[box[2].start + kz].append(dict(
+      rows = rows + box[0].start + origin[0]
+      cols = cols + box[1].start + origin[1]
+      per_slice[box[2].start + origin[2] + kz].append(dict(
           component=cid,
           bbox=np.array([rows.min() * sr, cols.min() * sc, (rows.max() + 1) * sr,
                          (cols.max() + 1) * sc], np.float32),
@@ -160,6 +176,21 @@ def tumour_components(labels: np.ndarray, spacing, size) -> list[list[dict]]:
           diameter_mm=np.float32(diameter),
           num_voxels=np.int32(voxels)))
   return per_slice
+
+
+def _bounding_box(mask: np.ndarray) -> Optional[tuple[slice, ...]]:
+  """The smallest box (one slice per axis) holding every True voxel of a 3-D `mask`, or None.
+
+  The last axis is narrowed first, so the other two are searched inside that slab only.
+  """
+  zs = np.flatnonzero(mask.any(axis=(0, 1)))
+  if len(zs) == 0:
+    return None
+  z = slice(int(zs[0]), int(zs[-1]) + 1)
+  slab = mask[:, :, z]
+  xs = np.flatnonzero(slab.any(axis=(1, 2)))
+  ys = np.flatnonzero(slab.any(axis=(0, 2)))
+  return slice(int(xs[0]), int(xs[-1]) + 1), slice(int(ys[0]), int(ys[-1]) + 1), z
 
 
 def case_examples(image: np.ndarray, labels: np.ndarray, spacing, case_number: int,
