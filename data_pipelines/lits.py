@@ -10,6 +10,7 @@ Anything malformed is refused with a `CaseError` whose message names the file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import os
@@ -17,7 +18,7 @@ import shutil
 import tempfile
 import threading
 import zlib
-from typing import Optional
+from typing import Callable, ContextManager, Optional
 
 import nibabel as nib
 import numpy as np
@@ -129,7 +130,7 @@ def _open_nifti(path: str | os.PathLike, role: str, stack) -> nib.Nifti1Image:
     with epath_path.open("rb") as src, open(local, "wb") as dst:
       shutil.copyfileobj(src, dst, 16 << 20)
   try:
-    image = nib.load(local)
+    image = nib.load(local, mmap=False)  # read whole when asked: no lazily mapped pages
   except (nib.filebasedimages.ImageFileError, EOFError, OSError, zlib.error, ValueError) as e:
     raise CaseError(f"{path}: not a readable NIfTI {role} file ({type(e).__name__}: {e})") from e
   if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
@@ -258,13 +259,20 @@ def _spacing_mm(image: nib.Nifti1Image, path) -> float:
   return {"meter": 1000.0, "micron": 1e-3}.get(unit, 1.0)
 
 
+def _no_stages(name: str):  # pylint: disable=unused-argument
+  return contextlib.nullcontext()
+
+
 def load_case(volume_path: str | os.PathLike,
-              segmentation_path: str | os.PathLike | None = None) -> Case:
+              segmentation_path: str | os.PathLike | None = None, *,
+              stages: Callable[[str], ContextManager] = _no_stages) -> Case:
   """Loads a LiTS-format CT volume (and segmentation) in canonical orientation.
 
   Args:
     volume_path: `volume-N.nii` or `.nii.gz` (local, or any path etils.epath opens, e.g. gs://).
     segmentation_path: the matching `segmentation-N.nii[.gz]`, or None.
+    stages: `stages(name)` is entered around each stage ("read": open the files and read their
+      data, "canonicalise": HU, labels, orientation); a benchmark times them with it.
 
   Returns:
     A `Case` with int16 HU, uint8 labels in {0, 1, 2} (or None), spacing in mm per array axis.
@@ -275,38 +283,46 @@ def load_case(volume_path: str | os.PathLike,
   """
   temps: list[str] = []
   try:
-    vol = _open_nifti(volume_path, "CT volume", temps)
-    shape = _shape3(vol, volume_path, "CT volume")
-    unit = _spacing_mm(vol, volume_path)
-    slope, inter = _scaling(vol, volume_path, "CT volume")
-    hu = _to_hu(_read_raw(vol, shape, volume_path, "CT volume"), slope, inter, volume_path)
+    with stages("read"):
+      vol = _open_nifti(volume_path, "CT volume", temps)
+      shape = _shape3(vol, volume_path, "CT volume")
+      unit = _spacing_mm(vol, volume_path)
+      slope, inter = _scaling(vol, volume_path, "CT volume")
+      raw = _read_raw(vol, shape, volume_path, "CT volume")
+    with stages("canonicalise"):
+      hu = _to_hu(raw, slope, inter, volume_path)
+    del raw
 
     labels = None
     if segmentation_path is not None:
-      seg = _open_nifti(segmentation_path, "segmentation", temps)
-      seg_shape = _shape3(seg, segmentation_path, "segmentation")
-      if seg_shape != shape:
-        raise CaseError(f"{segmentation_path}: segmentation shape {seg_shape} differs from the "
-                        f"CT volume's {shape} ({volume_path})")
-      if not np.allclose(seg.affine, vol.affine, rtol=0, atol=1e-3):
-        raise CaseError(f"{segmentation_path}: segmentation grid (affine) differs from the CT "
-                        f"volume's ({volume_path}):\n{np.round(seg.affine, 4)}\nvs\n"
-                        f"{np.round(vol.affine, 4)}")
-      seg_slope, seg_inter = _scaling(seg, segmentation_path, "segmentation")
-      labels = _to_labels(_read_raw(seg, seg_shape, segmentation_path, "segmentation"),
-                          seg_slope, seg_inter, segmentation_path)
+      with stages("read"):
+        seg = _open_nifti(segmentation_path, "segmentation", temps)
+        seg_shape = _shape3(seg, segmentation_path, "segmentation")
+        if seg_shape != shape:
+          raise CaseError(f"{segmentation_path}: segmentation shape {seg_shape} differs from "
+                          f"the CT volume's {shape} ({volume_path})")
+        if not np.allclose(seg.affine, vol.affine, rtol=0, atol=1e-3):
+          raise CaseError(f"{segmentation_path}: segmentation grid (affine) differs from the CT "
+                          f"volume's ({volume_path}):\n{np.round(seg.affine, 4)}\nvs\n"
+                          f"{np.round(vol.affine, 4)}")
+        seg_slope, seg_inter = _scaling(seg, segmentation_path, "segmentation")
+        raw = _read_raw(seg, seg_shape, segmentation_path, "segmentation")
+      with stages("canonicalise"):
+        labels = _to_labels(raw, seg_slope, seg_inter, segmentation_path)
+      del raw
   finally:
     for t in temps:
       os.remove(t)
 
-  affine = vol.affine.copy()
-  affine[:3, :] *= unit
-  ornt = orientations.io_orientation(affine)
-  image = np.ascontiguousarray(orientations.apply_orientation(hu, ornt))
-  if labels is not None:
-    labels = np.ascontiguousarray(orientations.apply_orientation(labels, ornt))
-  canonical_affine = affine @ orientations.inv_ornt_aff(ornt, shape)
-  spacing = tuple(float(s) for s in np.linalg.norm(canonical_affine[:3, :3], axis=0))
+  with stages("canonicalise"):
+    affine = vol.affine.copy()
+    affine[:3, :] *= unit
+    ornt = orientations.io_orientation(affine)
+    image = np.ascontiguousarray(orientations.apply_orientation(hu, ornt))
+    if labels is not None:
+      labels = np.ascontiguousarray(orientations.apply_orientation(labels, ornt))
+    canonical_affine = affine @ orientations.inv_ornt_aff(ornt, shape)
+    spacing = tuple(float(s) for s in np.linalg.norm(canonical_affine[:3, :3], axis=0))
   return Case(image=image, labels=labels, spacing=spacing, affine=canonical_affine,
               original_affine=vol.affine.copy(), original_shape=shape, header=vol.header.copy(),
               ornt=ornt, volume_path=os.fspath(volume_path),

@@ -13,7 +13,8 @@ for n original and m stored pixels.
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional, Sequence
+import contextlib
+from typing import Callable, ContextManager, Iterator, Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -22,6 +23,10 @@ _CHUNK = 64  # slices resampled at a time, bounding float copies
 _SIX_CONNECTED = ndimage.generate_binary_structure(3, 1)
 HU_LO, HU_HI = -1024, 3071  # the HU range of the intensity histograms (one bin per HU)
 MAX_STORED_PIXELS = 2048  # a stored slice side; larger means a spacing far too fine for CT
+
+
+def _no_stages(name: str):  # pylint: disable=unused-argument
+  return contextlib.nullcontext()
 
 
 def stored_shape(shape_xy: Sequence[int], spacing: Sequence[float], image_size: Optional[int],
@@ -194,33 +199,44 @@ def _bounding_box(mask: np.ndarray) -> Optional[tuple[slice, ...]]:
 
 
 def case_examples(image: np.ndarray, labels: np.ndarray, spacing, case_number: int,
-                  context_slices: int, size) -> Iterator[tuple[int, dict]]:
+                  context_slices: int, size, *,
+                  stages: Callable[[str], ContextManager] = _no_stages
+                  ) -> Iterator[tuple[int, dict]]:
   """(slice index, example) per axial slice of a canonical case, as the TFDS builder stores them.
 
   `size`: the stored (rows, cols) of the case's slices (`stored_shape`), or an int for a square.
-  The heavy work (resampling, components) happens in this call, not lazily, so a caller can do
-  it for the next case in a background thread while it writes the current one.
+  The heavy work (resampling, components) happens in this call, not lazily; the context stacks
+  are made as the examples are consumed. `stages(name)` is entered around each stage
+  ("components", "resample", "context"), for a benchmark to time them.
   """
   z = image.shape[2]
   size = _size2(size)
   stored_spacing = np.array([spacing[0] * image.shape[0] / size[0],
                              spacing[1] * image.shape[1] / size[1], spacing[2]], np.float32)
-  components = tumour_components(labels, spacing, size)
-  liver_range = np.array(liver_z_range(labels), np.int32)
-  image_r = resample_image(image, size)
-  labels_r = resample_labels(labels, size)
-  for k, parts in enumerate(components):
-    for part in parts:  # tumour pixels the stored (resampled) label keeps of this part
-      r0, c0 = np.floor(part["bbox"][:2]).astype(int)
-      r1, c1 = np.ceil(part["bbox"][2:]).astype(int)
-      part["stored_pixels"] = np.int32(np.count_nonzero(labels_r[r0:r1, c0:c1, k] == 2))
+  with stages("components"):
+    components = tumour_components(labels, spacing, size)
+    liver_range = np.array(liver_z_range(labels), np.int32)
+  with stages("resample"):
+    image_r = resample_image(image, size)
+    labels_r = resample_labels(labels, size)
+  with stages("components"):
+    for k, parts in enumerate(components):
+      for part in parts:  # tumour pixels the stored (resampled) label keeps of this part
+        r0, c0 = np.floor(part["bbox"][:2]).astype(int)
+        r1, c1 = np.ceil(part["bbox"][2:]).astype(int)
+        part["stored_pixels"] = np.int32(np.count_nonzero(labels_r[r0:r1, c0:c1, k] == 2))
+  with stages("context"):  # slice-major copies, so each stack reads whole slices
+    image_z = np.ascontiguousarray(np.moveaxis(image_r, 2, 0))
+    labels_z = np.ascontiguousarray(np.moveaxis(labels_r, 2, 0))
+  del image_r, labels_r
   neighbours = context_indices(z, context_slices)
-  return ((k, dict(
-        image=np.ascontiguousarray(image_r[:, :, neighbours[k]]),
-        label=np.ascontiguousarray(labels_r[:, :, k]),
-        case_number=np.int32(case_number),
-        slice_index=np.int32(k),
-        num_slices=np.int32(z),
-        spacing=stored_spacing,
-        liver_z_range=liver_range,
-        tumours=components[k])) for k in range(z))
+
+  def examples():
+    for k in range(z):
+      with stages("context"):
+        stack = np.stack([image_z[i] for i in neighbours[k]], axis=-1)
+      yield k, dict(image=stack, label=labels_z[k], case_number=np.int32(case_number),
+                    slice_index=np.int32(k), num_slices=np.int32(z), spacing=stored_spacing,
+                    liver_z_range=liver_range, tumours=components[k])
+
+  return examples()
