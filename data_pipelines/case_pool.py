@@ -1,6 +1,6 @@
 """Running a function over LiTS cases in worker processes on one host: one case per task.
 
-`map_cases` hands each task to a pool of `workers` processes (forkserver or spawn, never fork)
+`map_cases` hands each task to a pool of `workers` processes (spawned)
 and yields (task, result) as tasks finish; with one worker it runs them here, in order. Largest
 cases start first, so the last task to finish is a small one. Memory stays near one case per
 worker: tasks and results are small (a worker writes what it makes itself). Workers run
@@ -38,10 +38,10 @@ def available_cores() -> int:
 
 
 def pool_context():
-  """forkserver where the platform has it (workers start clean, sharing nothing by accident),
-  else spawn; never fork (a forked TensorFlow or thread pool can deadlock)."""
-  methods = multiprocessing.get_all_start_methods()
-  return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+  """spawn: workers start clean and are children of this process, so they can see it go. Not
+  fork (a forked TensorFlow or thread pool can deadlock), not forkserver (its workers hold the
+  fork server alive and are its children, so neither notices a killed parent)."""
+  return multiprocessing.get_context("spawn")
 
 
 def single_threaded_tensorflow() -> None:
@@ -59,8 +59,7 @@ def single_threaded_tensorflow() -> None:
 
 def exit_with_parent(parent: Optional[int] = None) -> None:
   """Ends this process within half a second of its parent's end (a watcher thread): a worker
-  whose parent was killed would otherwise wait on its task queue forever. With forkserver the
-  parent is the fork server, which itself ends with the process that started it."""
+  whose parent was killed would otherwise wait on its task queue forever."""
   parent = os.getppid() if parent is None else parent
 
   def watch():
