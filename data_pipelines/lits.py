@@ -176,7 +176,7 @@ def _to_hu(raw: np.ndarray, slope: float, inter: float, path) -> np.ndarray:
   """
   if raw.dtype == np.int16 and slope == 1.0 and inter == 0.0:
     return raw
-  out = np.empty(raw.shape, dtype=np.int16)
+  out = np.empty(raw.shape, dtype=np.int16, order=_order(raw))
   exact_int = (np.issubdtype(raw.dtype, np.integer) and raw.dtype.itemsize <= 2
                and slope.is_integer() and inter.is_integer()
                and abs(slope) * 2**16 + abs(inter) < 2**24)
@@ -211,7 +211,7 @@ def _to_labels(raw: np.ndarray, slope: float, inter: float, path) -> np.ndarray:
       bad = [v for v in values.tolist() if v not in LABEL_VALUES]
       raise CaseError(f"{path}: segmentation has label values {bad[:10]} outside {{0, 1, 2}}")
     return raw.astype(np.uint8, copy=False)
-  out = np.empty(raw.shape, dtype=np.uint8)
+  out = np.empty(raw.shape, dtype=np.uint8, order=_order(raw))
   step = _chunk_slices(raw)
   for k in range(0, raw.shape[2], step):
     chunk = raw[:, :, k:k + step]
@@ -229,6 +229,12 @@ def _to_labels(raw: np.ndarray, slope: float, inter: float, path) -> np.ndarray:
       raise CaseError(f"{path}: segmentation has label values {values} outside {{0, 1, 2}}")
     out[:, :, k:k + step] = rounded
   return out
+
+
+def _order(raw: np.ndarray) -> str:
+  """The memory order of a converted array: the file's (NIfTI data is column-major), so that a
+  chunk of slices is copied contiguously; the canonical copy is C-ordered afterwards."""
+  return "F" if raw.flags.f_contiguous and not raw.flags.c_contiguous else "C"
 
 
 def _chunk_slices(raw: np.ndarray) -> int:

@@ -118,6 +118,10 @@ class Lits(tfds.core.GeneratorBasedBuilder):
       summaries = self._write_with_beam(tasks, spec, download_config)
     else:
       summaries = _write_locally(tasks, spec, options)
+    self.build_seconds = {}  # CPU seconds by stage over all cases (benchmarks/prepare.py)
+    for summary in summaries:
+      for stage, seconds in summary.seconds.items():
+        self.build_seconds[stage] = self.build_seconds.get(stage, 0.0) + seconds
     metadata, split_infos = assemble(summaries, splits, templates)
     self.info.metadata["splits"] = {k: [int(n) for n in v] for k, v in splits.items()}
     self.info.metadata["lits_dir"] = lits_dir
@@ -164,6 +168,8 @@ def _write_locally(tasks: Sequence[case_shards.CaseTask], spec: case_shards.Shar
   """Writes every task's shard in this process or a pool, logging progress."""
   import functools  # pylint: disable=g-import-not-at-top
   write = functools.partial(case_shards.write_case_shard, spec=spec)
+  if options.workers <= 1 and options.executor is None:
+    case_pool.single_threaded_tensorflow()  # one process, one core (if not yet started)
   summaries, slices_done, start, last = [], 0, time.monotonic(), float("-inf")
   for _, summary in case_pool.map_cases(write, tasks, options.workers,
                                         weight=lambda t: t.size_bytes, name=lambda t: t.volume,

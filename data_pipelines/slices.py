@@ -19,7 +19,7 @@ from typing import Callable, ContextManager, Iterator, Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
-_CHUNK = 64  # slices resampled at a time, bounding float copies
+_CHUNK = 16  # slices resampled at a time: float copies of a few MB, reused rather than faulted in
 _SIX_CONNECTED = ndimage.generate_binary_structure(3, 1)
 HU_LO, HU_HI = -1024, 3071  # the HU range of the intensity histograms (one bin per HU)
 MAX_STORED_PIXELS = 2048  # a stored slice side; larger means a spacing far too fine for CT
@@ -93,17 +93,28 @@ def resample_labels(labels: np.ndarray, size, num_classes: int = 3) -> np.ndarra
     return labels
   out = np.zeros(size + (z,), dtype=np.uint8)
   busy = np.flatnonzero(labels.any(axis=(0, 1)))
-  classes = np.arange(1, num_classes, dtype=labels.dtype)
   for k in range(0, len(busy), _CHUNK):
     ks = busy[k:k + _CHUNK]
     chunk = labels[:, :, ks]
     # Channels [slice, class] of one image: each channel is interpolated on its own.
-    onehot = (chunk[..., None] == classes).astype(np.float32).reshape(1, x, y, -1)
-    res = tf.image.resize(onehot, size, method="bilinear", antialias=True).numpy()
-    res = res.reshape(size + (len(ks), num_classes - 1))
-    background = 1.0 - res.sum(-1, keepdims=True)
-    scores = np.concatenate([background, res], axis=-1)
-    out[:, :, ks] = scores.argmax(-1).astype(np.uint8)
+    onehot = np.empty((1, x, y, len(ks), num_classes - 1), np.float32)
+    for c in range(1, num_classes):
+      np.equal(chunk, c, out=onehot[..., c - 1])
+    res = tf.image.resize(onehot.reshape(1, x, y, -1), size, method="bilinear",
+                          antialias=True).numpy().reshape(size + (len(ks), num_classes - 1))
+    out[:, :, ks] = _argmax_with_background(res)
+  return out
+
+
+def _argmax_with_background(res: np.ndarray) -> np.ndarray:
+  """argmax over [1 - sum(res), res[..., 0], res[..., 1], ...] (the first maximum wins, as
+  numpy's argmax), without stacking the scores."""
+  best = 1.0 - res.sum(-1)
+  out = np.zeros(best.shape, np.uint8)
+  for c in range(res.shape[-1]):
+    better = res[..., c] > best
+    out[better] = c + 1
+    np.maximum(best, res[..., c], out=best)
   return out
 
 
