@@ -21,6 +21,7 @@ import shlex
 from typing import Any, Optional, Sequence
 
 import apache_beam as beam
+from apache_beam.runners.portability.fn_api_runner import fn_runner
 from etils import epath
 
 from data_pipelines import case_pool, case_shards, lits
@@ -38,7 +39,6 @@ def pipeline_settings(runner: str, options: str = "", workers: int = 0) -> tuple
   except ValueError as e:
     raise ValueError(f"--beam_options: {e}") from e
   if runner in LOCAL_RUNNERS:
-    from apache_beam.runners.portability.fn_api_runner import fn_runner  # pylint: disable=g-import-not-at-top
     given = {f.split("=", 1)[0] for f in flags}
     if "--direct_running_mode" not in given:
       flags.append("--direct_running_mode=multi_processing")

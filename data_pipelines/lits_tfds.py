@@ -131,8 +131,8 @@ class Lits(tfds.core.GeneratorBasedBuilder):
   def _write_with_beam(self, tasks, spec, download_config) -> list[case_shards.CaseSummary]:
     """One pipeline for all cases, created by TFDS's split builder (its runner and options)."""
     from data_pipelines import lits_beam  # pylint: disable=g-import-not-at-top
-    from tensorflow_datasets.core import split_builder as split_builder_lib  # pylint: disable=g-import-not-at-top
-    builder = split_builder_lib.SplitBuilder(
+    from tensorflow_datasets.core import split_builder  # pylint: disable=g-import-not-at-top
+    builder = split_builder.SplitBuilder(
         split_dict=self.info.splits, features=self.info.features,
         dataset_size=self.info.dataset_size, beam_options=download_config.beam_options,
         beam_runner=download_config.beam_runner, max_examples_per_split=None,
@@ -209,7 +209,8 @@ def assemble(summaries: Sequence[case_shards.CaseSummary], splits: dict[str, lis
       raise RuntimeError(f"split {name}: cases {[s.number for s in cases]} were written, not "
                          f"{list(numbers)}")
     rows, tumours, position = [], [], 0
-    hists = {k: np.zeros(slices.HU_HI - slices.HU_LO + 1, np.int64) for k in ("liver", "tumour")}
+    bins = slices.HU_HI - slices.HU_LO + 1
+    hists = {k: np.zeros(bins, np.int64) for k in ("liver", "tumour")}
     for s in cases:
       rows.append([int(s.number), position, s.num_slices, *s.liver_z, *s.size])
       tumours.extend([position + int(t[0]), *t[1:]] for t in s.tumours)
