@@ -147,6 +147,8 @@ def add_input_settings(data, spacing_mm=None, normalisation="window"):
   data.host_threads = 0                     # read threads per process that makes batches
                                             # (0: the available cores over the processes)
   data.prefetch_batches = 0                 # batches each such process makes ahead (0: auto)
+  # How the dataset is prepared (the same dataset for any value):
+  data.prepare_workers = 0                  # processes writing cases (0: the available cores)
   return data
 
 

@@ -189,20 +189,58 @@ def cmd_check(argv: list[str]) -> int:
 
 def cmd_prepare(argv: list[str]) -> int:
   argv, overrides = config_loading.split_override_args(argv)
-  parser = _Parser(prog="curriculum-seg prepare", epilog=CONFIG_EPILOG,
+  parser = _Parser(prog="curriculum-seg prepare", epilog=CONFIG_EPILOG + PREPARE_EPILOG,
                    description="Build the TFDS dataset from config.data.lits_dir into "
                                "config.data.tfds_dir (synthesising the data first when "
-                               "config.data.synthetic.enabled). Every case is checked first.")
+                               "config.data.synthetic.enabled). Every case is checked first. "
+                               "The dataset is the same however many processes build it.")
   parser.add_argument("--config", required=True, help="config file, e.g. configs/synthetic.py")
+  parser.add_argument("--workers", type=int, default=None,
+                      help="processes writing cases on this host (default: "
+                           "config.data.prepare_workers, whose 0 means the available cores)")
+  parser.add_argument("--beam_runner", default=None,
+                      help="build with Apache Beam (the [beam] extra) on this runner: local "
+                           "(this host's cores) or a Beam runner's name, e.g. DataflowRunner")
+  parser.add_argument("--beam_options", default="",
+                      help="Beam pipeline options as one string, e.g. \"--project=P "
+                           "--region=R --temp_location=gs://B/tmp\"")
   args = parser.parse_args(argv)
+  if args.workers is not None and args.workers < 0:
+    raise UsageError(f"--workers must be >= 0 (0: the available cores), got {args.workers}")
+  if args.beam_options and not args.beam_runner:
+    raise UsageError("--beam_options needs --beam_runner (local, DataflowRunner, ...)")
   config = _checked_config(args, overrides)
   _quiet_tensorflow(progress_bars=True)
+  if args.beam_runner:
+    try:
+      import apache_beam  # pylint: disable=g-import-not-at-top,unused-import
+    except ImportError as e:
+      raise UsageError("--beam_runner needs Apache Beam: pip install 'curriculum-seg[beam]'") from e
   from data_pipelines import lits_tfds  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
-  builder = lits_tfds.prepare(config.data, log=lambda m: print(m, flush=True))
+  try:
+    builder = lits_tfds.prepare(config.data, log=lambda m: print(m, flush=True),
+                                workers=args.workers, beam_runner=args.beam_runner,
+                                beam_options=args.beam_options)
+  except ValueError as e:
+    if type(e) is not ValueError:  # a CaseError or another specific error: as it is
+      raise
+    raise UsageError(str(e)) from e
   print(lits_tfds.describe(builder, config.data))
   print(f"prepare done in {time.perf_counter() - start:.1f} s")
   return 0
+
+
+PREPARE_EPILOG = """
+building:
+  --workers N             processes on this host, one case each at a time (about one LiTS case
+                          in memory per worker); 1 builds in this process
+  --beam_runner=local     Apache Beam's local runner with --workers processes
+  --beam_runner=DataflowRunner --beam_options="--project=P --region=R
+      --temp_location=gs://B/tmp --extra_packages=dist/curriculum_seg-0.1.0-py3-none-any.whl"
+                          Google Cloud Dataflow, data.lits_dir and data.tfds_dir on gs://
+                          (README: "Preparing LiTS with Apache Beam")
+"""
 
 
 def _train_config(args, overrides):

@@ -78,7 +78,8 @@ def _check_data(data: ml_collections.ConfigDict, check_folders: bool) -> None:
   _require(data.val_fraction + data.get("test_fraction", 0.0) < 1.0,
            f"config.data.val_fraction + config.data.test_fraction = "
            f"{data.val_fraction + data.get('test_fraction', 0.0)} leaves no training case")
-  for fn in (settings.hu_window, settings.worker_count, settings.host_threads):
+  for fn in (settings.hu_window, settings.worker_count, settings.host_threads,
+             settings.prepare_workers):
     _checked("config.", fn, data)
   _checked("config.", settings.prefetch, data, 1)
   for key in PATH_KEYS:

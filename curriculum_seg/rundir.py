@@ -26,8 +26,9 @@ LOCK_FILE = ".lock"
 RUN_LENGTH_FIELDS = ("steps", "log_every", "eval_every", "checkpoint_every")
 # How the input pipeline makes its batches (Grain worker processes, read threads, read-ahead):
 # the batches are the same for any values (tests/test_pipelines.py), so a run may resume with
-# others (another machine), and runs saved before `worker_count` existed resume.
-INPUT_SPEED_FIELDS = ("worker_count", "host_threads", "prefetch_batches")
+# others (another machine), and runs saved before `worker_count` existed resume; so may the
+# processes that prepared the dataset (`prepare_workers`: the same dataset for any number).
+INPUT_SPEED_FIELDS = ("worker_count", "host_threads", "prefetch_batches", "prepare_workers")
 # Fields that do not change results either and may differ on resume.
 _RESUMABLE_FIELDS = RUN_LENGTH_FIELDS + ("compilation_cache_dir",) + INPUT_SPEED_FIELDS
 
@@ -103,7 +104,7 @@ ADDED_FIELD_DEFAULTS = {
     "lesion_scale": [1.0, 1.0], "lesion_invert": 0.0, "spacing_mm": None,
     "normalisation": "window", "block_size": None, "block_sampling": "slice", "window": None,
     "overlap": 0.5, "val_overlap": 0.5, "sigma_scale": 0.125, "flip_depth": 0.0,
-    "spatial_dims": 2,
+    "spatial_dims": 2, "prepare_workers": 0,
 }
 
 

@@ -10,6 +10,7 @@ Anything malformed is refused with a `CaseError` whose message names the file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import os
@@ -17,7 +18,7 @@ import shutil
 import tempfile
 import threading
 import zlib
-from typing import Optional
+from typing import Callable, ContextManager, Optional
 
 import nibabel as nib
 import numpy as np
@@ -129,7 +130,7 @@ def _open_nifti(path: str | os.PathLike, role: str, stack) -> nib.Nifti1Image:
     with epath_path.open("rb") as src, open(local, "wb") as dst:
       shutil.copyfileobj(src, dst, 16 << 20)
   try:
-    image = nib.load(local)
+    image = nib.load(local, mmap=False)  # read whole when asked: no lazily mapped pages
   except (nib.filebasedimages.ImageFileError, EOFError, OSError, zlib.error, ValueError) as e:
     raise CaseError(f"{path}: not a readable NIfTI {role} file ({type(e).__name__}: {e})") from e
   if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
@@ -168,39 +169,77 @@ def _scaling(image: nib.Nifti1Image, path, role: str) -> tuple[float, float]:
 
 
 def _to_hu(raw: np.ndarray, slope: float, inter: float, path) -> np.ndarray:
-  """Scales stored values to HU and rounds them into int16, a chunk of slices at a time."""
+  """Scales stored values to HU and rounds them into int16, a few slices at a time.
+
+  Integer storage with integer scaling is computed in int32, which equals the float32 rounding
+  exactly (every value involved is below 2**24); anything else goes through float32 in place.
+  """
   if raw.dtype == np.int16 and slope == 1.0 and inter == 0.0:
     return raw
-  out = np.empty(raw.shape, dtype=np.int16)
-  for k in range(0, raw.shape[2], _CHUNK_SLICES):
-    chunk = raw[:, :, k:k + _CHUNK_SLICES].astype(np.float32)
-    if not np.isfinite(chunk).all():
-      raise CaseError(f"{path}: CT volume contains NaN or infinite values")
-    chunk = chunk * np.float32(slope) + np.float32(inter)
-    np.rint(chunk, out=chunk)
+  out = np.empty(raw.shape, dtype=np.int16, order=_order(raw))
+  exact_int = (np.issubdtype(raw.dtype, np.integer) and raw.dtype.itemsize <= 2
+               and slope.is_integer() and inter.is_integer()
+               and abs(slope) * 2**16 + abs(inter) < 2**24)
+  step = _chunk_slices(raw)
+  for k in range(0, raw.shape[2], step):
+    if exact_int:
+      chunk = raw[:, :, k:k + step].astype(np.int32)
+      if slope != 1.0:
+        np.multiply(chunk, np.int32(slope), out=chunk)
+      np.add(chunk, np.int32(inter), out=chunk)
+    else:
+      chunk = raw[:, :, k:k + step].astype(np.float32)
+      if not np.isfinite(np.add.reduce(chunk, axis=None, dtype=np.float64)):
+        raise CaseError(f"{path}: CT volume contains NaN or infinite values")
+      np.multiply(chunk, np.float32(slope), out=chunk)
+      np.add(chunk, np.float32(inter), out=chunk)
+      np.rint(chunk, out=chunk)
     np.clip(chunk, HU_MIN, HU_MAX, out=chunk)
-    out[:, :, k:k + _CHUNK_SLICES] = chunk
+    out[:, :, k:k + step] = chunk
   return out
 
 
 def _to_labels(raw: np.ndarray, slope: float, inter: float, path) -> np.ndarray:
-  """Converts stored label values to uint8, refusing anything outside {0, 1, 2}."""
+  """Converts stored label values to uint8, refusing anything outside {0, 1, 2}.
+
+  The usual storage (integers, or floats holding exact 0, 1, 2) is checked by its range and an
+  exact round trip; only a file that fails that pays for the exact search of its bad values.
+  """
   if np.issubdtype(raw.dtype, np.integer) and slope == 1.0 and inter == 0.0:
-    values = np.unique(raw) if raw.dtype.itemsize > 1 else np.flatnonzero(np.bincount(raw.ravel()))
-    bad = [v for v in values.tolist() if v not in LABEL_VALUES]
-    if bad:
+    if raw.size and (raw.max() > 2 or raw.min() < 0):
+      values = np.unique(raw)
+      bad = [v for v in values.tolist() if v not in LABEL_VALUES]
       raise CaseError(f"{path}: segmentation has label values {bad[:10]} outside {{0, 1, 2}}")
     return raw.astype(np.uint8, copy=False)
-  out = np.empty(raw.shape, dtype=np.uint8)
-  for k in range(0, raw.shape[2], _CHUNK_SLICES):
-    chunk = raw[:, :, k:k + _CHUNK_SLICES].astype(np.float64) * slope + inter
+  out = np.empty(raw.shape, dtype=np.uint8, order=_order(raw))
+  step = _chunk_slices(raw)
+  for k in range(0, raw.shape[2], step):
+    chunk = raw[:, :, k:k + step]
+    if slope == 1.0 and inter == 0.0 and np.issubdtype(raw.dtype, np.floating):
+      with np.errstate(invalid="ignore"):
+        fast = chunk.astype(np.uint8)  # NaN, negative or huge values fail the round trip
+      if fast.max(initial=0) <= 2 and np.array_equal(fast, chunk):
+        out[:, :, k:k + step] = fast
+        continue
+    chunk = chunk.astype(np.float64) * slope + inter
     rounded = np.rint(chunk)
     bad = ~np.isfinite(chunk) | (np.abs(chunk - rounded) > 1e-3) | (rounded < 0) | (rounded > 2)
     if bad.any():
       values = np.unique(chunk[bad])[:10].tolist()
       raise CaseError(f"{path}: segmentation has label values {values} outside {{0, 1, 2}}")
-    out[:, :, k:k + _CHUNK_SLICES] = rounded
+    out[:, :, k:k + step] = rounded
   return out
+
+
+def _order(raw: np.ndarray) -> str:
+  """The memory order of a converted array: the file's (NIfTI data is column-major), so that a
+  chunk of slices is copied contiguously; the canonical copy is C-ordered afterwards."""
+  return "F" if raw.flags.f_contiguous and not raw.flags.c_contiguous else "C"
+
+
+def _chunk_slices(raw: np.ndarray) -> int:
+  """Slices converted at a time: about 4 MB of float32, so temporaries stay in cache."""
+  return max(1, min(_CHUNK_SLICES, (1 << 20) // max(1, raw.shape[0] * raw.shape[1])))
 
 
 def _raw_zooms(image: nib.Nifti1Image) -> np.ndarray:
@@ -226,13 +265,20 @@ def _spacing_mm(image: nib.Nifti1Image, path) -> float:
   return {"meter": 1000.0, "micron": 1e-3}.get(unit, 1.0)
 
 
+def _no_stages(name: str):  # pylint: disable=unused-argument
+  return contextlib.nullcontext()
+
+
 def load_case(volume_path: str | os.PathLike,
-              segmentation_path: str | os.PathLike | None = None) -> Case:
+              segmentation_path: str | os.PathLike | None = None, *,
+              stages: Callable[[str], ContextManager] = _no_stages) -> Case:
   """Loads a LiTS-format CT volume (and segmentation) in canonical orientation.
 
   Args:
     volume_path: `volume-N.nii` or `.nii.gz` (local, or any path etils.epath opens, e.g. gs://).
     segmentation_path: the matching `segmentation-N.nii[.gz]`, or None.
+    stages: `stages(name)` is entered around each stage ("read": open the files and read their
+      data, "canonicalise": HU, labels, orientation); a benchmark times them with it.
 
   Returns:
     A `Case` with int16 HU, uint8 labels in {0, 1, 2} (or None), spacing in mm per array axis.
@@ -243,38 +289,46 @@ def load_case(volume_path: str | os.PathLike,
   """
   temps: list[str] = []
   try:
-    vol = _open_nifti(volume_path, "CT volume", temps)
-    shape = _shape3(vol, volume_path, "CT volume")
-    unit = _spacing_mm(vol, volume_path)
-    slope, inter = _scaling(vol, volume_path, "CT volume")
-    hu = _to_hu(_read_raw(vol, shape, volume_path, "CT volume"), slope, inter, volume_path)
+    with stages("read"):
+      vol = _open_nifti(volume_path, "CT volume", temps)
+      shape = _shape3(vol, volume_path, "CT volume")
+      unit = _spacing_mm(vol, volume_path)
+      slope, inter = _scaling(vol, volume_path, "CT volume")
+      raw = _read_raw(vol, shape, volume_path, "CT volume")
+    with stages("canonicalise"):
+      hu = _to_hu(raw, slope, inter, volume_path)
+    del raw
 
     labels = None
     if segmentation_path is not None:
-      seg = _open_nifti(segmentation_path, "segmentation", temps)
-      seg_shape = _shape3(seg, segmentation_path, "segmentation")
-      if seg_shape != shape:
-        raise CaseError(f"{segmentation_path}: segmentation shape {seg_shape} differs from the "
-                        f"CT volume's {shape} ({volume_path})")
-      if not np.allclose(seg.affine, vol.affine, rtol=0, atol=1e-3):
-        raise CaseError(f"{segmentation_path}: segmentation grid (affine) differs from the CT "
-                        f"volume's ({volume_path}):\n{np.round(seg.affine, 4)}\nvs\n"
-                        f"{np.round(vol.affine, 4)}")
-      seg_slope, seg_inter = _scaling(seg, segmentation_path, "segmentation")
-      labels = _to_labels(_read_raw(seg, seg_shape, segmentation_path, "segmentation"),
-                          seg_slope, seg_inter, segmentation_path)
+      with stages("read"):
+        seg = _open_nifti(segmentation_path, "segmentation", temps)
+        seg_shape = _shape3(seg, segmentation_path, "segmentation")
+        if seg_shape != shape:
+          raise CaseError(f"{segmentation_path}: segmentation shape {seg_shape} differs from "
+                          f"the CT volume's {shape} ({volume_path})")
+        if not np.allclose(seg.affine, vol.affine, rtol=0, atol=1e-3):
+          raise CaseError(f"{segmentation_path}: segmentation grid (affine) differs from the CT "
+                          f"volume's ({volume_path}):\n{np.round(seg.affine, 4)}\nvs\n"
+                          f"{np.round(vol.affine, 4)}")
+        seg_slope, seg_inter = _scaling(seg, segmentation_path, "segmentation")
+        raw = _read_raw(seg, seg_shape, segmentation_path, "segmentation")
+      with stages("canonicalise"):
+        labels = _to_labels(raw, seg_slope, seg_inter, segmentation_path)
+      del raw
   finally:
     for t in temps:
       os.remove(t)
 
-  affine = vol.affine.copy()
-  affine[:3, :] *= unit
-  ornt = orientations.io_orientation(affine)
-  image = np.ascontiguousarray(orientations.apply_orientation(hu, ornt))
-  if labels is not None:
-    labels = np.ascontiguousarray(orientations.apply_orientation(labels, ornt))
-  canonical_affine = affine @ orientations.inv_ornt_aff(ornt, shape)
-  spacing = tuple(float(s) for s in np.linalg.norm(canonical_affine[:3, :3], axis=0))
+  with stages("canonicalise"):
+    affine = vol.affine.copy()
+    affine[:3, :] *= unit
+    ornt = orientations.io_orientation(affine)
+    image = np.ascontiguousarray(orientations.apply_orientation(hu, ornt))
+    if labels is not None:
+      labels = np.ascontiguousarray(orientations.apply_orientation(labels, ornt))
+    canonical_affine = affine @ orientations.inv_ornt_aff(ornt, shape)
+    spacing = tuple(float(s) for s in np.linalg.norm(canonical_affine[:3, :3], axis=0))
   return Case(image=image, labels=labels, spacing=spacing, affine=canonical_affine,
               original_affine=vol.affine.copy(), original_shape=shape, header=vol.header.copy(),
               ornt=ornt, volume_path=os.fspath(volume_path),

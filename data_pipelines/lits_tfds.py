@@ -1,44 +1,37 @@
 """The TFDS dataset "lits": LiTS-format cases as per-slice examples with context and tumour parts.
 
-Prepared once from a LiTS folder (the manual download dir); one case is in memory at a time. The
-builder config's name encodes the preprocessing parameters and a fingerprint of the folder's files
-(names and sizes), so preparing the same config on the same folder again reuses the dataset, and a
-different folder or parameter set gets its own. TFDS writes into an `incomplete` temporary folder
-and renames it at the end, so an interrupted prepare never looks finished.
+Prepared once from a LiTS folder (the manual download dir). Each case becomes one shard of its
+split, written whole by `case_shards.write_case_shard`: in this process, in worker processes on
+every core of this host (`case_pool`), or on Apache Beam (`lits_beam`, any runner); the three
+give the same files record for record, and the same metadata, which the builder assembles from
+the cases' summaries in case order. The builder config's name encodes the preprocessing
+parameters and a fingerprint of the folder's files (names and sizes), so preparing the same
+config on the same folder again reuses the dataset, and a different folder or parameter set gets
+its own. TFDS writes into an `incomplete` temporary folder and renames it after writing the
+dataset's info (splits, index), so an interrupted prepare never looks finished; the next prepare
+of the same dataset on this host removes what it left.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
+import dataclasses
+import fcntl
 import hashlib
 import json
-import logging
 import os
-from typing import Any, Callable, Optional
+import time
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from data_pipelines import intensity, lits, settings, slices, synthetic, verify
+from data_pipelines import (case_pool, case_shards, intensity, lits, settings, slices, synthetic,
+                            verify)
 
 VERSION = "2.0.0"  # 2.0: slices of any size (target spacing), HU histograms; 1.1: raw bytes
-_MAX_SLICES = 1 << 16
-_KEY_SPACE = 1 << 128  # TFDS's key space (128-bit hashes)
-
-
-def example_key(rank: int, slice_index: int, num_cases: int) -> int:
-  """An integer key that sorts as (case rank, slice) and spreads the cases evenly over TFDS's
-  128-bit key space.
-
-  With shuffling disabled TFDS orders examples by key and spills them into 1000 buckets by key
-  range, reading each bucket whole to sort it. Small keys would all land in bucket 0, so memory
-  would grow with the dataset; spread keys put about one case in each bucket.
-  """
-  if not 0 <= slice_index < _MAX_SLICES:
-    raise ValueError(f"slice index {slice_index} outside [0, {_MAX_SLICES})")
-  return (rank * _MAX_SLICES + slice_index) * (_KEY_SPACE // (num_cases * _MAX_SLICES))
+_LOG_EVERY_S = 5.0  # progress lines of a local build at most this often
 
 _INSTRUCTIONS = """\
 LiTS 2017 cannot be downloaded automatically (licence CC BY-NC-SA). Download the training batches
@@ -86,100 +79,150 @@ class Lits(tfds.core.GeneratorBasedBuilder):
                                 test_fraction=0.0, split_seed=0, fingerprint="")]
 
   def _info(self) -> tfds.core.DatasetInfo:
-    c = self.builder_config.context_slices
-    f = tfds.features
     return self.dataset_info_from_configs(
-        features=f.FeaturesDict({
-            "image": f.Tensor(shape=(None, None, c), dtype=np.int16, encoding=f.Encoding.BYTES,
-                              doc="HU [rows, cols, context]; channel c//2 is the slice"),
-            "label": f.Tensor(shape=(None, None), dtype=np.uint8, encoding=f.Encoding.ZLIB,
-                              doc="0 background, 1 liver, 2 tumour"),
-            "case_number": f.Scalar(dtype=np.int32, doc="N of volume-N"),
-            "slice_index": f.Scalar(dtype=np.int32),
-            "num_slices": f.Scalar(dtype=np.int32),
-            "spacing": f.Tensor(shape=(3,), dtype=np.float32, doc="mm per stored axis"),
-            "liver_z_range": f.Tensor(shape=(2,), dtype=np.int32, doc="(-1, -1) without liver"),
-            "tumours": f.Sequence({
-                "component": f.Scalar(dtype=np.int32),
-                "bbox": f.Tensor(shape=(4,), dtype=np.float32),
-                "centre": f.Tensor(shape=(2,), dtype=np.float32),
-                "area_mm2": f.Scalar(dtype=np.float32),
-                "diameter_mm": f.Scalar(dtype=np.float32),
-                "num_voxels": f.Scalar(dtype=np.int32),
-                "stored_pixels": f.Scalar(dtype=np.int32),
-            }),
-        }),
+        features=case_shards.example_features(self.builder_config.context_slices),
         disable_shuffling=True,  # examples stay in (case, slice) order: pipelines shuffle
         metadata=tfds.core.MetadataDict(),
         homepage="https://competitions.codalab.org/competitions/17094",
     )
 
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    cases = lits.find_cases(dl_manager.manual_dir)
+  build_options: "BuildOptions"  # set by `prepare` before download_and_prepare
+
+  def _split_generators(self, dl_manager):
+    raise NotImplementedError("lits writes one shard per case in _download_and_prepare")
+
+  def _generate_examples(self, **kwargs):
+    raise NotImplementedError("lits writes one shard per case in _download_and_prepare")
+
+  def _download_and_prepare(self, dl_manager, download_config) -> None:
+    """Writes every case's shard (here, in worker processes or with Beam), then records the
+    splits and their index in the info, which TFDS writes last."""
+    options = getattr(self, "build_options", None) or BuildOptions()
     cfg = self.builder_config
+    lits_dir = os.fspath(dl_manager.manual_dir)
+    cases = lits.find_cases(lits_dir)
     splits = assign_splits(sorted(cases), cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+    templates = {name: self._get_filename_template(split_name=name) for name in splits}
+    tasks = []
+    for name, numbers in splits.items():
+      for rank, number in enumerate(numbers):
+        volume, segmentation = cases[number]
+        shard = templates[name].sharded_filepath(shard_index=rank, num_shards=len(numbers))
+        tasks.append(case_shards.CaseTask(
+            split=name, rank=rank, number=int(number), volume=os.fspath(volume),
+            segmentation=os.fspath(segmentation), shard=os.fspath(shard),
+            size_bytes=int(volume.stat().length)))
+    spec = case_shards.ShardSpec(context_slices=cfg.context_slices, image_size=cfg.image_size,
+                                 spacing_mm=cfg.spacing_mm, compression=options.compression)
+    if download_config.beam_runner is not None or download_config.beam_options is not None:
+      summaries = self._write_with_beam(tasks, spec, download_config)
+    else:
+      summaries = _write_locally(tasks, spec, options)
+    self.build_seconds = {}  # CPU seconds by stage over all cases (benchmarks/prepare.py)
+    for summary in summaries:
+      for stage, seconds in summary.seconds.items():
+        self.build_seconds[stage] = self.build_seconds.get(stage, 0.0) + seconds
+    metadata, split_infos = assemble(summaries, splits, templates)
     self.info.metadata["splits"] = {k: [int(n) for n in v] for k, v in splits.items()}
-    self.info.metadata["lits_dir"] = os.fspath(dl_manager.manual_dir)
-    self.info.metadata["index"] = {}
-    self.info.metadata["intensity"] = {}
-    return {name: self._generate_examples(name, {n: cases[n] for n in numbers})
-            for name, numbers in splits.items() if numbers}
+    self.info.metadata["lits_dir"] = lits_dir
+    self.info.metadata.update(metadata)
+    self.info.set_splits(tfds.core.SplitDict(split_infos))
 
-  def _generate_examples(self, split: str, cases: dict[int, tuple[epath.Path, epath.Path]]):
-    """Yields a split's slices in (case, slice) order and records its index in the metadata.
+  def _write_with_beam(self, tasks, spec, download_config) -> list[case_shards.CaseSummary]:
+    """One pipeline for all cases, created by TFDS's split builder (its runner and options)."""
+    from data_pipelines import lits_beam  # pylint: disable=g-import-not-at-top
+    from tensorflow_datasets.core import split_builder  # pylint: disable=g-import-not-at-top
+    builder = split_builder.SplitBuilder(
+        split_dict=self.info.splits, features=self.info.features,
+        dataset_size=self.info.dataset_size, beam_options=download_config.beam_options,
+        beam_runner=download_config.beam_runner, max_examples_per_split=None,
+        example_writer=self._example_writer())
+    path = os.path.join(os.fspath(self.data_dir), lits_beam.SUMMARIES_FILE)
+    try:
+      with builder.maybe_beam_pipeline():
+        lits_beam.add_case_shards(builder.beam_pipeline, tasks, spec, path)
+    except Exception as e:  # pylint: disable=broad-except  # a runner wraps a worker's error
+      error = lits_beam.case_error(e)
+      if error is None:
+        raise
+      raise error from e
+    return lits_beam.read_summaries(path, tasks)
 
-    With shuffling disabled, an example's position in the split is its rank in that order, so
-    the index below gives random-access positions: `cases` rows are [case_number, first example,
-    num_slices, liver_z_lo, liver_z_hi, rows, cols] (rows x cols: the case's stored slice size);
-    `tumours` rows are [example, component, centre_row, centre_col, diameter_mm, area_mm2,
-    stored_pixels, row_min, col_min, row_max, col_max], one per tumour component part in a
-    slice (its box in stored edge coordinates). The split's summed liver and
-    tumour HU histograms go to `intensity` (see data_pipelines.intensity).
-    """
-    cfg = self.builder_config
-    index = {"cases": [], "tumours": []}
-    self.info.metadata["index"][split] = index
-    hists = {k: np.zeros(slices.HU_HI - slices.HU_LO + 1, np.int64) for k in ("liver", "tumour")}
-    position = 0
 
-    def load(number):
-      volume, segmentation = cases[number]
-      case = lits.load_case(volume, segmentation)
-      logging.info("prepare: case %d %s", number, case.image.shape)
-      hists = slices.intensity_histograms(case.image, case.labels)  # at the case's resolution
-      target_z = cfg.spacing_mm[2] if cfg.spacing_mm and len(cfg.spacing_mm) == 3 else None
-      image, labels, spacing = slices.resample_case_depth(case.image, case.labels,
-                                                          case.spacing, target_z)
-      size = slices.stored_shape(image.shape, spacing, cfg.image_size, cfg.spacing_mm)
-      examples = slices.case_examples(image, labels, spacing, number, cfg.context_slices, size)
-      return examples, size, hists
+@dataclasses.dataclass
+class BuildOptions:
+  """How `Lits` writes its shards: none of these changes the dataset.
 
-    # The next case is read and resampled in a background thread while this one is written:
-    # at most two cases are in memory.
-    numbers = sorted(cases)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-      upcoming = pool.submit(load, numbers[0])
-      for i, number in enumerate(numbers):
-        examples, size, case_hists = upcoming.result()
-        for k in hists:
-          hists[k] += case_hists[k]
-        if i + 1 < len(numbers):
-          upcoming = pool.submit(load, numbers[i + 1])
-        first = position
-        for k, example in examples:
-          key = example_key(i, k, len(numbers))
-          for t in example["tumours"]:
-            index["tumours"].append([position, int(t["component"]),
-                                     round(float(t["centre"][0]), 3),
-                                     round(float(t["centre"][1]), 3),
-                                     round(float(t["diameter_mm"]), 3),
-                                     round(float(t["area_mm2"]), 3), int(t["stored_pixels"]),
-                                     *[round(float(v), 3) for v in t["bbox"]]])
-          position += 1
-          yield key, example
-        lo, hi = example["liver_z_range"].tolist()
-        index["cases"].append([int(number), first, position - first, lo, hi, *size])
-    self.info.metadata["intensity"][split] = {k: intensity.pack(v) for k, v in hists.items()}
+  `workers`: processes writing cases on this host (1: this process); `executor`: a
+  `case_pool.worker_pool` to use instead of starting one; `log`: progress lines.
+  """
+
+  workers: int = 1
+  compression: str = "uncompressed"
+  log: Callable[[str], Any] = lambda message: None
+  executor: Any = None
+
+
+def _write_locally(tasks: Sequence[case_shards.CaseTask], spec: case_shards.ShardSpec,
+                   options: BuildOptions) -> list[case_shards.CaseSummary]:
+  """Writes every task's shard in this process or a pool, logging progress."""
+  import functools  # pylint: disable=g-import-not-at-top
+  write = functools.partial(case_shards.write_case_shard, spec=spec)
+  if options.workers <= 1 and options.executor is None:
+    case_pool.single_threaded_tensorflow()  # one process, one core (if not yet started)
+  summaries, slices_done, start, last = [], 0, time.monotonic(), float("-inf")
+  for _, summary in case_pool.map_cases(write, tasks, options.workers,
+                                        weight=lambda t: t.size_bytes, name=lambda t: t.volume,
+                                        executor=options.executor):
+    summaries.append(summary)
+    slices_done += summary.num_slices
+    now = time.monotonic()
+    if len(summaries) == len(tasks) or now - last >= _LOG_EVERY_S:
+      last = now
+      options.log(f"prepare: {len(summaries)}/{len(tasks)} cases, {slices_done} slices, "
+                  f"{slices_done / max(now - start, 1e-9):.1f} slices/s")
+  return summaries
+
+
+def assemble(summaries: Sequence[case_shards.CaseSummary], splits: dict[str, list[int]],
+             templates: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
+  """The `index` and `intensity` metadata and the SplitInfos of the splits, from the cases'
+  summaries (in any order).
+
+  With the cases of a split in rank order, an example's position in the split is its rank in
+  (case, slice) order, so the index gives random-access positions: `cases` rows are
+  [case_number, first example, num_slices, liver_z_lo, liver_z_hi, rows, cols] (rows x cols: the
+  case's stored slice size); `tumours` rows are [example, component, centre_row, centre_col,
+  diameter_mm, area_mm2, stored_pixels, row_min, col_min, row_max, col_max], one per tumour
+  component part in a slice (its box in stored edge coordinates). The split's summed liver and
+  tumour HU histograms go to `intensity` (see data_pipelines.intensity).
+  """
+  by_split: dict[str, list[case_shards.CaseSummary]] = {}
+  for summary in summaries:
+    by_split.setdefault(summary.split, []).append(summary)
+  index, hists_by_split, split_infos = {}, {}, []
+  for name, numbers in splits.items():
+    if not numbers:
+      continue
+    cases = sorted(by_split.get(name, []), key=lambda s: s.rank)
+    if [s.number for s in cases] != [int(n) for n in numbers]:
+      raise RuntimeError(f"split {name}: cases {[s.number for s in cases]} were written, not "
+                         f"{list(numbers)}")
+    rows, tumours, position = [], [], 0
+    bins = slices.HU_HI - slices.HU_LO + 1
+    hists = {k: np.zeros(bins, np.int64) for k in ("liver", "tumour")}
+    for s in cases:
+      rows.append([int(s.number), position, s.num_slices, *s.liver_z, *s.size])
+      tumours.extend([position + int(t[0]), *t[1:]] for t in s.tumours)
+      for k in hists:
+        hists[k] += intensity.unpack(s.histograms[k])
+      position += s.num_slices
+    index[name] = {"cases": rows, "tumours": tumours}
+    hists_by_split[name] = {k: intensity.pack(v) for k, v in hists.items()}
+    split_infos.append(tfds.core.SplitInfo(
+        name=name, shard_lengths=[s.num_slices for s in cases],
+        num_bytes=sum(s.num_bytes for s in cases), filename_template=templates[name]))
+  return {"index": index, "intensity": hists_by_split}, split_infos
 
 
 def assign_splits(numbers: list[int], val_fraction: float, test_fraction: float,
@@ -230,13 +273,25 @@ def synth_config(data_cfg) -> synthetic.SynthConfig:
                                storage_variants=bool(s.storage_variants))
 
 
-def prepare(data_cfg, log: Callable[[str], Any] = print, build: bool = True) -> Lits:
+def prepare(data_cfg, log: Callable[[str], Any] = print, build: bool = True, *,
+            workers: Optional[int] = None, beam_runner: Optional[str] = None,
+            beam_options: str = "") -> Lits:
   """Builds the dataset `config.data` names unless it exists; synthesises data first if asked.
 
+  Args:
+    data_cfg: `config.data`.
+    log: called with progress lines.
+    build: False only opens a dataset that another process prepared (multi-process runs:
+      process 0 builds while the others wait, then they open it) and raises FileNotFoundError
+      when there is none.
+    workers: processes writing cases on this host (None: `data.prepare_workers`; 0: the
+      available cores, or this process alone for a folder too small to gain from more).
+    beam_runner: build with Apache Beam on this runner instead ('local' or 'DirectRunner':
+      Beam's multi-process local runner with `workers` processes; else the runner's name, e.g.
+      'DataflowRunner'); `beam_options`: Beam's own flags as one string.
+
   Returns the prepared builder. Raises `lits.CaseError` naming the file for bad input, leaving
-  no dataset that looks complete. `build=False` only opens a dataset that another process
-  prepared (multi-process runs: process 0 builds while the others wait, then they open it) and
-  raises FileNotFoundError when there is none.
+  no dataset that looks complete. Whichever way it is built, the dataset is the same.
   """
   lits_dir = os.fspath(data_cfg.lits_dir)
   if not build:
@@ -247,32 +302,107 @@ def prepare(data_cfg, log: Callable[[str], Any] = print, build: bool = True) -> 
           "here after process 0 prepared it; every process must see the same data.lits_dir and "
           "data.tfds_dir (a shared folder or gs://)")
     return builder
+  compression = data_cfg.get("record_compression", "uncompressed")
+  if compression not in RECORD_COMPRESSIONS:
+    raise ValueError(f"data.record_compression={compression!r} is not one of "
+                     f"{list(RECORD_COMPRESSIONS)}")
+  requested = settings.prepare_workers(data_cfg) if workers is None else int(workers)
+  if requested < 0:
+    raise ValueError(f"prepare workers must be >= 0 (0: the available cores), got {requested}")
   if data_cfg.synthetic.enabled:
-    s = data_cfg.synthetic
-    synthetic.check_writable(lits_dir, "config.data.lits_dir")  # never into a user's folder
-    manifest = synthetic.read_manifest(lits_dir)
-    if manifest is None:
-      log(f"synthesising {s.num_cases} LiTS-format cases into {lits_dir}")
-    manifest = synthetic.ensure_synthetic(
-        lits_dir, int(s.num_cases), int(s.seed), synth_config(data_cfg),
-        progress=lambda r: log(f"  volume-{r['case']}.nii.gz {tuple(r['shape'])} "
-                               f"{r['num_tumours']} tumours"), key="config.data.lits_dir")
-    sizes = [t["diameter_mm"] for c in manifest["cases"] for t in c["tumours"]]
-    log(f"synthetic data: {len(manifest['cases'])} cases, {len(sizes)} tumours "
-        f"({sum(d < 10 for d in sizes)} under 10 mm) in {lits_dir}")
+    _synthesise(data_cfg, log)
   builder = builder_for(data_cfg)
   if builder.is_prepared():
     log(f"dataset reused: {builder.data_dir}")
     return builder
-  # Every case is opened before the long build, so every bad file is named at once.
-  verify.verify_folder(lits_dir, workers=verify_workers(lits_dir), log=log).raise_if_bad()
-  log(f"preparing dataset lits/{builder.builder_config.name} in {data_cfg.tfds_dir}")
-  with _writer_buffer_limit(_WRITER_BUFFER_BYTES), \
-      _array_record_options(data_cfg.get("record_compression", "uncompressed")):
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=lits_dir),
-        file_format=data_cfg.file_format)
+  with _build_lock(builder, log):
+    builder = builder_for(data_cfg)  # another process may have finished it meanwhile
+    if builder.is_prepared():
+      log(f"dataset reused: {builder.data_dir}")
+      return builder
+    n = build_workers(requested, lits_dir)
+    options = BuildOptions(workers=n, compression=compression, log=log)
+    config = dict(manual_dir=lits_dir)
+    if beam_runner:
+      from data_pipelines import lits_beam  # pylint: disable=g-import-not-at-top
+      runner, beam_flags = lits_beam.pipeline_settings(beam_runner, beam_options, requested)
+      config.update(beam_runner=runner, beam_options=beam_flags)
+      log(f"preparing dataset lits/{builder.builder_config.name} in {data_cfg.tfds_dir} with "
+          f"Apache Beam ({beam_runner}); each worker checks its cases")
+      _download_and_prepare(builder, options, config, data_cfg)
+      return builder
+    pool = case_pool.worker_pool(n) if n > 1 else contextlib.nullcontext()
+    with pool as executor:
+      # Every case is opened before the long build, so every bad file is named at once.
+      verify.verify_folder(lits_dir, workers=0, executor=executor, log=log).raise_if_bad()
+      log(f"preparing dataset lits/{builder.builder_config.name} in {data_cfg.tfds_dir} "
+          f"({n} {'process' if n == 1 else 'worker processes'})")
+      options.executor = executor
+      _download_and_prepare(builder, options, config, data_cfg)
   return builder
+
+
+def _download_and_prepare(builder: Lits, options: BuildOptions, config: dict, data_cfg) -> None:
+  builder.build_options = options
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(**config),
+                               file_format=data_cfg.file_format)
+
+
+def _synthesise(data_cfg, log: Callable[[str], Any]) -> None:
+  lits_dir = os.fspath(data_cfg.lits_dir)
+  s = data_cfg.synthetic
+  synthetic.check_writable(lits_dir, "config.data.lits_dir")  # never into a user's folder
+  manifest = synthetic.read_manifest(lits_dir)
+  if manifest is None:
+    log(f"synthesising {s.num_cases} LiTS-format cases into {lits_dir}")
+  manifest = synthetic.ensure_synthetic(
+      lits_dir, int(s.num_cases), int(s.seed), synth_config(data_cfg),
+      progress=lambda r: log(f"  volume-{r['case']}.nii.gz {tuple(r['shape'])} "
+                             f"{r['num_tumours']} tumours"), key="config.data.lits_dir")
+  sizes = [t["diameter_mm"] for c in manifest["cases"] for t in c["tumours"]]
+  log(f"synthetic data: {len(manifest['cases'])} cases, {len(sizes)} tumours "
+      f"({sum(d < 10 for d in sizes)} under 10 mm) in {lits_dir}")
+
+
+# Below this many bytes of case files, `workers=0` builds in this process: starting worker
+# processes (their imports) would cost more than they save.
+_SMALL_FOLDER_BYTES = 256 << 20
+
+
+def build_workers(requested: int, lits_dir: str) -> int:
+  """Processes for a local build: `requested` (0: the available cores, or 1 for a small
+  folder), at most one per case."""
+  cases = lits.find_cases(lits_dir)
+  if requested == 0:
+    total = sum(v.stat().length + s.stat().length for v, s in cases.values())
+    requested = case_pool.available_cores() if total >= _SMALL_FOLDER_BYTES else 1
+  return max(1, min(requested, len(cases)))
+
+
+@contextlib.contextmanager
+def _build_lock(builder: Lits, log: Callable[[str], Any]):
+  """Holds this dataset's build lock (local folders: one build at a time on this host) and
+  removes what killed builds left (TFDS's `incomplete.*` folders beside the dataset)."""
+  parent = os.path.dirname(os.path.normpath(os.fspath(builder.data_dir)))
+  if "://" in parent:
+    yield
+    return
+  os.makedirs(parent, exist_ok=True)
+  fd = os.open(os.path.join(parent, ".prepare.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      log(f"waiting for another prepare of {parent} on this host")
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    version = os.path.basename(os.path.normpath(os.fspath(builder.data_dir)))
+    for name in sorted(os.listdir(parent)):
+      if name.startswith(case_shards.INCOMPLETE_PREFIX) and name.endswith(f"_{version}"):
+        log(f"removing {os.path.join(parent, name)} (an interrupted prepare)")
+        epath.Path(parent, name).rmtree(missing_ok=True)
+    yield
+  finally:
+    os.close(fd)  # releases the lock
 
 
 def verify_workers(lits_dir: str) -> int:
@@ -286,58 +416,7 @@ def verify_workers(lits_dir: str) -> int:
   return cores if cores > 1 and cases > 2 * cores else 0
 
 
-# TFDS's writer keeps up to 1 GB of serialised examples in memory before spilling them to disk
-# (even with shuffling disabled). LiTS slices are large, so prepare lowers that to keep its peak
-# memory near a few volumes; the constant is read at each add, so patching it takes effect.
-_WRITER_BUFFER_BYTES = 256 << 20
-
-
 RECORD_COMPRESSIONS = settings.RECORD_COMPRESSIONS
-
-
-class _ArrayRecordWithOptions:
-  """Stands in for the array_record module inside TFDS, adding options to every writer."""
-
-  def __init__(self, module, extra: str):
-    self._module, self._extra = module, extra
-
-  def __getattr__(self, name):
-    return getattr(self._module, name)
-
-  def ArrayRecordWriter(self, path, options="", *args, **kwargs):  # pylint: disable=invalid-name
-    options = ",".join(o for o in (options, self._extra) if o)
-    return self._module.ArrayRecordWriter(path, options, *args, **kwargs)
-
-
-@contextlib.contextmanager
-def _array_record_options(compression: str):
-  """Writes ArrayRecord shards with `compression` instead of TFDS's fixed zstd:3 default.
-
-  Reading a 256x256x3 slice costs about 1.2-1.6 CPU-ms with zstd:3 against about 0.3 ms
-  uncompressed (measured by benchmarks/pipeline.py), which decides whether a host core feeds
-  1,000 slices/s; uncompressed costs about twice the disk. Readers detect the compression.
-  """
-  if compression not in RECORD_COMPRESSIONS:
-    raise ValueError(f"data.record_compression={compression!r} is not one of "
-                     f"{list(RECORD_COMPRESSIONS)}")
-  from tensorflow_datasets.core import file_adapters  # pylint: disable=g-import-not-at-top
-  previous = file_adapters.array_record_module
-  file_adapters.array_record_module = _ArrayRecordWithOptions(previous, compression)
-  try:
-    yield
-  finally:
-    file_adapters.array_record_module = previous
-
-
-@contextlib.contextmanager
-def _writer_buffer_limit(limit: int):
-  from tensorflow_datasets.core import shuffle  # pylint: disable=g-import-not-at-top
-  previous = shuffle.MAX_MEM_BUFFER_SIZE
-  shuffle.MAX_MEM_BUFFER_SIZE = min(previous, limit)
-  try:
-    yield
-  finally:
-    shuffle.MAX_MEM_BUFFER_SIZE = previous
 
 
 def describe(builder: Lits, data_cfg=None) -> str:

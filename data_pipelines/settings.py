@@ -2,7 +2,8 @@
 
 What the batches hold: `data.hu_window`, the stage's crop settings, the process's rows of a
 global batch. How they are made (Grain; none of these changes a batch): `data.worker_count`,
-`data.host_threads`, `data.prefetch_batches`.
+`data.host_threads`, `data.prefetch_batches`; how the dataset is prepared (it is the same
+either way): `data.prepare_workers`.
 """
 
 from __future__ import annotations
@@ -57,6 +58,16 @@ def worker_count(data_cfg) -> int:
   if workers < 0:
     raise ValueError(f"data.worker_count must be >= 0 (0: batches are made in the training "
                      f"process), got {workers}")
+  return workers
+
+
+def prepare_workers(data_cfg) -> int:
+  """Processes that write the dataset's cases when `prepare` builds it on this host (0: the
+  available cores); the dataset is the same for any number."""
+  workers = data_cfg.get("prepare_workers", 0)
+  if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+    raise ValueError(f"data.prepare_workers must be an integer >= 0 (0: the available cores), "
+                     f"got {workers!r}")
   return workers
 
 

@@ -13,15 +13,20 @@ for n original and m stored pixels.
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional, Sequence
+import contextlib
+from typing import Callable, ContextManager, Iterator, Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
 
-_CHUNK = 64  # slices resampled at a time, bounding float copies
+_CHUNK = 16  # slices resampled at a time: float copies of a few MB, reused rather than faulted in
 _SIX_CONNECTED = ndimage.generate_binary_structure(3, 1)
 HU_LO, HU_HI = -1024, 3071  # the HU range of the intensity histograms (one bin per HU)
 MAX_STORED_PIXELS = 2048  # a stored slice side; larger means a spacing far too fine for CT
+
+
+def _no_stages(name: str):  # pylint: disable=unused-argument
+  return contextlib.nullcontext()
 
 
 def stored_shape(shape_xy: Sequence[int], spacing: Sequence[float], image_size: Optional[int],
@@ -116,7 +121,11 @@ def context_indices(num_slices: int, context_slices: int) -> np.ndarray:
 
 def resample_image(volume: np.ndarray, size) -> np.ndarray:
   """Resamples an (X, Y, Z) int16 HU volume in-plane to `size` = (rows, cols) (or an int for a
-  square), antialiased bilinear."""
+  square), antialiased bilinear.
+
+  Slices go to TensorFlow as the channels of one image (no transposed copies); each channel is
+  resampled alone, so the result is that of resampling slice by slice.
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   x, y, z = volume.shape
   size = _size2(size)
@@ -124,9 +133,11 @@ def resample_image(volume: np.ndarray, size) -> np.ndarray:
     return volume
   out = np.empty(size + (z,), dtype=np.int16)
   for k in range(0, z, _CHUNK):
-    chunk = np.moveaxis(volume[:, :, k:k + _CHUNK], 2, 0)[..., None].astype(np.float32)
-    res = tf.image.resize(chunk, size, method="bilinear", antialias=True).numpy()
-    out[:, :, k:k + _CHUNK] = np.moveaxis(np.rint(res[..., 0]), 0, 2).clip(-32768, 32767)
+    chunk = volume[None, :, :, k:k + _CHUNK].astype(np.float32)
+    res = tf.image.resize(chunk, size, method="bilinear", antialias=True).numpy()[0]
+    np.rint(res, out=res)
+    np.clip(res, -32768, 32767, out=res)
+    out[:, :, k:k + _CHUNK] = res
   return out
 
 
@@ -144,15 +155,28 @@ def resample_labels(labels: np.ndarray, size, num_classes: int = 3) -> np.ndarra
     return labels
   out = np.zeros(size + (z,), dtype=np.uint8)
   busy = np.flatnonzero(labels.any(axis=(0, 1)))
-  classes = np.arange(1, num_classes, dtype=labels.dtype)
   for k in range(0, len(busy), _CHUNK):
     ks = busy[k:k + _CHUNK]
-    chunk = np.moveaxis(labels[:, :, ks], 2, 0)
-    onehot = (chunk[..., None] == classes).astype(np.float32)
-    res = tf.image.resize(onehot, size, method="bilinear", antialias=True).numpy()
-    background = 1.0 - res.sum(-1, keepdims=True)
-    scores = np.concatenate([background, res], axis=-1)
-    out[:, :, ks] = np.moveaxis(scores.argmax(-1).astype(np.uint8), 0, 2)
+    chunk = labels[:, :, ks]
+    # Channels [slice, class] of one image: each channel is interpolated on its own.
+    onehot = np.empty((1, x, y, len(ks), num_classes - 1), np.float32)
+    for c in range(1, num_classes):
+      np.equal(chunk, c, out=onehot[..., c - 1])
+    res = tf.image.resize(onehot.reshape(1, x, y, -1), size, method="bilinear",
+                          antialias=True).numpy().reshape(size + (len(ks), num_classes - 1))
+    out[:, :, ks] = _argmax_with_background(res)
+  return out
+
+
+def _argmax_with_background(res: np.ndarray) -> np.ndarray:
+  """argmax over [1 - sum(res), res[..., 0], res[..., 1], ...] (the first maximum wins, as
+  numpy's argmax), without stacking the scores."""
+  best = 1.0 - res.sum(-1)
+  out = np.zeros(best.shape, np.uint8)
+  for c in range(res.shape[-1]):
+    better = res[..., c] > best
+    out[better] = c + 1
+    np.maximum(best, res[..., c], out=best)
   return out
 
 
@@ -175,6 +199,9 @@ def intensity_histograms(image: np.ndarray, labels: np.ndarray) -> dict[str, np.
   (label 1) and tumour (label 2) voxels, at the case's own resolution: summed over a split's
   cases they give that split's exact foreground percentiles, mean and spread."""
   out = {}
+  zs = np.flatnonzero(labels.any(axis=(0, 1)))  # only slices with a label hold foreground
+  z = slice(int(zs[0]), int(zs[-1]) + 1) if len(zs) else slice(0, 0)
+  image, labels = image[:, :, z], labels[:, :, z]
   for name, value in (("liver", 1), ("tumour", 2)):
     hu = np.clip(image[labels == value].astype(np.int32), HU_LO, HU_HI) - HU_LO
     out[name] = np.bincount(hu, minlength=HU_HI - HU_LO + 1).astype(np.int64)
@@ -190,12 +217,17 @@ def tumour_components(labels: np.ndarray, spacing, size) -> list[list[dict]]:
   `area_mm2` (that part's area), `diameter_mm` (the 3-D component's equivalent-sphere diameter)
   and `num_voxels` (the 3-D component's voxel count). `case_examples` adds `stored_pixels`: the
   tumour pixels of the stored (resampled) label inside the part's box, 0 when resampling lost it.
+  Components are labelled inside the tumour's bounding box, which numbers them as the whole
+  volume would (the scan order is the same).
   """
   x, y, z = labels.shape
   per_slice: list[list[dict]] = [[] for _ in range(z)]
-  comps, n = ndimage.label(labels == 2, structure=_SIX_CONNECTED)
-  if n == 0:
+  tumour = labels == 2
+  box = _bounding_box(tumour)
+  if box is None:
     return per_slice
+  comps, n = ndimage.label(tumour[box], structure=_SIX_CONNECTED)
+  origin = [s.start for s in box]
   rows, cols = _size2(size)
   sr, sc = rows / x, cols / y
   voxel_mm3 = float(np.prod(spacing))
@@ -210,9 +242,9 @@ def tumour_components(labels: np.ndarray, spacing, size) -> list[list[dict]]:
       if count == 0:
         continue
       rows, cols = np.nonzero(plane)
-      rows = rows + box[0].start
-      cols = cols + box[1].start
-      per_slice[box[2].start + kz].append(dict(
+      rows = rows + box[0].start + origin[0]
+      cols = cols + box[1].start + origin[1]
+      per_slice[box[2].start + origin[2] + kz].append(dict(
           component=cid,
           bbox=np.array([rows.min() * sr, cols.min() * sc, (rows.max() + 1) * sr,
                          (cols.max() + 1) * sc], np.float32),
@@ -224,34 +256,60 @@ def tumour_components(labels: np.ndarray, spacing, size) -> list[list[dict]]:
   return per_slice
 
 
+def _bounding_box(mask: np.ndarray) -> Optional[tuple[slice, ...]]:
+  """The smallest box (one slice per axis) holding every True voxel of a 3-D `mask`, or None.
+
+  The last axis is narrowed first, so the other two are searched inside that slab only.
+  """
+  zs = np.flatnonzero(mask.any(axis=(0, 1)))
+  if len(zs) == 0:
+    return None
+  z = slice(int(zs[0]), int(zs[-1]) + 1)
+  slab = mask[:, :, z]
+  xs = np.flatnonzero(slab.any(axis=(1, 2)))
+  ys = np.flatnonzero(slab.any(axis=(0, 2)))
+  return slice(int(xs[0]), int(xs[-1]) + 1), slice(int(ys[0]), int(ys[-1]) + 1), z
+
+
 def case_examples(image: np.ndarray, labels: np.ndarray, spacing, case_number: int,
-                  context_slices: int, size) -> Iterator[tuple[int, dict]]:
+                  context_slices: int, size, *,
+                  stages: Callable[[str], ContextManager] = _no_stages
+                  ) -> Iterator[tuple[int, dict]]:
   """(slice index, example) per axial slice of a canonical case, as the TFDS builder stores them.
 
   `size`: the stored (rows, cols) of the case's slices (`stored_shape`), or an int for a square.
-  The heavy work (resampling, components) happens in this call, not lazily, so a caller can do
-  it for the next case in a background thread while it writes the current one.
+  The heavy work (resampling, components) happens in this call, not lazily; the context stacks
+  are made as the examples are consumed. `stages(name)` is entered around each stage
+  ("components", "resample", "context"), for a benchmark to time them.
   """
   z = image.shape[2]
   size = _size2(size)
   stored_spacing = np.array([spacing[0] * image.shape[0] / size[0],
                              spacing[1] * image.shape[1] / size[1], spacing[2]], np.float32)
-  components = tumour_components(labels, spacing, size)
-  liver_range = np.array(liver_z_range(labels), np.int32)
-  image_r = resample_image(image, size)
-  labels_r = resample_labels(labels, size)
-  for k, parts in enumerate(components):
-    for part in parts:  # tumour pixels the stored (resampled) label keeps of this part
-      r0, c0 = np.floor(part["bbox"][:2]).astype(int)
-      r1, c1 = np.ceil(part["bbox"][2:]).astype(int)
-      part["stored_pixels"] = np.int32(np.count_nonzero(labels_r[r0:r1, c0:c1, k] == 2))
+  with stages("components"):
+    components = tumour_components(labels, spacing, size)
+    liver_range = np.array(liver_z_range(labels), np.int32)
+  with stages("resample"):
+    image_r = resample_image(image, size)
+    labels_r = resample_labels(labels, size)
+  with stages("components"):
+    for k, parts in enumerate(components):
+      for part in parts:  # tumour pixels the stored (resampled) label keeps of this part
+        r0, c0 = np.floor(part["bbox"][:2]).astype(int)
+        r1, c1 = np.ceil(part["bbox"][2:]).astype(int)
+        part["stored_pixels"] = np.int32(np.count_nonzero(labels_r[r0:r1, c0:c1, k] == 2))
+  with stages("context"):  # slice-major copies, so each stack reads whole slices
+    image_z = np.ascontiguousarray(np.moveaxis(image_r, 2, 0))
+    labels_z = np.ascontiguousarray(np.moveaxis(labels_r, 2, 0))
+  del image_r, labels_r
   neighbours = context_indices(z, context_slices)
-  return ((k, dict(
-        image=np.ascontiguousarray(image_r[:, :, neighbours[k]]),
-        label=np.ascontiguousarray(labels_r[:, :, k]),
-        case_number=np.int32(case_number),
-        slice_index=np.int32(k),
-        num_slices=np.int32(z),
-        spacing=stored_spacing,
-        liver_z_range=liver_range,
-        tumours=components[k])) for k in range(z))
+
+  def examples():
+    for k in range(z):
+      with stages("context"):
+        stack = np.stack([image_z[i] for i in neighbours[k]], axis=-1)
+      yield k, dict(image=stack, label=labels_z[k], case_number=np.int32(case_number),
+                    slice_index=np.int32(k), num_slices=np.int32(z), spacing=stored_spacing,
+                    liver_z_range=liver_range, tumours=components[k])
+
+  return examples()

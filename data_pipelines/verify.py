@@ -77,7 +77,8 @@ class _CaseResult:
 
 
 def verify_folder(lits_dir: str | os.PathLike, *, workers: int = 0,
-                  log: Optional[Callable[[str], None]] = print) -> VerifyReport:
+                  log: Optional[Callable[[str], None]] = print,
+                  executor: Optional[concurrent.futures.Executor] = None) -> VerifyReport:
   """Opens every case of a LiTS folder and reports every problem, in case order.
 
   Args:
@@ -85,6 +86,8 @@ def verify_folder(lits_dir: str | os.PathLike, *, workers: int = 0,
     workers: processes checking cases in parallel (spawn/forkserver, never fork); 0 checks them
       in this process. About one case is in memory per worker.
     log: called with progress lines (`verify: 12/131 cases, 1 unusable`); None for silence.
+    executor: a process pool to check cases in instead of `workers` new processes (prepare
+      shares its pool with the build).
 
   Returns:
     A `VerifyReport`; call `raise_if_bad()` on it to refuse a folder with any problem.
@@ -101,7 +104,7 @@ def verify_folder(lits_dir: str | os.PathLike, *, workers: int = 0,
   jobs = [(n, [os.fspath(p) for p in v], [os.fspath(p) for p in s])
           for n, (v, s) in files.items()]
   progress = _Progress(len(jobs), log)
-  for result in _run(jobs, workers):
+  for result in _run(jobs, workers, executor):
     _add(report, result)
     progress.step(report.num_bad_cases)
   if log is not None:
@@ -109,8 +112,12 @@ def verify_folder(lits_dir: str | os.PathLike, *, workers: int = 0,
   return report
 
 
-def _run(jobs: list[tuple[int, list[str], list[str]]], workers: int):
+def _run(jobs: list[tuple[int, list[str], list[str]]], workers: int,
+         executor: Optional[concurrent.futures.Executor] = None):
   """Yields each job's `_CaseResult` in job order, in this process or a process pool."""
+  if executor is not None:
+    yield from executor.map(_check_case, jobs)
+    return
   if workers <= 0:
     yield from map(_check_case, jobs)
     return

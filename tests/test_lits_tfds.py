@@ -186,25 +186,18 @@ def test_interrupted_prepare_is_not_taken_for_a_finished_one(tmp_path):
   assert total == 8 * 32
 
 
-def test_example_keys_keep_case_slice_order_and_spread_over_buckets():
-  from tensorflow_datasets.core import shuffle
-  n = 131
-  keys = [lits_tfds.example_key(r, k, n) for r in range(n) for k in (0, 1, 500, 1025)]
-  assert keys == sorted(keys) and len(set(keys)) == len(keys)
-  assert max(keys) < 2**128
-  buckets = {shuffle.get_bucket_number(lits_tfds.example_key(r, 0, n), shuffle.BUCKETS_NUMBER)
-             for r in range(n)}
-  assert len(buckets) == n, "every case starts in its own bucket, so no bucket holds the dataset"
-
-
-def test_prepare_that_spills_to_disk_keeps_case_slice_order(tmp_path, monkeypatch):
-  monkeypatch.setattr(lits_tfds, "_WRITER_BUFFER_BYTES", 1)  # force TFDS's on-disk buckets
-  config = tiny_config(tmp_path, **{"data.synthetic.num_cases": "4"})
-  builder = lits_tfds.prepare(config.data, log=lambda s: None)
-  for split in ("train", "validation"):
-    keys = [(int(e["case_number"]), int(e["slice_index"])) for e in _all(builder, split)]
-    cases = builder.info.metadata["splits"][split]
-    assert keys == [(c, k) for c in cases for k in range(12)]
+def test_each_case_is_one_shard_of_its_split_in_case_order(prepared):
+  config, builder = prepared
+  for name, split in builder.info.splits.items():
+    cases = builder.info.metadata["splits"][name]
+    assert split.shard_lengths == [12] * len(cases)
+    for rank, (number, instruction) in enumerate(zip(cases, split.file_instructions)):
+      assert instruction.filename.endswith(f"-{rank:05d}-of-{len(cases):05d}")
+      source = builder.as_data_source(f"{name}[{rank * 12}:{rank * 12 + 12}]")
+      assert [(int(e["case_number"]), int(e["slice_index"])) for e in source] == [
+          (number, k) for k in range(12)]
+  leftovers = [f for f in os.listdir(builder.data_dir) if "incomplete" in f]
+  assert not leftovers
 
 
 def test_shards_are_written_with_the_configured_compression(prepared, tmp_path):
