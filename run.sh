@@ -3,8 +3,10 @@
 # and then runs:
 #   ./run.sh demo   the main job on the embedded default (configs/synthetic.py): train the three
 #                   stages, then evaluate the chosen checkpoint on the validation volumes
-#   ./run.sh test   the test suite
-# Extra arguments after the command go to `curriculum-seg train` (demo) or pytest (test).
+#   ./run.sh test   the test suite (`./run.sh test -m "not slow"`: the quick part)
+#   ./run.sh lint   ruff check (pyproject.toml's [tool.ruff]), as CI runs it before the tests
+# Extra arguments after the command go to `curriculum-seg train` (demo), pytest (test) or
+# ruff check (lint).
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
@@ -36,8 +38,12 @@ case "$command" in
     setup ".[test]" test
     exec "$VENV/bin/python" -m pytest -q "$@"
     ;;
+  lint)
+    setup ".[test]" test
+    exec "$VENV/bin/ruff" check "$@"
+    ;;
   *)
-    echo "usage: ./run.sh demo|test [args...]" >&2
+    echo "usage: ./run.sh demo|test|lint [args...]" >&2
     exit 2
     ;;
 esac

@@ -8,9 +8,9 @@ realistic prediction (scoring.py's: the reference with boundaries moved by about
 lesion missed, one false positive) against the reference read back from the file. Speed does not
 depend on the weights, so the network is the config's U-Net with freshly initialised weights,
 wrapped in a one-checkpoint run directory (untrained outputs are noise, which would make scoring
-their masks a worst case, not a typical one). The
-subprocess's own peak resident memory, after predicting (ru_maxrss) and after scoring too (via
-os.wait4), shows whether memory stays bounded as N grows (it must not hold all the probabilities: `InferenceOptions.chunk_slices`).
+their masks a worst case, not a typical one). The subprocess's own peak resident memory, after
+predicting (ru_maxrss) and after scoring too (via os.wait4), shows whether memory stays bounded
+as N grows (it must not hold all the probabilities: `InferenceOptions.chunk_slices`).
 
   python benchmarks/inference.py [--config configs/synthetic.py] [--slices 100 300 500]
                                  [--repeats 2] [--flip_tta] [--out FILE]

@@ -145,7 +145,7 @@ def _transfer(job: dict[str, Any]) -> dict[str, Any]:
 
 def _warp(job: dict[str, Any]) -> dict[str, Any]:
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from data_pipelines import augment  # pylint: disable=import-outside-toplevel
+  from data_pipelines import augment, intensity  # pylint: disable=import-outside-toplevel
   batch, size = job["batch_size"], 256
   rng = np.random.default_rng(0)
   images = rng.integers(-1024, 300, (batch, size, size, 3)).astype(np.int16)

@@ -611,7 +611,8 @@ def run_layers(warmup: int, repeats: int, use_torch: bool, quick: bool) -> list[
     reference = unet_lib.conv_plain(x, kernel)
     runners = {}
     for name, fn in {**unet_lib.CONV3D_FORMULATIONS, **LAYER_CANDIDATES}.items():
-      conv = (lambda x, k, fn=fn: fn(x, k))
+      def conv(x, k, fn=fn):
+        return fn(x, k)
       np.testing.assert_allclose(jax.jit(conv)(x, kernel), reference, rtol=1e-4, atol=1e-3)
       runners[name] = _jax_layer(conv, x, kernel)
     if torch is not None:

@@ -41,7 +41,8 @@ CONFIG_EPILOG = """\
 config:
   --config FILE[:ARG]     a config file; ARG goes to its get_config(ARG), in the shipped configs
                           a regime: three_stage (default), whole_only, whole_patch, patch_whole
-                          (and cascade in configs/synthetic.py), e.g. configs/synthetic.py:whole_only
+                          (and cascade in configs/synthetic.py),
+                          e.g. configs/synthetic.py:whole_only
   --config.KEY=VALUE      overrides one key (the field's type is kept), repeatable, e.g.
                           --config.stages.whole1.steps=5 --config.data.lits_dir=/data/lits
                           --config.model.base_width=16 --config.loss.class_weights=None
@@ -148,7 +149,8 @@ def cmd_synth(argv: list[str]) -> int:
 
   def progress(r):
     diameters = ", ".join(f"{t['diameter_mm']:.1f}" for t in r["tumours"]) or "none"
-    print(f"  {r['volume']}  {tuple(r['shape'])}  spacing {tuple(round(s, 2) for s in r['spacing'])}"
+    spacing = tuple(round(s, 2) for s in r["spacing"])
+    print(f"  {r['volume']}  {tuple(r['shape'])}  spacing {spacing}"
           f"  {r['orientation']} {r['ct_storage']}/{r['label_storage']}  tumours (mm): {diameters}")
 
   manifest = synthetic.synthesise(args.out_dir, args.num_cases, args.seed, cfg, progress,
@@ -213,7 +215,7 @@ def cmd_prepare(argv: list[str]) -> int:
   _quiet_tensorflow(progress_bars=True)
   if args.beam_runner:
     try:
-      import apache_beam  # pylint: disable=g-import-not-at-top,unused-import
+      import apache_beam  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
     except ImportError as e:
       raise UsageError("--beam_runner needs Apache Beam: pip install 'curriculum-seg[beam]'") from e
   from data_pipelines import lits_tfds  # pylint: disable=g-import-not-at-top

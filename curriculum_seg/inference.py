@@ -21,7 +21,6 @@ model variables, read-only, onto this host's devices, whatever mesh wrote them.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import tempfile

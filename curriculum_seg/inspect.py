@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 from typing import Any, Iterable, Optional, Sequence, Union
@@ -382,7 +381,6 @@ class Run:
     """
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
     from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
-    from data_pipelines import pipelines  # pylint: disable=g-import-not-at-top
     case = _load_case(case)
     if prediction is None:
       prediction = self.predict(case, stage=stage, step=step, which=which)

@@ -160,7 +160,8 @@ def surface_distances(pred, ref, spacing, *, crop: bool = True,
 
 
 def _nearest(source: np.ndarray, target: np.ndarray, sp: np.ndarray) -> np.ndarray:
-  """For each True voxel of `source` (in C order), the mm distance to the nearest True of `target`."""
+  """For each True voxel of `source` (in C order), the mm distance to the nearest True of
+  `target`."""
   both = source & target
   out = np.zeros(np.count_nonzero(source))
   away = ~both[source]  # source voxels not on the target surface, in the same C order

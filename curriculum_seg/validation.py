@@ -27,7 +27,7 @@ import numpy as np
 
 from curriculum_seg import losses, sharding, train_step
 from curriculum_seg import sliding_window as sw
-from data_pipelines import augment, crops, index as index_lib, intensity, pipelines, records
+from data_pipelines import augment, crops, index as index_lib, intensity, pipelines
 from data_pipelines import settings
 
 DEFAULT_VAL_OVERLAP = 0.5

@@ -2,9 +2,9 @@
 
 Parameters (flips, rotation, scaling, intensity jitter, lesion contrast) are a pure function of
 (seed, global example position) through a counter-based hash, so they never depend on threads,
-processes or devices. Pixels move by one affine map per example that the image (bilinear) and the label
-(nearest neighbour) share, which keeps them aligned by construction; the same map centres a patch
-and pads with air where it leaves the slice.
+processes or devices. Pixels move by one affine map per example that the image (bilinear) and the
+label (nearest neighbour) share, which keeps them aligned by construction; the same map centres a
+patch and pads with air where it leaves the slice.
 
 The warp is a jitted JAX function (`make_finish`), run on the accelerator by
 `curriculum_seg.device_feed` or, with `augment.on_device=False`, on the host CPU inside the

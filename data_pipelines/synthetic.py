@@ -153,8 +153,8 @@ def _draw_body(p: _Painter) -> dict[str, Any]:
     d = np.sqrt((x2 - c[0]) ** 2 + (p.ys[None, :] - c[1]) ** 2)
     p.hu[d <= r * scale, :] = hu
     vessels.append(d <= r * scale + 2)
-  return dict(a=a, b=b, cy=cy, scale=scale, visceral=visceral, spine=spine | vessels[0] | vessels[1],
-              spine_c=spine_c, r_vert=r_vert)
+  return dict(a=a, b=b, cy=cy, scale=scale, visceral=visceral,
+              spine=spine | vessels[0] | vessels[1], spine_c=spine_c, r_vert=r_vert)
 
 
 def _draw_organs(p: _Painter, body: dict[str, Any], liver_hu: float) -> None:
@@ -384,7 +384,8 @@ def _save(img: nib.Nifti1Image, path: str) -> None:
 
 
 def write_case(out_dir: str, seed: int, index: int, cfg: SynthConfig = SynthConfig()) -> dict:
-  """Generates case `index` and writes volume-i.nii.gz / segmentation-i.nii.gz; returns its record."""
+  """Generates case `index`, writes volume-i.nii.gz and segmentation-i.nii.gz, returns its
+  record."""
   case = generate_case(seed, index, cfg)
   rng = np.random.default_rng([seed, index, 1])
   axcodes, ct_storage, label_storage = _storage(rng, cfg)

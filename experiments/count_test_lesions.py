@@ -3,11 +3,12 @@ to size a benchmark's held-out test set (the experiment asks for 60+ lesions in 
 
 For the sweep a config file declares (`get_sweep`, with any `--config.KEY=VALUE`), the held-out
 cases are those `curriculum-seg sweep` scores: its declared synthetic held-out set, the test
-split of the runs' data, or every case of `--score_dir`. Synthetic cases not yet written are drawn by data_pipelines.synthetic (the
-data's generator, seed and settings) into a temporary folder; each case is loaded by
-data_pipelines.lits and its lesions measured by curriculum_seg.metrics as `evaluate` measures
-them (6-connected components, `diameter_mm`). Prints the cumulative counts over the cases and
-the totals; nothing of the sweep's folder is written. Run from the repository root:
+split of the runs' data, or every case of `--score_dir`. Synthetic cases not yet written are
+drawn by data_pipelines.synthetic (the data's generator, seed and settings) into a temporary
+folder; each case is loaded by data_pipelines.lits and its lesions measured by
+curriculum_seg.metrics as `evaluate` measures them (6-connected components, `diameter_mm`).
+Prints the cumulative counts over the cases and the totals; nothing of the sweep's folder is
+written. Run from the repository root:
 
   .venv/bin/python experiments/count_test_lesions.py --config configs/synthetic.py
   .venv/bin/python experiments/count_test_lesions.py --config configs/synthetic.py \\

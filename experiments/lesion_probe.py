@@ -23,7 +23,6 @@ repository root:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Optional, Sequence
@@ -95,8 +94,8 @@ def sweep_summary(per_threshold: dict, large_mm: float = LARGE_MM) -> list[dict]
     out.append(dict(threshold=threshold, dice_global=agg["tumour"]["dice_global"],
                     dice_per_case=agg["tumour"]["dice_per_case"],
                     precision_iou=agg["detection"]["iou"]["precision"],
-                    large=len(large), large_found_iou=sum(l["detected_iou"] for l in large),
-                    large_found_any=sum(l["detected_any"] for l in large)))
+                    large=len(large), large_found_iou=sum(r["detected_iou"] for r in large),
+                    large_found_any=sum(r["detected_any"] for r in large)))
   return out
 
 

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from curriculum_seg import config_loading, inference, rundir
+from curriculum_seg import inference, rundir
 from data_pipelines import lits, lits_tfds, slices
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -67,7 +67,7 @@ def test_augmentation_keeps_image_and_label_aligned():
   # The check is sensitive: warping the label with another example's map breaks it.
   image_only = jax.vmap(lambda i, a: augment.warp_bilinear(i.astype(jnp.float32), a, 64))(
       batch["image"], batch["affine"])
-  label_other = jax.vmap(lambda l, a: augment.warp_nearest(l, a, 64))(
+  label_other = jax.vmap(lambda lb, a: augment.warp_nearest(lb, a, 64))(
       batch["label"], np.roll(batch["affine"], 1, axis=0))
   misaligned, _ = _agreement(np.clip((np.asarray(image_only) + 60) / 200, 0, 1),
                              np.asarray(label_other))

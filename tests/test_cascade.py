@@ -91,7 +91,7 @@ def test_each_stage_keeps_its_best_by_its_own_task_dice(run):
   workdir, config, _, _ = run
   builder = lits_tfds.prepare(config.data, log=lambda s: None)
   rows = rundir.MetricsLog(workdir).read()
-  for name, foreground in (("liver", lambda label: label >= 1), ("tumour", lambda l: l == 2)):
+  for name, foreground in (("liver", lambda lb: lb >= 1), ("tumour", lambda lb: lb == 2)):
     stage = config.stages[name]
     scores = [r["val_dice"] for r in rows if r["stage"] == name and "val_dice" in r]
     assert len(scores) == STEPS // 2

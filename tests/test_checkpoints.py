@@ -66,7 +66,8 @@ _SCRIPT = textwrap.dedent("""
     import json, os, signal, sys
     import jax.numpy as jnp
     from curriculum_seg import checkpoints
-    root, saves, mode, kill_step = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    root, saves, mode = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+    kill_step = int(sys.argv[4])
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)
     current = {}
     C = checkpoints.StageCheckpoints
@@ -78,7 +79,8 @@ _SCRIPT = textwrap.dedent("""
         die()
     def drop(self, keep):
       original_drop(self, keep)
-      if current.get("step") == kill_step and current.get("which") == "latest" and mode == "dropped":
+      if (current.get("step") == kill_step and current.get("which") == "latest"
+          and mode == "dropped"):
         die()
     C._write, C._drop_bests_except = write, drop
     from orbax.checkpoint._src.path import atomicity

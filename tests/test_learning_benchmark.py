@@ -20,7 +20,8 @@ def test_recipes_resolve_to_their_settings():
   assert new.seed == old.seed == 2 and new.data.lits_dir == "/tmp/d/lits"
   assert (new.loss.name, new.model.input_stride, new.stages.whole1.tumour_fraction) == (
       "dice_ce", 1, 0.5)
-  assert learning.recipe_config("stride2", 2, 1200, 100, "whole_only", "/tmp/d").model.input_stride == 2
+  config = learning.recipe_config("stride2", 2, 1200, 100, "whole_only", "/tmp/d")
+  assert config.model.input_stride == 2
   assert (old.loss.name, old.loss.dice_smooth, old.loss.class_weights) == ("dice", 1.0, None)
   assert (old.model.input_stride, old.model.foreground_prior) == (1, None)
   assert old.stages.whole1.tumour_fraction == old.stages.whole2.tumour_fraction == 0.0

@@ -162,7 +162,8 @@ def test_only_process_0_writes_logs(runs):
   assert len(logged) == len(set(logged)), "every row once: a single writer"
   assert {s for s, _ in logged} == set(STAGES)
   assert json.loads((workdir / "config.json").read_text())["stages"]["patch"]["steps"] == STEPS
-  assert [s["name"] for s in json.loads((workdir / "summary.json").read_text())["stages"]] == list(STAGES)
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert [s["name"] for s in summary["stages"]] == list(STAGES)
   events = os.listdir(workdir / "tensorboard")
   assert len(events) == 1 and events[0].startswith("events"), events
   assert len(STEP_LINE.findall(out0)) >= len(STAGES) * STEPS

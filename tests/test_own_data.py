@@ -35,7 +35,7 @@ def one_error_line(result, command, listing=False):
   assert result.returncode == 2, (result.stdout, result.stderr)
   lines = result.stderr.strip().splitlines()
   assert lines[0].startswith(f"curriculum-seg {command}: error: "), result.stderr
-  assert len(lines) == 1 or (listing and all(l.startswith("  ") for l in lines[1:])), \
+  assert len(lines) == 1 or (listing and all(x.startswith("  ") for x in lines[1:])), \
       result.stderr
   return "\n".join(lines)
 

@@ -1,4 +1,5 @@
-"""Run directory: the lock, the saved-config check, the metrics log (checkpoints: test_checkpoints)."""
+"""Run directory: the lock, the saved-config check, the metrics log (checkpoints:
+test_checkpoints)."""
 
 import json
 import os

@@ -163,7 +163,7 @@ def test_whole_sampler_without_selected_tumour_slices_is_a_clear_error():
   samplers.WholeSliceSampler(np.arange(10), 0, 4, np.array([20, 31]), 0.0)  # 0: fine
 
 
-# ---- patches --------------------------------------------------------------------------------------
+# ---- patches -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["component", "voxel"])
 def test_component_sampling_modes(mode):
