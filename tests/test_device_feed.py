@@ -13,11 +13,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import synthetic as synthetic_config
 from curriculum_seg import sharding
 from curriculum_seg.device_feed import DeviceFeed
-from data_pipelines import lits_tfds, pipelines
-from tests.test_pipelines import WARP_ATOL
+from data_pipelines import pipelines
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AUGMENT = dict(enabled=True, flip_lr=0.5, flip_ud=0.5, rotate_deg=15.0, scale_range=(0.9, 1.1),
@@ -25,21 +23,8 @@ AUGMENT = dict(enabled=True, flip_lr=0.5, flip_ud=0.5, rotate_deg=15.0, scale_ra
 
 
 @pytest.fixture(scope="session")
-def data(tmp_path_factory):
-  """4 tiny synthetic cases stored at the generator's size (the same folder as
-  test_pipelines.py uses, so a session prepares it once)."""
-  root = tmp_path_factory.getbasetemp() / "pipelines_tumours"
-  cfg = synthetic_config.get_config()
-  cfg.data.lits_dir = str(root / "lits")
-  cfg.data.tfds_dir = str(root / "tfds")
-  cfg.data.image_size = 32
-  cfg.data.spacing_mm = None
-  cfg.data.synthetic.update(dict(num_cases=4, size=32, slices=16, storage_variants=False))
-  with cfg.data.unlocked():
-    cfg.data.hu_window = (-60.0, 140.0)
-    cfg.data.slice_selection = "all"
-    cfg.data.host_threads = 2
-  return lits_tfds.prepare(cfg.data, log=lambda _: None), cfg.data
+def data(tiny_dataset):
+  return tiny_dataset
 
 
 def stage(**kw):
@@ -60,7 +45,8 @@ def to_numpy(batch):
 
 
 @pytest.mark.parametrize("pipeline", ["whole", "patch"])
-def test_feed_gives_sharded_global_arrays_equal_to_the_host_finished_batches(data, pipeline):
+def test_feed_gives_sharded_global_arrays_equal_to_the_host_finished_batches(data, pipeline,
+                                                                            warp_atol):
   mesh = sharding.make_mesh(1)
   with DeviceFeed(stream(data, pipeline=pipeline), mesh) as feed:
     on_device = [next(feed) for _ in range(3)]
@@ -72,8 +58,8 @@ def test_feed_gives_sharded_global_arrays_equal_to_the_host_finished_batches(dat
     for key, value in got.items():
       assert isinstance(value, jax.Array)
       assert value.sharding.is_equivalent_to(sharding.batch_sharding(mesh), value.ndim)
-    # The warp compiled for the mesh and for the host CPU: two programs (see WARP_ATOL).
-    np.testing.assert_allclose(np.asarray(got["image"]), want["image"], rtol=0, atol=WARP_ATOL)
+    # The warp compiled for the mesh and for the host CPU: two programs (see conftest.WARP_ATOL).
+    np.testing.assert_allclose(np.asarray(got["image"]), want["image"], rtol=0, atol=warp_atol)
     np.testing.assert_array_equal(np.asarray(got["label"]), want["label"])
     np.testing.assert_array_equal(np.asarray(got["mask"]), want["mask"])
 
@@ -157,7 +143,7 @@ _MULTI_DEVICE = textwrap.dedent("""
     """)
 
 
-def test_global_batches_are_the_same_on_1_2_and_4_devices(data, tmp_path):
+def test_global_batches_are_the_same_on_1_2_and_4_devices(data, tmp_path, warp_atol):
   _, data_cfg = data
   args = dict(data={k: data_cfg[k] for k in ("lits_dir", "tfds_dir", "image_size", "spacing_mm",
                                              "val_fraction")} | dict(
@@ -176,8 +162,8 @@ def test_global_batches_are_the_same_on_1_2_and_4_devices(data, tmp_path):
       assert sorted(other.files) == sorted(one.files)
       for key in one.files:
         message = f"{pipeline} {n} {key}"
-        if key.startswith("image"):  # the warp compiled per shard shape: see WARP_ATOL
-          np.testing.assert_allclose(other[key], one[key], rtol=0, atol=WARP_ATOL,
+        if key.startswith("image"):  # the warp compiled per shard shape: see conftest.WARP_ATOL
+          np.testing.assert_allclose(other[key], one[key], rtol=0, atol=warp_atol,
                                      err_msg=message)
         else:  # labels and masks: bitwise
           np.testing.assert_array_equal(other[key], one[key], err_msg=message)

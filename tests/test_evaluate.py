@@ -11,11 +11,10 @@ import pytest
 
 from curriculum_seg import cli, evaluate, inference, metrics, stages
 from data_pipelines import lits, lits_tfds
-from tests.test_stages import tiny_config
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, tiny_config):
   root = tmp_path_factory.mktemp("eval_run")
   config = tiny_config(root, **{"curriculum": "('whole1',)", "stages.whole1.steps": "4",
                                 "stages.whole1.eval_every": "2",

@@ -16,7 +16,6 @@ import pytest
 
 from curriculum_seg import inference, sharding, stages
 from data_pipelines import intensity, lits, synthetic
-from tests.test_stages import tiny_config
 
 LIVER_HU, TUMOUR_HU = 100, 300
 WINDOW = (-60.0, 140.0)
@@ -122,7 +121,7 @@ def test_slice_stacks_match_the_training_examples():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, tiny_config):
   root = tmp_path_factory.mktemp("infer_run")
   config = tiny_config(root, **{"curriculum": "('whole1', 'patch')",
                                 "stages.whole1.steps": "4", "stages.patch.steps": "4",

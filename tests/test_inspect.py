@@ -18,8 +18,6 @@ from matplotlib.contour import ContourSet  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from tests import test_stages  # noqa: E402
-
 from curriculum_seg import inference, inspect  # noqa: E402
 from data_pipelines import lits, lits_tfds, pipelines  # noqa: E402
 
@@ -28,13 +26,13 @@ STEPS = 4
 STAGES = ("whole1", "patch", "whole2")
 
 
-def tiny_overrides(root):
-  """test_stages' tiny run, with batches of 8 (one row per virtual device) and 4 steps a stage."""
+def inspect_overrides(tiny_overrides, root):
+  """The tiny run with batches of 8 (one row per virtual device) and 4 steps a stage."""
   extra = {}
   for name in STAGES:
     extra.update({f"stages.{name}.steps": str(STEPS), f"stages.{name}.batch_size": "8",
                   f"stages.{name}.eval_every": "2", f"stages.{name}.checkpoint_every": "2"})
-  return test_stages.tiny_overrides(root, **extra)
+  return tiny_overrides(root, **extra)
 
 
 # Trains on 8 virtual CPU devices and, at every checkpoint save, writes the saved parameters as
@@ -62,16 +60,16 @@ _TRAIN = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, tiny_overrides):
   """(workdir, dump folder, subprocess report) of a tiny run trained on 8 CPU devices."""
   root = tmp_path_factory.mktemp("inspect")
   workdir, dump = root / "run", root / "saved"
   dump.mkdir()
   env = dict(os.environ, JAX_NUM_CPU_DEVICES="8", JAX_PLATFORMS="cpu",
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", TF_CPP_MIN_LOG_LEVEL="2")
-  result = subprocess.run([sys.executable, "-c", _TRAIN, str(workdir),
-                           json.dumps(tiny_overrides(root)), str(dump)], capture_output=True,
-                          text=True, timeout=600, env=env, cwd=REPO)
+  overrides = json.dumps(inspect_overrides(tiny_overrides, root))
+  result = subprocess.run([sys.executable, "-c", _TRAIN, str(workdir), overrides, str(dump)],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
   assert result.returncode == 0, result.stderr[-4000:]
   return workdir, dump, json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -16,8 +16,6 @@ import numpy as np
 import pytest
 from etils import epath
 
-from tests import test_stages
-
 from curriculum_seg import checkpoints, config_loading, rundir, stages
 
 STAGES = ("whole1", "patch", "whole2")
@@ -31,9 +29,10 @@ FAST_COMPILE = "--xla_llvm_disable_expensive_passes=true"
 STEP_LINE = re.compile(r"\[(whole1|patch|whole2)\] step \d+")
 
 
-def overrides(root):
-  """test_stages' tiny run (global batch 4), 5 steps a stage, with a smaller network and one
-  compiled step for all stages (same input size, optimiser and length): compiling is most of
+@pytest.fixture(scope="module")
+def overrides(tiny_overrides):
+  """overrides(root): the tiny run (global batch 4), 5 steps a stage, with a smaller network and
+  one compiled step for all stages (same input size, optimiser and length): compiling is most of
   the cost, and process 1 compiles at every launch."""
   extra = {"model.block": "plain", "model.norm": "none", "model.convs_per_level": "1",
            "stages.patch.patch_size": "32"}
@@ -42,7 +41,7 @@ def overrides(root):
         ("steps", str(STEPS)), ("eval_every", "2"), ("checkpoint_every", "2"),
         ("optimizer.learning_rate", "0.001"), ("schedule.name", "constant"),
         ("schedule.warmup_steps", "0"))})
-  return test_stages.tiny_overrides(root, **extra)
+  return lambda root: tiny_overrides(root, **extra)
 
 
 def free_port() -> int:
@@ -51,7 +50,7 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(root, workdir, name, num_processes, devices_per_process, via_flags=False):
+def launch(overrides, root, workdir, name, num_processes, devices_per_process, via_flags=False):
   """Starts `curriculum-seg train` as `num_processes` processes; stdout/stderr go to files."""
   base = {k: v for k, v in os.environ.items()
           if not k.startswith(("JAX_", "XLA_", "TPU_", "SLURM_", "OMPI_"))}
@@ -101,15 +100,15 @@ def finish(procs):
   return [p.returncode for p in procs]
 
 
-def run(root, workdir, name, num_processes, devices_per_process, via_flags=False):
+def run(overrides, root, workdir, name, num_processes, devices_per_process, via_flags=False):
   """Launches, asserts every process exited 0, returns their stdouts."""
-  procs = launch(root, workdir, name, num_processes, devices_per_process, via_flags)
+  procs = launch(overrides, root, workdir, name, num_processes, devices_per_process, via_flags)
   for pid, code in enumerate(finish(procs)):
     assert code == 0, (name, pid, code, (root / f"{name}.p{pid}.err").read_text()[-3000:])
   return [(root / f"{name}.p{pid}.out").read_text() for pid in range(num_processes)]
 
 
-def final_state(workdir, root):
+def final_state(overrides, workdir, root):
   """whole2's completed checkpoint (the whole train state), as numpy arrays on this process."""
   config = config_loading.apply_overrides(
       config_loading.load_config_file("configs/synthetic.py"), overrides(root).items())
@@ -136,18 +135,19 @@ def rows(workdir):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, overrides):
   """One process with 4 devices (it also prepares the shared dataset), then two processes with
   2 devices each, uninterrupted, launched through the JAX_* environment variables."""
   root = tmp_path_factory.mktemp("multiprocess")
-  run(root, root / "one", "one", 1, 4)
-  outs = run(root, root / "two", "two", 2, 2)
+  run(overrides, root, root / "one", "one", 1, 4)
+  outs = run(overrides, root, root / "two", "two", 2, 2)
   return root, outs
 
 
-def test_two_processes_train_what_one_process_trains(runs):
+def test_two_processes_train_what_one_process_trains(runs, overrides):
   root, _ = runs
-  assert_close(final_state(root / "two", root), final_state(root / "one", root),
+  assert_close(final_state(overrides, root / "two", root),
+               final_state(overrides, root / "one", root),
                "two processes vs one")
   two, one = rows(root / "two"), rows(root / "one")
   assert [(r["stage"], r["step"]) for r in two] == [(r["stage"], r["step"]) for r in one]
@@ -172,10 +172,10 @@ def test_only_process_0_writes_logs(runs):
   assert not (workdir / ".lock.1").exists()
 
 
-def test_both_processes_killed_mid_stage_resume_to_the_same_end(runs):
+def test_both_processes_killed_mid_stage_resume_to_the_same_end(runs, overrides):
   root, _ = runs
   workdir = root / "resumed"
-  procs = launch(root, workdir, "killed", 2, 2, via_flags=True)
+  procs = launch(overrides, root, workdir, "killed", 2, 2, via_flags=True)
   deadline = time.monotonic() + TIMEOUT_S
   try:
     while not any(r["stage"] == "patch" and r["step"] >= 3 for r in rows(workdir)):
@@ -192,10 +192,10 @@ def test_both_processes_killed_mid_stage_resume_to_the_same_end(runs):
   patch.close()
   assert not (workdir / "summary.json").exists()
 
-  out0, out1 = run(root, workdir, "resume", 2, 2, via_flags=True)
+  out0, out1 = run(overrides, root, workdir, "resume", 2, 2, via_flags=True)
   assert "resuming the run" in out0 and "[patch] resuming at step" in out0
   assert not STEP_LINE.findall(out1)
-  assert_close(final_state(workdir, root), final_state(root / "two", root),
+  assert_close(final_state(overrides, workdir, root), final_state(overrides, root / "two", root),
                "resumed vs uninterrupted")
   resumed, uninterrupted = rows(workdir), rows(root / "two")
   assert ([(r["stage"], r["step"]) for r in resumed]
@@ -204,7 +204,7 @@ def test_both_processes_killed_mid_stage_resume_to_the_same_end(runs):
                              [r.get("loss", 0.0) for r in uninterrupted], rtol=1e-5, atol=1e-5)
 
 
-def test_a_workdir_in_use_refuses_both_processes(tmp_path):
+def test_a_workdir_in_use_refuses_both_processes(tmp_path, overrides):
   """Process 0 takes the run lock; its refusal stops process 1 too instead of leaving it
   waiting for a peer that has gone."""
   workdir = tmp_path / "busy"
@@ -212,7 +212,7 @@ def test_a_workdir_in_use_refuses_both_processes(tmp_path):
   lock = rundir.RunLock(epath.Path(workdir))
   lock.acquire()  # another run holds the workdir
   try:
-    codes = finish(launch(tmp_path, workdir, "busy", 2, 2))
+    codes = finish(launch(overrides, tmp_path, workdir, "busy", 2, 2))
   finally:
     lock.release()
   last_line = lambda pid: (  # noqa: E731

@@ -13,8 +13,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.test_stages import tiny_overrides
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -40,10 +38,15 @@ def one_error_line(result, command, listing=False):
   return "\n".join(lines)
 
 
-def tiny_args(root, steps=2, **extra):
-  values = tiny_overrides(root, **{"curriculum": "('whole1',)", "stages.whole1.steps": str(steps),
-                                   "data.synthetic.num_cases": "3", **extra})
-  return [f"--config.{k}={v}" for k, v in values.items()]
+@pytest.fixture(scope="module")
+def tiny_args(tiny_overrides):
+  """tiny_args(root, steps=2, **extra): command-line overrides of a one-stage tiny run."""
+  def args(root, steps=2, **extra):
+    values = tiny_overrides(root, **{"curriculum": "('whole1',)",
+                                     "stages.whole1.steps": str(steps),
+                                     "data.synthetic.num_cases": "3", **extra})
+    return [f"--config.{k}={v}" for k, v in values.items()]
+  return args
 
 
 @pytest.mark.parametrize("ext", [".nii.gz", ".nii"])
@@ -88,7 +91,7 @@ def test_synthesis_rewrites_only_its_own_folder_and_files(tmp_path):
 
 
 def test_runs_travel_resume_from_their_saved_config_and_a_failed_start_frees_the_workdir(
-    tmp_path):
+    tmp_path, tiny_args):
   """A workdir whose run failed before training takes the corrected command; `train --workdir`
   alone extends a run; evaluate and predict work from another folder with relative paths."""
   here, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
@@ -135,7 +138,7 @@ def test_runs_travel_resume_from_their_saved_config_and_a_failed_start_frees_the
   assert stat.S_IMODE(os.stat(elsewhere / "mask.nii.gz").st_mode) == 0o666 & ~umask
 
 
-def test_a_folder_of_other_files_is_refused_as_a_workdir(tmp_path):
+def test_a_folder_of_other_files_is_refused_as_a_workdir(tmp_path, tiny_args):
   mine = tmp_path / "results"
   mine.mkdir()
   (mine / "paper.tex").write_text("mine")
@@ -161,7 +164,7 @@ def test_version_help_and_quiet_start():
   assert result.stderr == "", "no TensorFlow, oneDNN or absl start-up lines"
 
 
-def test_a_run_made_before_target_spacing_evaluates_and_resumes(tmp_path):
+def test_a_run_made_before_target_spacing_evaluates_and_resumes(tmp_path, tiny_args):
   """A run on a fixed slice size whose config.json and checkpoints predate data.spacing_mm,
   blocks, normalisers and sliding windows (their keys absent, its dataset of an older format)
   still evaluates, predicts and resumes: the absent keys mean the behaviour it had."""

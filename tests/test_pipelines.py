@@ -13,53 +13,22 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import synthetic as synthetic_config
 from data_pipelines import crops, lits_tfds, pipelines, samplers
 from data_pipelines.index import SplitIndex
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AUGMENT = dict(enabled=True, flip_lr=0.5, flip_ud=0.5, rotate_deg=15.0, scale_range=(0.9, 1.1),
                intensity_shift=0.05, intensity_scale=0.05, on_device=False)
-# Tolerance for images that the augmentation warp computed in another XLA program (another batch
-# or shard shape, device or process count): XLA:CPU may contract a multiply and an add into one
-# FMA in one program and not the other (seen between 1 and 4 devices on AMD EPYC, and on Intel
-# with --xla_cpu_max_isa=AVX2). The image is a bilinear blend of HU values (|HU| < 2**12)
-# divided by the window width (200 HU): allow a few float32 ULPs of the largest HU, in window
-# units (about 1e-5; XLA's code without any FMA, for AVX or SSE4.2, gave images at most 4.3e-6
-# from the FMA ones). Labels, masks, positions and example indices are integers: bitwise.
-WARP_ATOL = 4 * np.finfo(np.float32).eps * 2**12 / 200
-
-
-def prepare_tiny(tmp_path_factory, name, **synth):
-  """A tiny synthetic dataset under pytest's base temp (reused by later calls in a session).
-
-  Slices are stored at the generator's size (no resampling), so every tumour part in the index
-  is in the stored labels.
-  """
-  root = tmp_path_factory.getbasetemp() / name
-  cfg = synthetic_config.get_config()
-  cfg.data.lits_dir = str(root / "lits")
-  cfg.data.tfds_dir = str(root / "tfds")
-  cfg.data.image_size = 32
-  cfg.data.spacing_mm = None
-  cfg.data.synthetic.update(dict(num_cases=4, size=32, slices=16, storage_variants=False))
-  cfg.data.synthetic.update(synth)
-  with cfg.data.unlocked():
-    cfg.data.hu_window = (-60.0, 140.0)
-    cfg.data.slice_selection = "all"
-    cfg.data.liver_margin = 2
-    cfg.data.host_threads = 2
-  return lits_tfds.prepare(cfg.data, log=lambda _: None), cfg.data
 
 
 @pytest.fixture(scope="session")
-def data(tmp_path_factory):
-  return prepare_tiny(tmp_path_factory, "pipelines_tumours")
+def data(tiny_dataset):
+  return tiny_dataset
 
 
 @pytest.fixture(scope="session")
-def tumour_free(tmp_path_factory):
-  return prepare_tiny(tmp_path_factory, "pipelines_no_tumours", num_cases=2, max_tumours=0)
+def tumour_free(tiny_dataset_without_tumours):
+  return tiny_dataset_without_tumours
 
 
 def stage(**kw):
@@ -85,7 +54,8 @@ def take(stream, n):
 
 
 def assert_batches_equal(a, b, image_atol=0.0):
-  """Bitwise, except `image` within `image_atol` (WARP_ATOL when another program made it)."""
+  """Bitwise, except `image` within `image_atol` (conftest.WARP_ATOL when another program made
+  it)."""
   assert len(a) == len(b)
   for x, y in zip(a, b):
     assert x.keys() == y.keys()
@@ -98,7 +68,7 @@ def assert_batches_equal(a, b, image_atol=0.0):
 
 @pytest.mark.parametrize("pipeline", ["whole", "patch", "liver_crop", "blocks"])
 def test_process_shards_are_disjoint_cover_the_data_and_form_the_same_global_batches(
-    data, pipeline):
+    data, pipeline, warp_atol):
   builder, data_cfg = data
   num_examples = SplitIndex.from_builder(builder, "train").num_examples
   reference = None
@@ -119,7 +89,7 @@ def test_process_shards_are_disjoint_cover_the_data_and_form_the_same_global_bat
       by_position[every] = np.concatenate(examples)
       assert sorted(by_position[:num_examples].tolist()) == list(range(num_examples))
     # The processes' batches, concatenated in process order, are the one-process batches (each
-    # process warps its own rows in a program of its shape: images to WARP_ATOL).
+    # process warps its own rows in a program of its shape: images to conftest.WARP_ATOL).
     batches = [take(s, 2) for s in streams]
     merged = [{k: np.concatenate([b[i][k] for b in batches]) for k in batches[0][i]}
               for i in range(2)]
@@ -127,7 +97,7 @@ def test_process_shards_are_disjoint_cover_the_data_and_form_the_same_global_bat
     if reference is None:
       reference = merged
     else:
-      assert_batches_equal(merged, reference, image_atol=WARP_ATOL)
+      assert_batches_equal(merged, reference, image_atol=warp_atol)
 
 
 def test_eval_shards_cover_each_slice_once_with_a_padded_last_batch(data):
@@ -393,7 +363,7 @@ def test_whole_batches_hold_the_configured_share_of_tumour_slices(data, fraction
     assert sorted(forced[e * n:(e + 1) * n].tolist()) == sorted(tumour_slices)
 
 
-def test_oversampled_whole_batches_resume_and_split_over_processes(data):
+def test_oversampled_whole_batches_resume_and_split_over_processes(data, warp_atol):
   builder, data_cfg = data
   make = lambda p=0, n=1, start=0: pipelines.make_train_pipeline(  # noqa: E731
       builder, data_cfg, augment_cfg(), stage(batch_size=8, tumour_fraction=0.5), 2, p, n,
@@ -404,10 +374,10 @@ def test_oversampled_whole_batches_resume_and_split_over_processes(data):
     shares = [take(make(p, count), 6) for p in range(count)]
     merged = [{k: np.concatenate([s[i][k] for s in shares]) for k in shares[0][i]}
               for i in range(6)]
-    assert_batches_equal(merged, reference, image_atol=WARP_ATOL)
+    assert_batches_equal(merged, reference, image_atol=warp_atol)
 
 
-def test_liver_crop_batches_hold_the_configured_share_of_tumour_slices(data):
+def test_liver_crop_batches_hold_the_configured_share_of_tumour_slices(data, warp_atol):
   builder, data_cfg = data
   index = SplitIndex.from_builder(builder, "train")
   make = lambda p=0, n=1, start=0: pipelines.make_train_pipeline(  # noqa: E731
@@ -426,7 +396,7 @@ def test_liver_crop_batches_hold_the_configured_share_of_tumour_slices(data):
   shares = [take(make(p, 2), 4) for p in range(2)]
   merged = [{k: np.concatenate([s[i][k] for s in shares]) for k in shares[0][i]}
             for i in range(4)]
-  assert_batches_equal(merged, reference, image_atol=WARP_ATOL)
+  assert_batches_equal(merged, reference, image_atol=warp_atol)
 
 
 def test_liver_crop_tumour_oversampling_over_tumour_free_data_is_a_clear_error(tumour_free):
@@ -694,10 +664,10 @@ def test_blocks_larger_than_the_slice_hold_it_centred_in_air(data):
     assert not batch["label"][k][:8].any() and (batch["image"][k][:8] == 0).all()
 
 
-def test_blocks_over_slices_of_different_sizes(tmp_path_factory):
+def test_blocks_over_slices_of_different_sizes(prepare_tiny, warp_atol):
   """A target-spacing dataset: slices differ in size per case; blocks, patches and liver crops
   batch, and the same global batches come from 1 or 2 processes."""
-  builder, data_cfg = prepare_tiny(tmp_path_factory, "pipelines_spacing", size=48)
+  builder, data_cfg = prepare_tiny("pipelines_spacing", size=48)
   cfg = ml_collections.ConfigDict(data_cfg.to_dict())
   with cfg.unlocked():
     cfg.image_size, cfg.spacing_mm = None, (9.0, 9.0)
@@ -709,14 +679,15 @@ def test_blocks_over_slices_of_different_sizes(tmp_path_factory):
     two = [take(pipelines.make_train_pipeline(builder, cfg, augment_cfg(), stage(**kw), 0, p, 2),
                 2) for p in range(2)]
     merged = [{k: np.concatenate([t[i][k] for t in two]) for k in two[0][i]} for i in range(2)]
-    assert_batches_equal(merged, one, image_atol=WARP_ATOL)
+    assert_batches_equal(merged, one, image_atol=warp_atol)
   with pytest.raises(ValueError, match="stage.block_size must be set"):
     pipelines.make_train_pipeline(builder, cfg, augment_cfg(), stage(), 0, 0, 1)
 
 
 # ---- 3-D blocks and patches -------------------------------------------------------------------
 
-def test_3d_blocks_are_consecutive_slices_of_a_case_placed_around_liver_and_tumour(data):
+def test_3d_blocks_are_consecutive_slices_of_a_case_placed_around_liver_and_tumour(data,
+                                                                                   warp_atol):
   """A (D, H, W) block: D consecutive slices of one case around the planned slice (air past
   the case's ends), each cropped in plane alike; tumour rows hold tumour; the same global
   batches from 1 or 2 processes, and resumable."""
@@ -749,7 +720,7 @@ def test_3d_blocks_are_consecutive_slices_of_a_case_placed_around_liver_and_tumo
                                             blocks, 0, p, 2), 3) for p in range(2)]
   merged = [{key: np.concatenate([t[i][key] for t in two]) for key in two[0][i]}
             for i in range(3)]
-  assert_batches_equal(merged, one, image_atol=WARP_ATOL)
+  assert_batches_equal(merged, one, image_atol=warp_atol)
   resumed = pipelines.make_train_pipeline(builder, data_cfg, augment_cfg(flip_depth=0.5),
                                           blocks, 0, 0, 1, start=2)
   assert_batches_equal(take(resumed, 1), one[2:])

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 
 from data_pipelines import records
-from tests.test_pipelines import prepare_tiny
 
 
 @pytest.fixture(scope="session")
-def data(tmp_path_factory):
-  return prepare_tiny(tmp_path_factory, "pipelines_tumours")  # test_pipelines' dataset
+def data(tiny_dataset):
+  return tiny_dataset
 
 
 def test_records_are_the_stored_slices(data):

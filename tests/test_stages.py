@@ -16,31 +16,6 @@ from etils import epath
 
 from curriculum_seg import checkpoints, config_loading, rundir, stages
 
-STEPS = 6
-
-
-def tiny_overrides(root, **extra):
-  values = {
-      "data.lits_dir": f"{root}/lits", "data.tfds_dir": f"{root}/tfds",
-      "data.synthetic.num_cases": "4", "data.synthetic.size": "64", "data.synthetic.slices": "16",
-      "data.spacing_mm": "(8.0, 8.0)", "data.val_fraction": "0.25", "model.depth": "2",
-      "model.base_width": "4", "stages.patch.patch_size": "16", "stages.patch.patch_jitter": "4",
-      "stages.whole1.block_size": "32", "stages.whole2.block_size": "32", "eval.window": "32",
-      "eval.batch_size": "8"}
-  for name in ("whole1", "patch", "whole2"):
-    values.update({f"stages.{name}.steps": str(STEPS), f"stages.{name}.batch_size": "4",
-                   f"stages.{name}.eval_every": "3", f"stages.{name}.checkpoint_every": "3",
-                   f"stages.{name}.log_every": "1",
-                   f"stages.{name}.schedule.warmup_steps": "0"})  # the default's 50 > 6 steps
-  values.update(extra)
-  return values
-
-
-def tiny_config(root, **extra):
-  return config_loading.apply_overrides(config_loading.load_config_file("configs/synthetic.py"),
-                                        tiny_overrides(root, **extra).items())
-
-
 # A training subprocess that can kill itself (SIGKILL) at an exact point, `mode:stage:step`:
 #   batch:<stage>:<n>       when the stage's n-th batch is requested (mid-stage, between saves)
 #   and at each write boundary of one checkpoint save of <stage> (StageCheckpoints' protocol:
@@ -121,7 +96,7 @@ def final_params(workdir, config):
   controller = stages.Controller(config, workdir, log=lambda s: None)
   stage = config.stages.whole2
   state, meta = store.restore(controller._abstract_state(stage, controller._tx(stage)))
-  assert meta["completed"] and meta["step"] == STEPS
+  assert meta["completed"] and meta["step"] == stage.steps
   return jax.tree.map(np.asarray, jax.device_get(state))
 
 
@@ -131,7 +106,7 @@ def losses(workdir):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, tiny_overrides, tiny_config):
   """An uninterrupted tiny three-stage run."""
   root = tmp_path_factory.mktemp("stages")
   overrides = tiny_overrides(root)
@@ -145,18 +120,19 @@ def reference(tmp_path_factory):
 def test_three_stage_run_hands_over_the_chosen_checkpoints(reference):
   root, _, config, params, rows, stdout = reference
   workdir = root / "uninterrupted"
+  steps = config.stages.patch.steps
   assert "[patch] starts from whole1's best checkpoint" in stdout
-  assert f"[whole2] starts from patch's latest checkpoint (step {STEPS})" in stdout, \
+  assert f"[whole2] starts from patch's latest checkpoint (step {steps})" in stdout, \
       "whole2 retrains the patch stage's last weights (configs/common.py:set_regime)"
   summary = json.loads((workdir / "summary.json").read_text())
   assert [s["name"] for s in summary["stages"]] == ["whole1", "patch", "whole2"]
   assert {r[0] for r in rows} == {"whole1", "patch", "whole2"}
-  assert [r[1] for r in rows if r[0] == "patch" and r[2] is not None] == list(range(1, STEPS + 1))
+  assert [r[1] for r in rows if r[0] == "patch" and r[2] is not None] == list(range(1, steps + 1))
   evaluated = [(r[0], r[1]) for r in rows if r[3] is not None]
   assert evaluated == [("whole1", 3), ("whole1", 6), ("patch", 0), ("patch", 3), ("patch", 6),
                        ("whole2", 0), ("whole2", 3), ("whole2", 6)], \
       "at steps 3 and 6, and at step 0 of the stages that start from a checkpoint"
-  assert json.loads((workdir / "config.json").read_text())["stages"]["patch"]["steps"] == STEPS
+  assert json.loads((workdir / "config.json").read_text())["stages"]["patch"]["steps"] == steps
   assert any(f.startswith("events") for f in os.listdir(workdir / "tensorboard"))
   for name in ("whole1", "patch", "whole2"):
     store = checkpoints.StageCheckpoints(workdir / "checkpoints", name, read_only=True)
@@ -172,7 +148,7 @@ def test_next_stage_starts_from_exactly_the_chosen_checkpoint(reference, tmp_pat
   stage1 = config.stages.whole1
   best, meta = whole1.restore(controller._abstract_state(stage1, controller._tx(stage1)), "best")
   patch = config.stages.patch
-  previous = (whole1, stages.StageResult("whole1", STEPS, meta["best_score"], meta["step"],
+  previous = (whole1, stages.StageResult("whole1", stage1.steps, meta["best_score"], meta["step"],
                                          "best"), controller._tx(stage1))
   fresh, scores = controller._initial_state(1, "patch", patch, controller._tx(patch), previous)
   for a, b in zip(jax.tree.leaves(best.params), jax.tree.leaves(fresh.params)):
@@ -356,7 +332,7 @@ def test_concurrent_run_and_changed_config_are_refused(reference, tmp_path):
                                   "stages.patch.stepz (did you mean stages.patch.steps?)")
 
 
-def test_bad_curricula_name_their_key(tmp_path):
+def test_bad_curricula_name_their_key(tmp_path, tiny_config):
   config = tiny_config(tmp_path)
   with pytest.raises(stages.StageError, match="config.stages.patch.pipeline"):
     stages.validate(config_loading.apply_overrides(config, [("stages.patch.pipeline", "blocks")]))
@@ -367,7 +343,7 @@ def test_bad_curricula_name_their_key(tmp_path):
         ("stages.patch.carry_optimizer", "true"), ("stages.patch.optimizer.name", "sgd")]))
 
 
-def test_stage_models_and_cascades_are_validated_naming_their_key(tmp_path):
+def test_stage_models_and_cascades_are_validated_naming_their_key(tmp_path, tiny_config):
   config = tiny_config(tmp_path)
   assert stages.stage_model_config(config, "patch").to_dict() == config.model.to_dict()
   liver = config_loading.apply_overrides(config, [])
@@ -446,7 +422,7 @@ def test_a_sigterm_the_run_took_reaches_the_callers_own_handler():
     signal.signal(signal.SIGTERM, previous)
 
 
-def test_pgps_grows_the_block_and_logs_each_stage_s_block_and_batch(tmp_path):
+def test_pgps_grows_the_block_and_logs_each_stage_s_block_and_batch(tmp_path, tiny_overrides):
   """configs/synthetic.py:pgps through the ordinary trainer: whole stages on growing blocks,
   each continuing the last one's weights and moments; the metrics log says the input size and
   batch size of every training row."""
