@@ -59,6 +59,7 @@ def data_config(data_dir: str, image_size: int = 256):
   if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
   from configs import synthetic  # pylint: disable=import-outside-toplevel
+  from data_pipelines import settings  # pylint: disable=import-outside-toplevel
   cfg = synthetic.get_config().data
   suffix = "" if image_size == 256 else f"_{image_size}"
   cfg.lits_dir = os.path.join(data_dir, f"pipeline{suffix}", "lits")
@@ -67,7 +68,7 @@ def data_config(data_dir: str, image_size: int = 256):
   cfg.context_slices = 3
   cfg.synthetic.update(dict(num_cases=8, size=image_size, slices=64))
   with cfg.unlocked():
-    cfg.hu_window = (-60.0, 140.0)
+    cfg.hu_window = settings.DEFAULT_HU_WINDOW
     cfg.slice_selection = "all"
     cfg.liver_margin = 10
   return cfg
@@ -145,7 +146,7 @@ def _transfer(job: dict[str, Any]) -> dict[str, Any]:
 
 def _warp(job: dict[str, Any]) -> dict[str, Any]:
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from data_pipelines import augment, intensity  # pylint: disable=import-outside-toplevel
+  from data_pipelines import augment, intensity, settings  # pylint: disable=import-outside-toplevel
   batch, size = job["batch_size"], 256
   rng = np.random.default_rng(0)
   images = rng.integers(-1024, 300, (batch, size, size, 3)).astype(np.int16)
@@ -176,7 +177,8 @@ def _warp(job: dict[str, Any]) -> dict[str, Any]:
     step = lambda: [t.numpy() for t in step_fn(*args)]  # noqa: E731
   else:
     import jax  # pylint: disable=import-outside-toplevel
-    finish = jax.jit(augment.make_finish(intensity.window(-60.0, 140.0), size, warp=True))
+    finish = jax.jit(augment.make_finish(intensity.window(*settings.DEFAULT_HU_WINDOW), size,
+                                         warp=True))
     cpu = jax.local_devices(backend="cpu")[0]
     host_batch = jax.device_put(dict(image=images, label=labels,
                                      mask=np.ones(batch, np.float32), affine=affine,

@@ -7,6 +7,8 @@ line, e.g. `--config.stages.patch.steps=500 --config.stages.patch.optimizer.lear
 
 import ml_collections
 
+from data_pipelines import settings
+
 REGIME_NAMES = ("three_stage", "whole_only", "whole_patch", "patch_whole")
 
 
@@ -139,7 +141,7 @@ def add_input_settings(data, spacing_mm=None, normalisation="window"):
   """
   data.spacing_mm = spacing_mm
   data.normalisation = normalisation
-  data.hu_window = (-60.0, 140.0)           # the paper's window
+  data.hu_window = settings.DEFAULT_HU_WINDOW  # the paper's -60..140 HU
   data.slice_selection = "liver"            # liver z-range +- margin ("all": every slice)
   data.liver_margin = 10                    # slices, as the paper
   # How batches are made (Grain; none of these changes a batch, see data_pipelines/stream.py):

@@ -27,11 +27,9 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from curriculum_seg import inference
+from curriculum_seg import inference, tasks
 from data_pipelines import crops, pipelines, slices, transforms
-
-# Class index of tumour in each tumour task's output.
-_TUMOUR_CLASS = {"tumour": 1, "three_class": 2}
+from data_pipelines.labels import LIVER, TUMOUR
 
 
 class CascadePredictor(inference.Predictor):
@@ -43,10 +41,10 @@ class CascadePredictor(inference.Predictor):
     if liver.task != "liver":
       raise inference.InferenceError(f"the cascade's liver network (stage {liver.stage!r}) has "
                                      f"task {liver.task!r}, not 'liver'")
-    if tumour.task not in _TUMOUR_CLASS:
+    if tumour.task not in tasks.TUMOUR_TASKS:
       raise inference.InferenceError(f"the cascade's tumour network (stage {tumour.stage!r}) "
                                      f"has task {tumour.task!r}, not one of "
-                                     f"{sorted(_TUMOUR_CLASS)}")
+                                     f"{sorted(tasks.TUMOUR_TASKS)}")
     super().__init__(tumour, options)
     self.liver_network = liver
     self.tumour_network = tumour
@@ -71,7 +69,7 @@ class CascadePredictor(inference.Predictor):
   def predict_liver(self, image: np.ndarray, spacing=None) -> np.ndarray:
     """The liver network's liver (X, Y, Z) bool, reduced to its largest component per options."""
     liver = self.liver_network.label_volume(image, self.options,
-                                            spacing=spacing) >= inference.LIVER
+                                            spacing=spacing) >= LIVER
     if self.options.largest_liver_component and liver.any():
       liver = inference.largest_component(liver)
     return liver
@@ -81,7 +79,7 @@ class CascadePredictor(inference.Predictor):
     stored = slices.resample_labels(np.ascontiguousarray(liver, dtype=np.uint8),
                                     self.tumour_network.stored_shape(liver, spacing),
                                     num_classes=2)
-    return crops.liver_box(stored >= 1, self.crop_margin)
+    return crops.liver_box(stored >= LIVER, self.crop_margin)
 
   def tumour_mask(self, image: np.ndarray, liver: np.ndarray, spacing=None) -> np.ndarray:
     """The tumour network's tumour (X, Y, Z) bool within the liver's box and z-range."""
@@ -92,7 +90,7 @@ class CascadePredictor(inference.Predictor):
     net, options = self.tumour_network, self.options
     zs = np.flatnonzero(liver.any(axis=(0, 1)))
     size = net.stored_shape(image, spacing)
-    tumour_class = _TUMOUR_CLASS[net.task]
+    tumour_class = tasks.tumour_class(net.task)
     for z0 in range(int(zs[0]), int(zs[-1]) + 1, int(options.chunk_slices)):
       z1 = min(int(zs[-1]) + 1, z0 + int(options.chunk_slices))
       hu, _ = crops.crop_slices(net.slice_stacks(image, z0, z1, normalise=False,
@@ -120,9 +118,9 @@ class CascadePredictor(inference.Predictor):
       organ = liver
     else:
       organ = self.predict_liver(image, spacing)
-    labels = organ.astype(np.uint8) * np.uint8(inference.LIVER)
+    labels = organ.astype(np.uint8) * np.uint8(LIVER)
     tumour = self.tumour_mask(image, organ, spacing)
-    labels[tumour & organ] = inference.TUMOUR  # the cascade: tumour only inside the liver
+    labels[tumour & organ] = TUMOUR  # the cascade: tumour only inside the liver
     return inference.postprocess(labels, spacing, predicts_liver=True, options=self.options,
                                  liver=liver)
 

@@ -14,6 +14,7 @@ import time
 from typing import Callable, Optional
 
 from curriculum_seg import config_loading
+from data_pipelines.labels import LIVER, TUMOUR
 
 _USAGE = """\
 usage: curriculum-seg COMMAND [options]        (curriculum-seg --version)
@@ -484,8 +485,8 @@ def cmd_predict(argv: list[str]) -> int:
       failed.append(volume)
       print(f"curriculum-seg predict: error: {str(e).splitlines()[0]}", file=sys.stderr)
       continue
-    counts = {v: int((labels == v).sum()) for v in (1, 2)}
-    bar.write(f"  {mask}  liver {counts[1]} voxels, tumour {counts[2]} voxels "
+    counts = {v: int((labels == v).sum()) for v in (LIVER, TUMOUR)}
+    bar.write(f"  {mask}  liver {counts[LIVER]} voxels, tumour {counts[TUMOUR]} voxels "
               f"({time.perf_counter() - t0:.1f} s)")
   print(f"wrote {len(jobs) - len(failed)} mask(s) in {time.perf_counter() - start:.1f} s"
         + (f"; {len(failed)} volume(s) failed" if failed else ""))

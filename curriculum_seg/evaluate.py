@@ -6,8 +6,9 @@ next one, so memory holds one case at a time. Writes, into `workdir/eval/<split>
   metrics.json   per-case scores and the aggregate (`metrics.aggregate`), with the checkpoint and
                  inference options used;
   metrics.md     the same as Markdown tables;
-  pictures/      PNG overlays (CT window, reference and predicted tumour contours) of the slices
-                 with the smallest and the largest reference tumours and of the worst cases.
+  pictures/      PNG overlays (`curriculum_seg.pictures`: CT, reference and predicted contours)
+                 of the slices with the smallest and the largest reference tumours and of the
+                 worst cases.
 Every file is written to a temporary name and renamed, so a killed evaluation leaves the previous
 results or none, never half of one.
 """
@@ -26,7 +27,9 @@ import numpy as np
 from etils import epath
 
 from curriculum_seg import inference, metrics, rundir
+from curriculum_seg.pictures import DISPLAY_WINDOW, draw_slice
 from data_pipelines import lits, lits_tfds
+from data_pipelines.labels import LIVER, TUMOUR
 
 SPLITS = ("train", "validation", "test")
 NUM_WORST = 3
@@ -80,7 +83,7 @@ class _PictureChooser:
     # Reference lesions in `detect_lesions` order: label i + 1 of the 6-connected components.
     lesions = list(enumerate(scores["detection"]["reference_lesions"], start=1))
     if lesions:
-      components, _ = _lesion_components(ref == inference.TUMOUR)
+      components, _ = _lesion_components(ref == TUMOUR)
       for (label, rec), keep in ((min(lesions, key=lambda t: t[1]["volume_mm3"]), "smallest"),
                                  (max(lesions, key=lambda t: t[1]["volume_mm3"]), "largest")):
         current = getattr(self, keep)
@@ -98,7 +101,7 @@ class _PictureChooser:
     if dice >= 1.0:  # perfect (both empty, or exact): nothing to see
       return
     if len(self.worst) < self.num_worst or -dice > self.worst[0][0]:
-      error = (ref == inference.TUMOUR) != (pred == inference.TUMOUR)
+      error = (ref == TUMOUR) != (pred == TUMOUR)
       per_slice = error.sum(axis=(0, 1))
       z = int(per_slice.argmax()) if per_slice.any() else ref.shape[2] // 2
       title = f"worst: {case_id} slice {z}, tumour Dice {dice:.3f}"
@@ -122,38 +125,14 @@ def _widest_slice(component: np.ndarray) -> int:
   return int(component.sum(axis=(0, 1)).argmax())
 
 
-# The pictures' grey scale: a soft-tissue window wide enough for hyper-dense lesions and
-# enhanced liver (the paper's -60..140 HU input window shows both as white).
-DISPLAY_WINDOW = (-150.0, 250.0)
-
-
-def draw_overlay(picture: _Picture, hu_window: tuple[float, float] = DISPLAY_WINDOW):
-  """A matplotlib figure: the CT slice in the window (stated under it), reference (green) and
-  predicted (red) tumour contours, and the liver outline (yellow, reference). Radiological view:
-  patient's right on the left, anterior up."""
+def draw_overlay(picture: _Picture,
+                 hu_window: tuple[float, float] = DISPLAY_WINDOW):
+  """A matplotlib figure of a kept slice: `pictures.draw_slice` with the picture's title."""
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
   fig = Figure(figsize=(5.5, 5.8), dpi=100)
   ax = fig.add_subplot()
-  lo, hi = hu_window
-  sx, sy = picture.spacing
-  extent = (0, picture.image.shape[0] * sx, 0, picture.image.shape[1] * sy)
-  ax.imshow(picture.image.T, cmap="gray", vmin=lo, vmax=hi, origin="lower", extent=extent,
-            interpolation="nearest")
-  xs = (np.arange(picture.image.shape[0]) + 0.5) * sx
-  ys = (np.arange(picture.image.shape[1]) + 0.5) * sy
-  handles = []
-  for mask, colour, label in ((picture.reference >= 1, "yellow", "liver (reference)"),
-                              (picture.reference == 2, "lime", "tumour (reference)"),
-                              (picture.prediction == 2, "red", "tumour (predicted)")):
-    if mask.any():
-      ax.contour(xs, ys, mask.T.astype(np.float32), levels=[0.5], colors=[colour],
-                 linewidths=1.0)
-    handles.append(Line2D([], [], color=colour, label=label))
-  ax.invert_xaxis()  # RAS x grows to the patient's right: show it on the viewer's left
+  draw_slice(ax, picture.image, picture.reference, picture.prediction, picture.spacing, hu_window)
   ax.set_title(picture.title, fontsize=9)
-  ax.set_xlabel(f"mm (patient right on the left); grey scale {lo:g}..{hi:g} HU")
-  ax.legend(handles=handles, loc="lower right", fontsize=7, framealpha=0.6)
   fig.tight_layout()
   return fig
 
@@ -300,8 +279,8 @@ def evaluate_run(workdir: epath.PathLike, *, split: str = "validation",
     seconds_predict = time.perf_counter() - start
     scored = pred
     if reference_liver:  # tumour-only model: score tumour; burden over the reference liver
-      scored = np.where(pred == inference.TUMOUR, inference.TUMOUR,
-                        np.where(case.labels >= 1, inference.LIVER, 0)).astype(np.uint8)
+      scored = np.where(pred == TUMOUR, TUMOUR,
+                        np.where(case.labels >= LIVER, LIVER, 0)).astype(np.uint8)
     scores = metrics.score_case(scored, case.labels, case.spacing, case_id=f"case-{n}")
     if reference_liver:
       del scores["liver"]

@@ -34,14 +34,13 @@ from etils import epath
 from scipy import ndimage
 
 from curriculum_seg import checkpoints as ckpt_lib
-from curriculum_seg import rundir, sharding, stages, train_step, validation
-from curriculum_seg.models import build_model, num_classes
+from curriculum_seg import metrics, rundir, sharding, stages, tasks, train_step, validation
+from curriculum_seg.models import build_model
 from curriculum_seg import sliding_window as sw
 from curriculum_seg.sliding_window import sliding_window  # noqa: F401  (the public name)
 from data_pipelines import augment, intensity, lits, pipelines, settings, slices, transforms
+from data_pipelines.labels import LABEL_NAMES, LIVER, TUMOUR
 
-TUMOUR, LIVER = 2, 1
-_LESION_STRUCTURE = ndimage.generate_binary_structure(3, 1)  # lesions: 6-connected (LiTS)
 _ORGAN_STRUCTURE = ndimage.generate_binary_structure(3, 3)   # the liver: 26-connected
 
 
@@ -154,7 +153,7 @@ class Network:
 
   @property
   def num_classes(self) -> int:
-    return num_classes(self.task)
+    return tasks.num_classes(self.task)
 
   @property
   def hu_window(self) -> tuple[float, float]:
@@ -303,14 +302,7 @@ class Network:
 
   def classes(self) -> np.ndarray:
     """The LiTS label value of each output class of the network (uint8)."""
-    return _TASK_TO_LITS[self.task]
-
-
-# Model class index -> LiTS label value, per task.
-_TASK_TO_LITS = {"tumour": np.array([0, TUMOUR], np.uint8),
-                 "liver": np.array([0, LIVER], np.uint8),
-                 "three_class": np.array([0, LIVER, TUMOUR], np.uint8)}
-LABEL_NAMES = {0: "background", LIVER: "liver", TUMOUR: "tumour"}
+    return tasks.lits_labels(self.task)
 
 
 def default_mesh() -> jax.sharding.Mesh:
@@ -422,7 +414,7 @@ def postprocess(labels: np.ndarray, spacing, *, predicts_liver: bool,
   if options.tumour_in_liver and bound is not None:
     labels[(labels == TUMOUR) & ~bound] = 0
   if options.min_tumour_mm3 > 0:
-    components, n = ndimage.label(labels == TUMOUR, structure=_LESION_STRUCTURE)
+    components, n = ndimage.label(labels == TUMOUR, structure=metrics.LESION_STRUCTURE)
     if n:
       voxel_mm3 = float(np.prod(np.asarray(spacing, np.float64)))
       sizes = np.bincount(components.ravel()) * voxel_mm3
@@ -452,7 +444,7 @@ class Predictor:
 
   @property
   def predicts_liver(self) -> bool:
-    return self.task in ("liver", "three_class")
+    return self.task in tasks.LIVER_TASKS
 
   def describe(self) -> str:
     n = self.network

@@ -28,15 +28,10 @@ import numpy as np
 from etils import epath
 
 from curriculum_seg import checkpoints as ckpt_lib
-from curriculum_seg import evaluate, inference, rundir
+from curriculum_seg import inference, pictures, rundir
 from curriculum_seg import stages as stages_lib
+from data_pipelines.labels import LIVER, TUMOUR
 
-LIVER, TUMOUR = 1, 2
-# Contours drawn by plot_slice: (label, which mask, colour, line style).
-_CONTOURS = (("reference liver", "ref", LIVER, "limegreen", "solid"),
-             ("reference tumour", "ref", TUMOUR, "red", "solid"),
-             ("predicted liver", "pred", LIVER, "deepskyblue", "dashed"),
-             ("predicted tumour", "pred", TUMOUR, "yellow", "dashed"))
 BOUNDARY_GID = "stage-boundary"
 
 
@@ -371,7 +366,7 @@ class Run:
   def plot_slice(self, case, z: Optional[int] = None, *, prediction=None,
                  stage: Optional[str] = None, step: Optional[int] = None,
                  which: Optional[str] = None, ax=None, figsize=(6, 6)):
-    """One axial slice in the run's HU window with reference and predicted contours.
+    """One axial slice with reference and predicted contours (`pictures.draw_slice`).
 
     `case`: a `Case`, a volume path (its `segmentation-N` file beside it is the reference when
     it exists) or a (volume, segmentation) pair. `prediction`: canonical labels, None to predict
@@ -380,11 +375,12 @@ class Run:
     Patient right is on the left of the picture, anterior at the top.
     """
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-    from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
     case = _load_case(case)
+    predicts_liver = None  # a given prediction's liver is drawn where it has one
     if prediction is None:
       prediction = self.predict(case, stage=stage, step=step, which=which)
-      source = self.predictor(stage, step, which).describe()
+      predictor = self.predictor(stage, step, which)
+      source, predicts_liver = predictor.describe(), predictor.predicts_liver
     elif prediction is False:
       prediction, source = None, ""
     else:
@@ -392,7 +388,6 @@ class Run:
       if prediction.shape != case.image.shape:
         raise ValueError(f"prediction of shape {prediction.shape} does not match the volume "
                          f"{case.image.shape}")
-    masks = dict(ref=case.labels, pred=prediction)
     if z is None:
       z = _default_slice(case.labels, prediction, case.image.shape[2])
     if not 0 <= z < case.image.shape[2]:
@@ -401,30 +396,12 @@ class Run:
       fig, ax = plt.subplots(figsize=figsize)
     else:
       fig = ax.figure
-    lo, hi = evaluate.DISPLAY_WINDOW
-    sx, sy = case.spacing[0], case.spacing[1]
-    ax.imshow(case.image[:, :, z].T, cmap="gray", vmin=lo, vmax=hi, origin="lower",
-              aspect=sy / sx, interpolation="nearest")
-    handles = []
-    for label, kind, value, colour, style in _CONTOURS:
-      volume = masks[kind]
-      if volume is None:
-        continue
-      mask = (volume[:, :, z] >= value) if value == LIVER else (volume[:, :, z] == value)
-      if not mask.any():
-        continue
-      contours = ax.contour(mask.T.astype(np.uint8), levels=[0.5], colors=[colour],
-                            linestyles=style, linewidths=1.5)
-      contours.set_label(label)
-      contours.set_gid(label)
-      handles.append(Line2D([], [], color=colour, linestyle=style, label=label))
-    ax.invert_xaxis()
-    ax.set_xlabel("x (patient right on the left)")
-    ax.set_ylabel("y (anterior up)")
+    pictures.draw_slice(
+        ax, case.image[:, :, z], None if case.labels is None else case.labels[:, :, z],
+        None if prediction is None else prediction[:, :, z], case.spacing,
+        predicts_liver=predicts_liver)
     name = os.path.basename(getattr(case, "volume_path", "") or "") or "volume"
     ax.set_title(f"{name}  z={z}" + (f"\nprediction: {source}" if source else ""), fontsize=10)
-    if handles:
-      ax.legend(handles=handles, loc="lower left", fontsize=8, framealpha=0.6)
     return fig
 
   def plot_batches(self, stages: Union[None, str, Iterable[str]] = None, examples: int = 4,
@@ -455,7 +432,8 @@ class Run:
     fig, axes = plt.subplots(len(names), cols, squeeze=False,
                              figsize=(figsize_per_image * cols,
                                       figsize_per_image * len(names) + 0.4))
-    overlay = ListedColormap(["limegreen", "red"])
+    overlay = ListedColormap([pictures.STRUCTURE_COLOURS["liver"],
+                              pictures.STRUCTURE_COLOURS["tumour"]])
     for r, name in enumerate(names):
       batch = batches[name]
       image, label = batch["image"], batch["label"]

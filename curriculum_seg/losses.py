@@ -26,31 +26,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-# Task -> class index of the channel the Dice is computed on (tumour for 'tumour' and
-# 'three_class', liver for 'liver').
-TASK_FOREGROUND = {'tumour': 1, 'liver': 1, 'three_class': 2}
+from curriculum_seg import tasks
+from curriculum_seg.tasks import foreground_class
+
 LOSS_NAMES = ('dice', 'ce', 'dice_ce')
 
 LossFn = Callable[..., jax.Array]
 
 
-def foreground_class(task: str) -> int:
-  """Class index whose channel the Dice loss and the Dice metric use for `task`."""
-  if task not in TASK_FOREGROUND:
-    raise ValueError(f'model.task={task!r} is not one of {sorted(TASK_FOREGROUND)}')
-  return TASK_FOREGROUND[task]
-
-
 def targets_from_labels(labels: jax.Array, task: str) -> jax.Array:
-  """Maps raw LiTS labels to int32 class targets: tumour -> label==2, liver -> label>=1."""
-  labels = jnp.asarray(labels)
-  if task == 'tumour':
-    return (labels == 2).astype(jnp.int32)
-  if task == 'liver':
-    return (labels >= 1).astype(jnp.int32)
-  if task == 'three_class':
-    return labels.astype(jnp.int32)
-  raise ValueError(f'model.task={task!r} is not one of {sorted(TASK_FOREGROUND)}')
+  """Raw LiTS labels as int32 class targets of `task` (`tasks.class_targets`)."""
+  return tasks.class_targets(jnp.asarray(labels), task)
 
 
 def _pixel_mask(mask: jax.Array, like: jax.Array) -> jax.Array:

@@ -38,6 +38,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import numpy as np
 from scipy import ndimage, spatial
 
+from data_pipelines.labels import LIVER, TUMOUR
+
 CASE_SCORE_KEYS = ("dice", "jaccard", "voe", "rvd", "assd", "msd", "rmsd")
 EXTRA_CASE_SCORE_KEYS = ("rvd_scorer",)
 SURFACE_STRUCTURE = ndimage.generate_binary_structure(3, 2)  # 18-connected, as the scorer
@@ -418,8 +420,8 @@ def tumour_burden(labels) -> float:
   Liver = label >= 1 (tumour included), tumour = label 2, as the scorer. nan when there is no liver.
   """
   labels = np.asarray(labels)
-  liver = int(np.count_nonzero(labels >= 1))
-  return int(np.count_nonzero(labels == 2)) / liver if liver else math.nan
+  liver = int(np.count_nonzero(labels >= LIVER))
+  return int(np.count_nonzero(labels == TUMOUR)) / liver if liver else math.nan
 
 
 def burden_scores(pred_labels, ref_labels) -> dict[str, float]:
@@ -454,9 +456,9 @@ def score_case(pred_labels, ref_labels, spacing, *, case_id: Optional[str] = Non
                      f"{ref_labels.shape}")
   sp = _as_spacing(spacing)
   out: dict[str, Any] = dict(case_id=case_id, spacing=[float(s) for s in sp])
-  pred_tumour, ref_tumour = pred_labels == 2, ref_labels == 2
+  pred_tumour, ref_tumour = pred_labels == TUMOUR, ref_labels == TUMOUR
   for name, p, r in (("tumour", pred_tumour, ref_tumour),
-                     ("liver", pred_labels >= 1, ref_labels >= 1)):
+                     ("liver", pred_labels >= LIVER, ref_labels >= LIVER)):
     scores, counts = _overlap_and_scores(p, r, sp)
     out[name] = dict(scores, counts=counts)
   out["detection"] = detect_lesions(pred_tumour, ref_tumour, sp,

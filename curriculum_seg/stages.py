@@ -35,12 +35,12 @@ import optax
 from etils import epath
 
 from curriculum_seg import checkpoints as ckpt_lib
-from curriculum_seg import device_feed, optim, rundir, sharding, train_step, validation
+from curriculum_seg import device_feed, optim, rundir, sharding, tasks, train_step, validation
 from curriculum_seg.models import build_model
 from data_pipelines import intensity, lits_tfds, pipelines
 
 PIPELINES = pipelines.PIPELINES  # 'whole', 'patch', 'liver_crop'
-TUMOUR_TASKS = ("tumour", "three_class")
+TUMOUR_TASKS = tasks.TUMOUR_TASKS
 # A finished run's summary: {"stages": [StageResult as a dict, ...], "checkpoints": [{network,
 # stage, which, step, path}, ...]}, the latter the checkpoints evaluate and predict use.
 SUMMARY_FILE = "summary.json"
@@ -135,9 +135,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       if int(s[field]) < 0:
         raise StageError(f"{key}.{field}={s[field]} must be >= 0")
     model = stage_model_config(config, name)
-    if model.task not in ("tumour", "liver", "three_class"):
+    if model.task not in tasks.TASKS:
       raise StageError(f"{key}.model.task (or config.model.task)={model.task!r} is not one of "
-                       f"['tumour', 'liver', 'three_class']")
+                       f"{list(tasks.TASKS)}")
     if s.pipeline == "patch" and model.task == "liver":
       raise StageError(f"{key}.pipeline='patch' (tumour-centred patches) cannot train a liver "
                        f"network (model.task='liver'): use pipeline='whole'")

@@ -53,7 +53,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 import ml_collections
 
-from curriculum_seg import config_loading, machine, metrics, rundir, stats
+from curriculum_seg import config_loading, machine, metrics, rundir, stats, tasks
 
 PLAN_FILE = "sweep.json"
 MARK_FILE = ".curriculum_seg_sweep"  # marks a folder the sweep made
@@ -453,9 +453,8 @@ def _check_finished(record: dict, run: Run, config_json: dict, source: dict,
 def read_curve(workdir: str, stage_results: list[dict]) -> list[dict]:
   """The run's validation rows of its tumour networks (metrics.jsonl): global_step, stage,
   step, val_dice, val_loss (a cascade's liver network is left out: its Dice is liver Dice)."""
-  from curriculum_seg import stages  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
-  tumour = {s["name"] for s in stage_results if s["task"] in stages.TUMOUR_TASKS}
+  tumour = {s["name"] for s in stage_results if s["task"] in tasks.TUMOUR_TASKS}
   return [dict(global_step=int(r["global_step"]), stage=r["stage"], step=int(r["step"]),
                val_dice=float(r["val_dice"]), val_loss=float(r.get("val_loss", "nan")))
           for r in rundir.MetricsLog(epath.Path(workdir)).read()

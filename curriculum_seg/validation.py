@@ -25,7 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from curriculum_seg import losses, sharding, train_step
+from curriculum_seg import sharding, tasks, train_step
 from curriculum_seg import sliding_window as sw
 from data_pipelines import augment, crops, index as index_lib, intensity, pipelines
 from data_pipelines import settings
@@ -61,14 +61,6 @@ def _overlap(config) -> float:
   if not 0.0 <= value < 1.0:
     raise ValueError(f"config.eval.val_overlap={value} must be in [0, 1)")
   return value
-
-
-def _task_targets(labels: np.ndarray, task: str) -> np.ndarray:
-  if task == "tumour":
-    return (labels == 2).astype(np.int32)
-  if task == "liver":
-    return (labels >= 1).astype(np.int32)
-  return labels.astype(np.int32)
 
 
 class Validator:
@@ -166,7 +158,7 @@ class Validator:
   def _sliding(self, state, model, model_cfg, stage, key):
     index, split_records = self._open()
     task = str(model_cfg.task)
-    foreground = losses.foreground_class(task)
+    foreground = tasks.foreground_class(task)
     batch = int(self.config.eval.batch_size)
     devices = self.mesh.size
     batch = int(math.ceil(batch / devices) * devices)
@@ -194,7 +186,7 @@ class Validator:
           hu, labels = crops.crop_slices(hu, tuple(boxes[row]), crop, labels=labels)
         image = np.empty(hu.shape, np.float32)
         self.normaliser.into(image, hu)
-        targets = _task_targets(labels, task)
+        targets = tasks.class_targets(labels, task)
         for z0, z1, probs in sw.sliding_window_slabs(
             predict, image, tuple(window) if three_d else (1,) + tuple(window),
             overlap=_overlap(self.config),

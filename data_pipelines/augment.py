@@ -29,6 +29,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from data_pipelines.labels import LIVER, TUMOUR
+
 AIR_HU = -1024.0
 
 # Hash streams: each random quantity of an example draws from its own stream.
@@ -41,7 +43,6 @@ STREAM_INTENSITY_SHIFT = 6
 STREAM_LESION_SCALE = 7
 STREAM_LESION_INVERT = 8
 STREAM_FLIP_DEPTH = 9
-LIVER, TUMOUR = 1, 2  # LiTS label values
 
 _MASK64 = (1 << 64) - 1
 

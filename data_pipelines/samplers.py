@@ -21,8 +21,8 @@ from typing import Optional
 import numpy as np
 
 from data_pipelines import augment
-from data_pipelines.augment import LIVER, TUMOUR
 from data_pipelines.index import SplitIndex
+from data_pipelines.labels import LIVER, TUMOUR
 
 COMPONENT_SAMPLING = ("component", "voxel")
 BLOCK_SAMPLING = ("slice", "component")

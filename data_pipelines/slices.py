@@ -19,6 +19,8 @@ from typing import Callable, ContextManager, Iterator, Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
+from data_pipelines.labels import LIVER, TUMOUR
+
 _CHUNK = 16  # slices resampled at a time: float copies of a few MB, reused rather than faulted in
 _SIX_CONNECTED = ndimage.generate_binary_structure(3, 1)
 HU_LO, HU_HI = -1024, 3071  # the HU range of the intensity histograms (one bin per HU)
@@ -202,7 +204,7 @@ def intensity_histograms(image: np.ndarray, labels: np.ndarray) -> dict[str, np.
   zs = np.flatnonzero(labels.any(axis=(0, 1)))  # only slices with a label hold foreground
   z = slice(int(zs[0]), int(zs[-1]) + 1) if len(zs) else slice(0, 0)
   image, labels = image[:, :, z], labels[:, :, z]
-  for name, value in (("liver", 1), ("tumour", 2)):
+  for name, value in (("liver", LIVER), ("tumour", TUMOUR)):
     hu = np.clip(image[labels == value].astype(np.int32), HU_LO, HU_HI) - HU_LO
     out[name] = np.bincount(hu, minlength=HU_HI - HU_LO + 1).astype(np.int64)
   return out

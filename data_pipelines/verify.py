@@ -22,6 +22,7 @@ import numpy as np
 from etils import epath
 
 from data_pipelines import lits
+from data_pipelines.labels import LIVER, TUMOUR
 
 _GZIP_CHUNK = 16 << 20
 _LOG_EVERY_S = 2.0  # progress lines at most this often (and always the last one)
@@ -198,8 +199,8 @@ def _check_pair(number: int, volume: str, segmentation: str) -> _CaseResult:
   problems = [p for p in (_gzip_problem(volume), _gzip_problem(segmentation)) if p]
   labels = case.labels
   return _CaseResult(number, problems, slices=int(case.image.shape[2]),
-                     voxels=int(case.image.size), has_tumour=bool(np.any(labels == 2)),
-                     has_liver=bool(np.any(labels >= 1)))
+                     voxels=int(case.image.size), has_tumour=bool(np.any(labels == TUMOUR)),
+                     has_liver=bool(np.any(labels >= LIVER)))
 
 
 def _check_volume(path: str) -> None:

@@ -101,7 +101,7 @@ def sweep_summary(per_threshold: dict, large_mm: float = LARGE_MM) -> list[dict]
 
 def probe(workdir: str, split: str = "validation", stage: Optional[str] = None,
           thresholds: Sequence = THRESHOLDS, flip_tta: bool = False, log=print) -> dict:
-  from curriculum_seg import evaluate, inference, metrics  # pylint: disable=g-import-not-at-top
+  from curriculum_seg import evaluate, inference, metrics, tasks  # pylint: disable=g-import-not-at-top
   from data_pipelines import lits  # pylint: disable=g-import-not-at-top
   config = inference.read_run_config(workdir)
   if config.get("cascade", None):
@@ -112,7 +112,7 @@ def probe(workdir: str, split: str = "validation", stage: Optional[str] = None,
   network = predictor.network
   if network.task == "liver":
     raise ProbeError(f"{workdir}: stage {network.stage!r} segments the liver, not tumours")
-  to_lits = inference._TASK_TO_LITS[network.task]  # pylint: disable=protected-access
+  to_lits = tasks.lits_labels(network.task)
   lesions, per_threshold = [], {t: [] for t in thresholds}
   for n, (volume, segmentation) in evaluate.split_cases(config, split).items():
     case = lits.load_case(volume, segmentation)

@@ -76,7 +76,9 @@ def test_picture_shows_ct_and_both_contours():
   ax = fig.axes[0]
   assert len(ax.images) == 1 and ax.images[0].get_clim() == (-60, 140)
   labels = [t.get_text() for t in ax.get_legend().get_texts()]
-  assert labels == ["liver (reference)", "tumour (reference)", "tumour (predicted)"]
+  # one convention with inspect.plot_slice (curriculum_seg.pictures): colour = structure, solid =
+  # reference, dashed = prediction; a prediction without liver draws no predicted liver
+  assert labels == ["reference liver", "reference tumour", "predicted tumour"]
   # one contour set per structure present: liver, reference tumour, predicted tumour
   from matplotlib.contour import ContourSet
   assert len([c for c in ax.collections if isinstance(c, ContourSet)]) == 3

@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-TASK_NUM_CLASSES = {'tumour': 2, 'liver': 2, 'three_class': 3}
+from curriculum_seg.tasks import num_classes
+
 NORMS = ('batch', 'group', 'instance', 'none')
 BLOCKS = ('plain', 'residual')
 DOWNSAMPLES = ('maxpool', 'strided')
@@ -53,14 +54,6 @@ _PRIOR_HEAD_KERNEL_STDDEV = 0.01
 # network: configs saved before them (a run's config.json) read these defaults.
 VARIANT_DEFAULTS = dict(downsample='maxpool', convs_per_level=2, skip='concat', input_stride=1,
                         foreground_prior=None, spatial_dims=2)
-
-
-def num_classes(task: str) -> int:
-  """Number of output channels for a task: tumour 2, liver 2, three_class 3."""
-  if task not in TASK_NUM_CLASSES:
-    raise ValueError(
-        f'model.task={task!r} is not one of {sorted(TASK_NUM_CLASSES)}')
-  return TASK_NUM_CLASSES[task]
 
 
 def level_widths(depth: int, base_width: int, width_multiplier: float) -> tuple[int, ...]:
