@@ -49,19 +49,23 @@ if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
 from curriculum_seg import optim  # noqa: E402
+from curriculum_seg import rundir  # noqa: E402
 from curriculum_seg import sharding  # noqa: E402
 from curriculum_seg import train_step as train_step_lib  # noqa: E402
 from curriculum_seg.models import build_model  # noqa: E402
 from curriculum_seg.models import unet as unet_lib  # noqa: E402
 
+# The variant fields of the original network (a config saved before them reads these).
+ORIGINAL_LAYOUT = {key.split('.', 1)[1]: value for key, value in rundir.ADDED_FIELDS.items()
+                   if key.startswith('model.')}
 # The models come from the configs; these are used only when a config has no `model` section.
 FALLBACK_MODELS = {
     'default': dict(name='unet', depth=3, base_width=8, width_multiplier=2.0, norm='instance',
                     group_norm_groups=8, dropout=0.0, block='residual', task='tumour',
-                    compute_dtype='float32'),
+                    compute_dtype='float32', **ORIGINAL_LAYOUT),
     'lits': dict(name='unet', depth=5, base_width=32, width_multiplier=2.0, norm='instance',
                  group_norm_groups=8, dropout=0.0, block='residual', task='tumour',
-                 compute_dtype='float32'),
+                 compute_dtype='float32', **ORIGINAL_LAYOUT),
 }
 MODEL_CONFIGS = {'default': 'synthetic', 'lits': 'lits_three_stage'}
 # Cheaper U-Net variants (issue 13): config.model overrides of a model above. The PyTorch twin
@@ -682,7 +686,7 @@ def run_cases(cases, warmup: int, repeats: int, skip_torch: bool, channels_last:
         input_channels(model_cfg),
         'batch': batch, 'depth': model_cfg['depth'], 'widths': list(widths),
         'norm': model_cfg['norm'], 'block': model_cfg['block'], 'compute_dtype': compute_dtype,
-        **{k: model_cfg.get(k, v) for k, v in unet_lib.VARIANT_DEFAULTS.items()},
+        **{k: model_cfg.get(k, v) for k, v in ORIGINAL_LAYOUT.items()},
     }
     if three_d:
       row['conv3d_formulation'] = {
@@ -690,7 +694,7 @@ def run_cases(cases, warmup: int, repeats: int, skip_torch: bool, channels_last:
           'other_layers': unet_lib.conv3d_formulation(in_channels=model_cfg['base_width'])}
     run_jax, compiled, variables = jax_runner(model_cfg, size, batch)
     runners = {'jax': run_jax}
-    original_layout = all(row[k] == v for k, v in unet_lib.VARIANT_DEFAULTS.items()
+    original_layout = all(row[k] == v for k, v in ORIGINAL_LAYOUT.items()
                           if k != 'spatial_dims')
     if use_torch and original_layout:  # the twin builds only the original layout
       torch_cfg = dict(model_cfg, compute_dtype='float32')

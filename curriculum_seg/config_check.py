@@ -119,7 +119,7 @@ def _check_stage(config, name: str) -> None:
   model = _checked(model_prefix, build_model, model_cfg, int(config.data.context_slices))
   spatial = stages.input_shape(config, stage)
   shape = (int(stage.batch_size),) + spatial + (int(config.data.context_slices),)
-  dims = int(model_cfg.get("spatial_dims", 2))
+  dims = int(model_cfg.spatial_dims)
   if len(spatial) != dims:
     what = {"patch": "patch_size", "whole": "block_size"}.get(stage.pipeline, "crop_size")
     raise ConfigError(f"config.stages.{name}.{what}={spatial} has {len(spatial)} spatial axes "
@@ -188,7 +188,7 @@ def _check_eval(config) -> None:
   for name in tumour_stages:
     model_cfg = _model_cfg(config, name)
     model = build_model(model_cfg, int(config.data.context_slices))
-    dims = int(model_cfg.get("spatial_dims", 2))
+    dims = int(model_cfg.spatial_dims)
     shown = window[0] if len(window) == 2 else window
     if len(window) != dims:
       raise ConfigError(f"config.eval.window={tuple(window)} has {len(window)} spatial axes but "

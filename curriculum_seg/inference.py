@@ -371,13 +371,12 @@ def load_network(workdir: epath.PathLike, *, stage: Optional[str] = None,
   # Checkpoints record the input normalisation; those of older runs used the config's window.
   normaliser = (intensity.Normaliser.from_dict(meta["normaliser"]) if meta.get("normaliser")
                 else intensity.window(*pipelines.hu_window(config.data)))
-  eval_cfg = config.get("eval", {})
   return Network(config=config, model=model, variables=variables, task=str(model_cfg.task),
                  image_size=size, context_slices=context, normaliser=normaliser, mesh=mesh,
                  stage=stage, which=which, step=int(step), meta=meta,
                  spacing_mm=settings.target_spacing(config.data), window=window,
-                 overlap=float(eval_cfg.get("overlap", 0.5)),
-                 sigma_scale=float(eval_cfg.get("sigma_scale", 0.125)))
+                 overlap=float(config.eval.overlap),
+                 sigma_scale=float(config.eval.sigma_scale))
 
 
 # --------------------------------------------------------------------------- post-processing

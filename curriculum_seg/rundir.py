@@ -8,6 +8,7 @@ dies (kill -9 included), so a crashed run never blocks its own restart.
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import json
 import os
@@ -95,17 +96,40 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
   return {prefix[:-1]: value}
 
 
-# Fields added after runs were saved, with the value that gives the behaviour of a run saved
-# without them (keyed by the last part of the dotted key): such a run resumes when the current
-# config keeps that value.
-ADDED_FIELD_DEFAULTS = {
-    "downsample": "maxpool", "convs_per_level": 2, "skip": "concat", "input_stride": 1,
-    "foreground_prior": None, "dice_weight": 1.0, "ce_weight": 1.0, "tumour_fraction": 0.0,
-    "lesion_scale": [1.0, 1.0], "lesion_invert": 0.0, "spacing_mm": None,
-    "normalisation": "window", "block_size": None, "block_sampling": "slice", "window": None,
-    "overlap": 0.5, "val_overlap": 0.5, "sigma_scale": 0.125, "flip_depth": 0.0,
-    "spatial_dims": 2, "prepare_workers": 0,
+# Fields added after runs were saved, with the value that gives a run saved without them the
+# behaviour it had (for model.*: the original network). `read_config` adds them to a saved
+# config, so code reads every current key; `config_differences` counts an absent one as equal
+# to that value (matched by the key's last part), so such a run resumes while the current config
+# keeps it. A `stages.*` field belongs to the stages of the pipelines in ADDED_STAGE_FIELDS.
+ADDED_FIELDS = {
+    "model.downsample": "maxpool", "model.convs_per_level": 2, "model.skip": "concat",
+    "model.input_stride": 1, "model.foreground_prior": None, "model.spatial_dims": 2,
+    "loss.dice_weight": 1.0, "loss.ce_weight": 1.0,
+    "augment.lesion_scale": [1.0, 1.0], "augment.lesion_invert": 0.0, "augment.flip_depth": 0.0,
+    "data.spacing_mm": None, "data.normalisation": "window", "data.prepare_workers": 0,
+    "data.worker_count": 0, "data.host_threads": 0, "data.prefetch_batches": 0,
+    "eval.window": None, "eval.overlap": 0.5, "eval.val_overlap": 0.5, "eval.sigma_scale": 0.125,
+    "stages.*.tumour_fraction": 0.0, "stages.*.block_size": None,
+    "stages.*.block_sampling": "slice",
 }
+ADDED_STAGE_FIELDS = {"tumour_fraction": ("whole", "liver_crop"), "block_size": ("whole",),
+                      "block_sampling": ("whole",)}
+_ADDED_BY_FIELD = {key.rsplit(".", 1)[-1]: value for key, value in ADDED_FIELDS.items()}
+
+
+def with_added_fields(saved: dict) -> dict:
+  """`saved` (a config.json dict) with each ADDED_FIELDS key it lacks, at its old value (in the
+  sections it has)."""
+  saved = copy.deepcopy(saved)
+  for key, value in ADDED_FIELDS.items():
+    section, *_, field = key.split(".")
+    if section == "stages":
+      for stage in saved.get("stages", {}).values():
+        if isinstance(stage, dict) and stage.get("pipeline") in ADDED_STAGE_FIELDS[field]:
+          stage.setdefault(field, copy.deepcopy(value))
+    elif isinstance(saved.get(section), dict):
+      saved[section].setdefault(field, copy.deepcopy(value))
+  return saved
 
 
 # Config keys holding local folders: saved absolute since config_check.resolve_paths; a saved
@@ -138,8 +162,8 @@ def config_differences(saved: dict, current: dict,
     field = k.rsplit(".", 1)[-1]
     if field in ignored or k in ignored:
       return False
-    if k not in a and field in ADDED_FIELD_DEFAULTS:
-      return b[k] != ADDED_FIELD_DEFAULTS[field]
+    if k not in a and field in _ADDED_BY_FIELD:
+      return b[k] != _ADDED_BY_FIELD[field]
     if k in PATH_FIELDS:
       return not _same_path(a.get(k), b.get(k))
     return a.get(k, "<absent>") != b.get(k, "<absent>")
@@ -161,7 +185,8 @@ def _tuples(value: Any) -> Any:
 
 
 def read_config(workdir: epath.PathLike) -> ml_collections.ConfigDict:
-  """The config a run saved in `workdir/config.json`, as a config file would give it (tuples).
+  """The config a run saved in `workdir/config.json`, as a config file would give it (tuples),
+  with the fields added since the run was saved at their old values (`with_added_fields`).
 
   Data folders are saved absolute (config_check.resolve_paths); a relative one, saved by
   earlier versions, is read as relative to the working directory, as those versions did.
@@ -177,7 +202,7 @@ def read_config(workdir: epath.PathLike) -> ml_collections.ConfigDict:
     raise RunDirError(f"{path}: not valid JSON ({e})") from e
   if not isinstance(saved, dict):
     raise RunDirError(f"{path}: holds a JSON {type(saved).__name__}, not a config")
-  return ml_collections.ConfigDict(_tuples(saved))
+  return ml_collections.ConfigDict(_tuples(with_added_fields(saved)))
 
 
 def relative_path_hint(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> str:

@@ -30,34 +30,31 @@ from curriculum_seg import sliding_window as sw
 from data_pipelines import augment, crops, index as index_lib, intensity, pipelines
 from data_pipelines import settings
 
-DEFAULT_VAL_OVERLAP = 0.5
-DEFAULT_SIGMA_SCALE = 0.125
 
 
 def eval_window(config: ml_collections.ConfigDict) -> Optional[tuple[int, ...]]:
   """The sliding window of evaluation ((rows, cols), or (slices, rows, cols) for a 3-D
   network): `config.eval.window`, else the block of the last whole stage that has one; None
   (whole slices) when neither is set."""
-  value = config.get("eval", {}).get("window", None)
-  if value is not None:
-    return settings.block_size(dict(block_size=value))
+  if config.eval.window is not None:
+    return settings.block_size(dict(block_size=config.eval.window))
   for name in reversed(list(config.curriculum)):
     stage = config.stages[name]
-    if stage.pipeline == "whole" and stage.get("block_size", None) is not None:
+    if stage.pipeline == "whole" and stage.block_size is not None:
       return settings.block_size(stage)
   return None
 
 
 def uses_sliding_window(config: ml_collections.ConfigDict, stage) -> bool:
   """Whether `stage` is validated by sliding window (see the module docstring)."""
-  fixed = config.data.get("spacing_mm", None) is None
+  fixed = config.data.spacing_mm is None
   if stage is not None and stage.pipeline == "liver_crop":
     return not fixed
   return not fixed or eval_window(config) is not None
 
 
 def _overlap(config) -> float:
-  value = float(config.get("eval", {}).get("val_overlap", DEFAULT_VAL_OVERLAP))
+  value = float(config.eval.val_overlap)
   if not 0.0 <= value < 1.0:
     raise ValueError(f"config.eval.val_overlap={value} must be in [0, 1)")
   return value
@@ -190,7 +187,7 @@ class Validator:
         for z0, z1, probs in sw.sliding_window_slabs(
             predict, image, tuple(window) if three_d else (1,) + tuple(window),
             overlap=_overlap(self.config),
-            sigma_scale=float(self.config.eval.get("sigma_scale", DEFAULT_SIGMA_SCALE)),
+            sigma_scale=float(self.config.eval.sigma_scale),
             batch_size=batch, pad_value=pad_value):
           t = targets[z0:z1]
           pred = probs.argmax(-1) == foreground

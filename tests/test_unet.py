@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from configs import common
+from curriculum_seg import rundir
 from curriculum_seg.models import build_model, init_variables, level_widths, num_classes
 from curriculum_seg.models import unet as unet_lib
 
@@ -277,13 +278,16 @@ def param_shapes(model, size=16, channels=3):
 def test_default_config_builds_exactly_the_original_parameter_tree():
   assert param_shapes(build_model(model_config(), 3)) == ORIGINAL_TINY_PARAMS
   assert sum(np.prod(s) for s in ORIGINAL_TINY_PARAMS.values()) == 7966
-  # A config saved before the variant fields existed builds the same network.
+  # A config saved before the variant fields existed, read back by rundir.read_config (which
+  # adds them at their old values), builds the same network.
   old = model_config().to_dict()
-  for key in unet_lib.VARIANT_DEFAULTS:
+  for key in unet_lib.VARIANT_FIELDS:
     del old[key]
-  assert build_model(ml_collections.ConfigDict(old), 3) == build_model(model_config(), 3)
+  read = rundir.with_added_fields(dict(model=old))["model"]
+  assert build_model(ml_collections.ConfigDict(read), 3) == build_model(model_config(), 3)
   # common.model's new fields default to the original network.
-  assert {k: common.model()[k] for k in unet_lib.VARIANT_DEFAULTS} == unet_lib.VARIANT_DEFAULTS
+  original = {k.split('.')[1]: v for k, v in rundir.ADDED_FIELDS.items() if k.startswith('model.')}
+  assert {k: common.model()[k] for k in unet_lib.VARIANT_FIELDS} == original
 
 
 def _variant_params(convs=2, add=False, transposed_head=False):

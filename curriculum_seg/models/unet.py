@@ -39,6 +39,9 @@ SKIPS = ('concat', 'add')
 INPUT_STRIDES = (1, 2)
 SPATIAL_DIMS = (2, 3)
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# `config.model` fields of the cheaper variants and of 3-D (configs/common.py:model).
+VARIANT_FIELDS = ('downsample', 'convs_per_level', 'skip', 'input_stride', 'foreground_prior',
+                  'spatial_dims')
 
 # Shared by the Flax model and the PyTorch twin in benchmarks/train_step.py so both compute
 # the same function.
@@ -49,12 +52,6 @@ _kernel_init = nn.initializers.he_normal()
 # Head kernel when a foreground prior is set: small, so the initial logits are the bias
 # (RetinaNet's final-layer initialisation).
 _PRIOR_HEAD_KERNEL_STDDEV = 0.01
-
-# `config.model` fields added after the first release, with the values that build the original
-# network: configs saved before them (a run's config.json) read these defaults.
-VARIANT_DEFAULTS = dict(downsample='maxpool', convs_per_level=2, skip='concat', input_stride=1,
-                        foreground_prior=None, spatial_dims=2)
-
 
 def level_widths(depth: int, base_width: int, width_multiplier: float) -> tuple[int, ...]:
   """Feature widths of the depth + 1 resolution levels: round(base_width * multiplier**i)."""
@@ -501,10 +498,10 @@ def _require_choice(key: str, value: Any, allowed: Sequence[Any]) -> None:
 def build_model(model_cfg: Any, num_input_channels: int) -> UNet:
   """Builds the U-Net from `config.model`; validates every key with a message naming it.
 
-  `num_input_channels` comes from the data (context slices in 2-D). Fields missing from
-  `model_cfg` (configs saved before they existed) take VARIANT_DEFAULTS, the original network.
+  `num_input_channels` comes from the data (context slices in 2-D). A run saved before a field
+  existed reads it at the value of the original network (`rundir.read_config`).
   """
-  variant = {key: model_cfg.get(key, default) for key, default in VARIANT_DEFAULTS.items()}
+  variant = {key: model_cfg[key] for key in VARIANT_FIELDS}
   _require_choice('model.name', model_cfg.name, ('unet',))
   _require_choice('model.norm', model_cfg.norm, NORMS)
   _require_choice('model.block', model_cfg.block, BLOCKS)
