@@ -35,13 +35,13 @@ import scoring  # benchmarks/scoring.py: the LiTS-like 512x512xN label maps
 _CHILD = textwrap.dedent("""
     import json, resource, statistics, sys, time
     import numpy as np
-    from curriculum_seg import inference, metrics
+    from curriculum_seg import inference, metrics, trained_run
     from data_pipelines import lits
     args = json.loads(sys.argv[1])
     options = inference.InferenceOptions(batch_size=args["batch_size"],
                                          chunk_slices=args["chunk_slices"],
                                          flip_tta=args["flip_tta"])
-    predictor = inference.load_predictor(args["workdir"], options=options)
+    predictor = trained_run.load_predictor(args["workdir"], options=options)
     warm = lits.load_case(args["volume"])
     predictor.predict(warm.image[:, :, :2], warm.spacing)  # compile outside the timing
     del warm

@@ -7,7 +7,7 @@ curriculum, every regime at the same total of optimiser steps on the same data a
   three_stage  (default) whole1 -> patch -> whole2, a third of the steps each
   whole_only   whole slices only (no curriculum)
   whole_patch  whole1 -> patch;   patch_whole  patch -> whole2
-  cascade      a liver network, then a tumour network on liver crops (synthetic_cascade.py)
+  cascade      a liver network, then a tumour network on liver crops (cascade_stages)
   pgps         whole-stage blocks growing 64 -> 96 -> 128 pixels, batch scaled to keep the
                pixels of a batch about constant (progressive growing of patch size, PGPS+)
 
@@ -61,8 +61,30 @@ def pgps_stages(total_steps=TOTAL_STEPS):
   return stages
 
 
+def cascade_stages(total_steps=TOTAL_STEPS):
+  """The cascade regime's stages (configs/synthetic_cascade.py says why each is so): a liver
+  network on whole blocks, then a new tumour network on liver crops, half the steps each."""
+  half = total_steps // 2
+  return (
+      ("liver", common.stage("whole", steps=half, batch_size=8, learning_rate=1e-3,
+                             init="scratch", schedule="cosine", warmup_steps=50, eval_every=100,
+                             checkpoint_every=100, model=dict(task="liver"), block_size=BLOCK)),
+      ("tumour", common.stage("liver_crop", steps=total_steps - half, batch_size=8,
+                              learning_rate=1e-3, init="scratch", schedule="cosine",
+                              warmup_steps=50, tumour_fraction=0.5, eval_every=100,
+                              checkpoint_every=100, crop_size=128, crop_margin=8,
+                              model=dict(task="tumour"))))
+
+
 def set_regime(config, regime, total_steps=TOTAL_STEPS):
-  """Sets config.curriculum and config.stages for one of REGIMES (except 'cascade')."""
+  """Sets config.curriculum and config.stages (and a cascade's config.cascade) for one of
+  REGIMES."""
+  if regime == "cascade":
+    stages = cascade_stages(total_steps)
+    config.curriculum = tuple(name for name, _ in stages)
+    config.stages = ml_collections.ConfigDict(dict(stages))
+    config.cascade = ml_collections.ConfigDict(dict(liver_stage="liver", tumour_stage="tumour"))
+    return config
   if regime == "pgps":
     stages = pgps_stages(total_steps)
     config.curriculum = tuple(name for name, _ in stages)
@@ -75,9 +97,6 @@ def set_regime(config, regime, total_steps=TOTAL_STEPS):
 def get_config(arg=None):
   """The embedded default config; `arg` names a regime (default 'three_stage')."""
   regime = arg or "three_stage"
-  if regime == "cascade":
-    from configs import synthetic_cascade  # pylint: disable=g-import-not-at-top
-    return synthetic_cascade.get_config()
   if regime not in REGIMES:
     raise ValueError(f"unknown regime {regime!r}: configs/synthetic.py:REGIME takes one of "
                      f"{', '.join(REGIMES)}")

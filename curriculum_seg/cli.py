@@ -458,10 +458,10 @@ def cmd_predict(argv: list[str]) -> int:
   if args.liver is not None and not os.path.exists(args.liver) and "://" not in args.liver:
     raise UsageError(f"--liver {args.liver}: no such file")
   _quiet_tensorflow()
-  from curriculum_seg import inference  # pylint: disable=g-import-not-at-top
+  from curriculum_seg import inference, trained_run  # pylint: disable=g-import-not-at-top
   try:
-    predictor = inference.load_predictor(args.workdir, stage=args.stage, step=args.step,
-                                         which=args.checkpoint, options=options)
+    predictor = trained_run.load_predictor(args.workdir, stage=args.stage, step=args.step,
+                                           which=args.checkpoint, options=options)
     if args.save_probabilities:
       predictor.probability_classes()  # refuses a cascade before any work
   except inference.InferenceError as e:

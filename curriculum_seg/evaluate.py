@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 from etils import epath
 
-from curriculum_seg import inference, metrics, rundir
+from curriculum_seg import inference, metrics, rundir, trained_run
 from curriculum_seg.pictures import DISPLAY_WINDOW, draw_slice
 from data_pipelines import lits, lits_tfds
 from data_pipelines.labels import LIVER, TUMOUR
@@ -248,7 +248,8 @@ def evaluate_run(workdir: epath.PathLike, *, split: str = "validation",
   aggregate, cases, output, pictures).
   """
   options = inference.InferenceOptions() if options is None else options
-  config = inference.read_run_config(workdir)
+  run = trained_run.open_run(workdir)
+  config = run.config
   if lits_dir is not None:
     cases = lits.find_cases(lits_dir)
     source = f"every case of {lits_dir}"
@@ -258,8 +259,7 @@ def evaluate_run(workdir: epath.PathLike, *, split: str = "validation",
     except lits.CaseFileNotFoundError as e:
       raise lits.CaseFileNotFoundError(f"{e}{rundir.relative_path_hint(config, workdir)}") from e
     source = f"the run's {split} split of {config.data.lits_dir}"
-  predictor = inference.load_predictor(workdir, stage=stage, step=step, which=which, mesh=mesh,
-                                       options=options)
+  predictor = run.predictor(stage=stage, step=step, which=which, mesh=mesh, options=options)
   tag = "" if stage is None and step is None and which is None else (
       "-" + "-".join(str(v) for v in (stage, which, step) if v is not None))
   output = epath.Path(output) if output is not None else default_output(workdir, split, lits_dir,

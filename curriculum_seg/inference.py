@@ -13,9 +13,9 @@ Post-processing (all optional, `InferenceOptions`): keep the largest liver compo
 tumour only inside the predicted liver (or a liver mask the caller gives), drop tumour
 components smaller than a volume in mm^3.
 
-`load_predictor(workdir)` is what `evaluate`, `predict` and notebooks use: it reads the run's
-config, picks the run's chosen checkpoint (or the stage/step asked for) and restores only the
-model variables, read-only, onto this host's devices, whatever mesh wrote them.
+`load_network` restores a run's chosen checkpoint (or the stage/step asked for), only the model
+variables, read-only, onto this host's devices, whatever mesh wrote them; `trained_run` opens a
+run once and makes its segmenters.
 """
 
 from __future__ import annotations
@@ -583,25 +583,3 @@ def load_liver_mask(path: epath.PathLike, case: lits.Case) -> np.ndarray:
   """A liver mask file (non-zero = liver, e.g. a LiTS segmentation) on `case`'s canonical grid."""
   mask_case = lits.load_case(case.volume_path, path)
   return mask_case.labels >= LIVER
-
-
-def load_predictor(workdir: epath.PathLike, *, stage: Optional[str] = None,
-                   step: Optional[int] = None, which: Optional[str] = None,
-                   mesh: Optional[jax.sharding.Mesh] = None,
-                   options: Optional[InferenceOptions] = None):
-  """The run's segmenter: its chosen checkpoint, or the stage/step/which asked for.
-
-  A cascade run (`config.cascade`) chains its liver and tumour networks
-  (`curriculum_seg.cascade`); every other run is one network.
-  """
-  config = read_run_config(workdir)
-  options = InferenceOptions() if options is None else options
-  if config.get("cascade", None):
-    from curriculum_seg import cascade  # pylint: disable=g-import-not-at-top
-    if stage is not None or step is not None:
-      raise InferenceError("a cascade run is evaluated with its liver and tumour networks' "
-                           "chosen checkpoints; --stage/--step do not apply")
-    return cascade.load_cascade_predictor(workdir, config, mesh=mesh, options=options,
-                                          which=which)
-  network = load_network(workdir, stage=stage, step=step, which=which, mesh=mesh, config=config)
-  return Predictor(network, options)

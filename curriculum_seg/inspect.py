@@ -28,7 +28,7 @@ import numpy as np
 from etils import epath
 
 from curriculum_seg import checkpoints as ckpt_lib
-from curriculum_seg import inference, pictures, rundir
+from curriculum_seg import inference, pictures, rundir, trained_run
 from curriculum_seg import stages as stages_lib
 from data_pipelines.labels import LIVER, TUMOUR
 
@@ -125,13 +125,14 @@ class Run:
 
   def __init__(self, workdir: epath.PathLike, mesh=None):
     self.workdir = epath.Path(workdir)
-    self.config = inference.read_run_config(self.workdir)
+    self._run = trained_run.open_run(self.workdir)
+    self.config = self._run.config
     self.history = [{k: _float(v) for k, v in row.items()}
                     for row in rundir.MetricsLog(self.workdir).read()]
     self.summary = stages_lib.read_summary(self.workdir)
     with _quiet_absl_warnings():
       try:
-        self.chosen = inference.chosen_checkpoint(self.workdir, self.config)
+        self.chosen = self._run.chosen_checkpoint()
       except inference.InferenceError:
         self.chosen = None
       self.stages = self._read_stages()
@@ -262,9 +263,8 @@ class Run:
     key = (stage, step, which)
     if key not in self._networks:
       with _quiet_absl_warnings():
-        self._networks[key] = inference.load_network(
-            self.workdir, stage=stage, step=step, which=which, mesh=self.mesh,
-            config=self.config)
+        self._networks[key] = self._run.network(stage=stage, step=step, which=which,
+                                                mesh=self.mesh)
     return self._networks[key]
 
   def variables(self, stage: Optional[str] = None, step: Optional[int] = None,
@@ -285,9 +285,8 @@ class Run:
     if key not in self._predictors:
       if self.config.get("cascade", None):
         with _quiet_absl_warnings():
-          self._predictors[key] = inference.load_predictor(
-              self.workdir, stage=stage, step=step, which=which, mesh=self.mesh,
-              options=options)
+          self._predictors[key] = self._run.predictor(stage=stage, step=step, which=which,
+                                                      mesh=self.mesh, options=options)
       else:
         self._predictors[key] = inference.Predictor(
             self.network(stage, step, which),

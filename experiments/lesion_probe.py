@@ -101,14 +101,16 @@ def sweep_summary(per_threshold: dict, large_mm: float = LARGE_MM) -> list[dict]
 
 def probe(workdir: str, split: str = "validation", stage: Optional[str] = None,
           thresholds: Sequence = THRESHOLDS, flip_tta: bool = False, log=print) -> dict:
-  from curriculum_seg import evaluate, inference, metrics, tasks  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from curriculum_seg import evaluate, inference, metrics, tasks, trained_run
   from data_pipelines import lits  # pylint: disable=g-import-not-at-top
-  config = inference.read_run_config(workdir)
+  run = trained_run.open_run(workdir)
+  config = run.config
   if config.get("cascade", None):
     raise ProbeError(f"{workdir}: a cascade run chains two networks; this probe reads one "
                      "network's tumour probabilities")
   options = inference.InferenceOptions(flip_tta=flip_tta)
-  predictor = inference.load_predictor(workdir, stage=stage, options=options)
+  predictor = run.predictor(stage=stage, options=options)
   network = predictor.network
   if network.task == "liver":
     raise ProbeError(f"{workdir}: stage {network.stage!r} segments the liver, not tumours")

@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from curriculum_seg import cascade, checkpoints, config_loading, inference, rundir, stages
+from curriculum_seg import (cascade, checkpoints, config_loading, inference, rundir, stages,
+                            trained_run)
 from data_pipelines import crops, lits, lits_tfds, pipelines
 
 STEPS = 6
@@ -118,7 +119,7 @@ def case(run):
 
 def test_the_cascade_predictor_segments_a_case(run, case):
   workdir, _, _, _ = run
-  predictor = inference.load_predictor(workdir)
+  predictor = trained_run.load_predictor(workdir)
   assert isinstance(predictor, cascade.CascadePredictor)
   assert predictor.predicts_liver and set(predictor.networks) == {"liver", "tumour"}
   assert predictor.liver_network.task == "liver" and predictor.tumour_network.task == "tumour"
@@ -178,7 +179,7 @@ def test_cascade_errors_are_clear(run):
   with pytest.raises(inference.InferenceError, match=r"config\.cascade\.tumour_stage='tumor'"):
     cascade.load_cascade_predictor(workdir, broken)
   with pytest.raises(inference.InferenceError, match="--stage"):
-    inference.load_predictor(workdir, stage="liver")
+    trained_run.load_predictor(workdir, stage="liver")
 
 
 def test_a_cascade_on_a_target_spacing_trains_validates_and_segments(tmp_path):
@@ -198,7 +199,7 @@ def test_a_cascade_on_a_target_spacing_trains_validates_and_segments(tmp_path):
   assert len(sizes) > 1, "slices of several sizes"
   number = builder.info.metadata["splits"]["validation"][0]
   case = lits.load_case(f"{config.data.lits_dir}/volume-{number}.nii.gz")
-  predictor = inference.load_predictor(tmp_path / "run")
+  predictor = trained_run.load_predictor(tmp_path / "run")
   labels = predictor.predict_case(case)
   assert labels.shape == case.image.shape and set(np.unique(labels)) <= {0, 1, 2}
   liver = case.labels >= 1 if case.labels is not None else predictor.predict_liver(case.image,

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from curriculum_seg import cli, evaluate, inference, metrics, stages
+from curriculum_seg import cli, evaluate, metrics, stages, trained_run
 from data_pipelines import lits, lits_tfds
 
 
@@ -43,7 +43,7 @@ def test_evaluate_scores_the_validation_cases_and_writes_its_files(tiny_run, tmp
                                                   step=saved["checkpoint"]["networks"][0]["step"],
                                                   task="tumour")]
   # Scores agree with scoring the predictor's masks directly.
-  predictor = inference.load_predictor(workdir)
+  predictor = trained_run.load_predictor(workdir)
   first = lits.load_case(*cases[expected[0]])
   pred = predictor.predict_case(first)
   direct = metrics.case_scores(pred == 2, first.labels == 2, first.spacing)
@@ -116,7 +116,7 @@ def test_cli_predict_file_and_folder(tiny_run, tmp_path):
   assert set(np.unique(np.asarray(written.dataobj))) <= {0, 2}
   # The same mask as predicting in Python, in the file's own layout.
   case = lits.load_case(volume)
-  expected = case.to_original(inference.load_predictor(workdir).predict_case(case))
+  expected = case.to_original(trained_run.load_predictor(workdir).predict_case(case))
   np.testing.assert_array_equal(np.asarray(written.dataobj), expected)
 
   folder = tmp_path / "in"
