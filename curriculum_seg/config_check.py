@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import ml_collections
 
-from curriculum_seg import losses, optim
+from curriculum_seg import curriculum, losses, optim
 from curriculum_seg.config_loading import ConfigError
 from curriculum_seg.models import build_model, num_classes
 from data_pipelines import augment, intensity, pipelines, settings, synthetic
@@ -108,16 +108,15 @@ def _synth_config(data):
 
 
 def _check_stage(config, name: str) -> None:
-  from curriculum_seg import stages  # pylint: disable=g-import-not-at-top
   stage = config.stages[name]
   prefix = f"config.stages.{name}."
   _checked(prefix, pipelines.check_stage_settings, stage, config.data,
            config.data.get("image_size", None))
   _checked(prefix, optim.build_optimizer, stage.optimizer, stage.schedule, int(stage.steps))
-  model_cfg = _checked(prefix, stages.stage_model_config, config, name)
+  model_cfg = _checked(prefix, curriculum.stage_model_config, config, name)
   model_prefix = prefix if stage.get("model", None) else "config."
   model = _checked(model_prefix, build_model, model_cfg, int(config.data.context_slices))
-  spatial = stages.input_shape(config, stage)
+  spatial = curriculum.input_shape(config, stage)
   shape = (int(stage.batch_size),) + spatial + (int(config.data.context_slices),)
   dims = int(model_cfg.spatial_dims)
   if len(spatial) != dims:
@@ -147,7 +146,6 @@ def check_config(config: ml_collections.ConfigDict, check_folders: bool = True) 
 
   `check_folders`: also check `data.lits_dir` (synthesis may write there, or it exists).
   """
-  from curriculum_seg import stages  # pylint: disable=g-import-not-at-top
   _require(isinstance(config.get("seed", None), int), f"config.seed={config.get('seed')!r} "
            "must be an integer")
   _check_data(config.data, check_folders)
@@ -156,8 +154,8 @@ def check_config(config: ml_collections.ConfigDict, check_folders: bool = True) 
   _require(isinstance(batch, int) and batch >= 1,
            f"config.eval.batch_size={batch!r} must be an integer >= 1")
   try:
-    stages.validate(config)
-  except stages.StageError as e:
+    curriculum.validate(config)
+  except curriculum.StageError as e:
     raise ConfigError(str(e)) from e
   for name in config.curriculum:
     _check_stage(config, name)
@@ -186,7 +184,7 @@ def _check_eval(config) -> None:
              "config.data.spacing_mm slices differ in size, so evaluation uses a sliding window")
     return
   for name in tumour_stages:
-    model_cfg = _model_cfg(config, name)
+    model_cfg = curriculum.stage_model_config(config, name)
     model = build_model(model_cfg, int(config.data.context_slices))
     dims = int(model_cfg.spatial_dims)
     shown = window[0] if len(window) == 2 else window
@@ -198,11 +196,6 @@ def _check_eval(config) -> None:
     except ValueError as e:
       raise ConfigError(f"config.eval.window={shown} does not fit the network of stage "
                         f"{name}: {e}") from e
-
-
-def _model_cfg(config, name):
-  from curriculum_seg import stages  # pylint: disable=g-import-not-at-top
-  return stages.stage_model_config(config, name)
 
 
 def resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -34,7 +34,7 @@ from etils import epath
 from scipy import ndimage
 
 from curriculum_seg import checkpoints as ckpt_lib
-from curriculum_seg import metrics, rundir, sharding, stages, tasks, train_step, validation
+from curriculum_seg import curriculum, metrics, rundir, sharding, tasks, train_step, validation
 from curriculum_seg.models import build_model
 from curriculum_seg import sliding_window as sw
 from curriculum_seg.sliding_window import sliding_window  # noqa: F401  (the public name)
@@ -95,10 +95,9 @@ def _checkpoints(workdir: epath.PathLike, stage: str) -> ckpt_lib.StageCheckpoin
 
 def chosen_checkpoint(workdir: epath.PathLike, config: Optional[ml_collections.ConfigDict] = None,
                       stage: Optional[str] = None) -> tuple[str, str, int]:
-  """(stage, which, step) of the checkpoint a run hands out.
-
-  The last stage of the curriculum that has checkpoints (or `stage`), its best checkpoint by
-  validation Dice when it has one, else its latest.
+  """(stage, which, step) of the checkpoint a run hands out: of the last stage of the
+  curriculum that has checkpoints (or of `stage`), the one it hands to evaluate and predict
+  (`curriculum.handed_on`: its best by validation Dice when it has one, else its latest).
   """
   config = read_run_config(workdir) if config is None else config
   names = [stage] if stage is not None else list(reversed(list(config.curriculum)))
@@ -107,10 +106,10 @@ def chosen_checkpoint(workdir: epath.PathLike, config: Optional[ml_collections.C
       raise InferenceError(f"stage {name!r} is not in the run's curriculum "
                            f"({', '.join(config.curriculum)})")
     ckpts = _checkpoints(workdir, name)
-    for which in (ckpt_lib.BEST, ckpt_lib.LATEST):
-      step = ckpts.last_step(which)
-      if step is not None:
-        return name, which, step
+    which = curriculum.handed_on(curriculum.HANDS_OUT, ckpts.last_step(ckpt_lib.BEST) is not None)
+    step = ckpts.last_step(which)
+    if step is not None:
+      return name, which, step
   raise InferenceError(f"{workdir}: no checkpoint of stage {names[0] if stage else 'any'} "
                        "to restore; has the run trained?")
 
@@ -352,7 +351,7 @@ def load_network(workdir: epath.PathLike, *, stage: Optional[str] = None,
       raise InferenceError(f"{workdir}: stage {stage!r} has no {which} checkpoint at step {step} "
                            f"(its {which} steps: {ckpts.steps(which)})")
   mesh = default_mesh() if mesh is None else mesh
-  model_cfg = stages.stage_model_config(config, stage)
+  model_cfg = curriculum.stage_model_config(config, stage)
   context = int(config.data.context_slices)
   model = build_model(model_cfg, context)
   size = config.data.get("image_size", None)

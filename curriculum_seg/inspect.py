@@ -28,7 +28,7 @@ import numpy as np
 from etils import epath
 
 from curriculum_seg import checkpoints as ckpt_lib
-from curriculum_seg import inference, pictures, rundir, trained_run
+from curriculum_seg import curriculum, inference, pictures, rundir, trained_run
 from curriculum_seg import stages as stages_lib
 from data_pipelines.labels import LIVER, TUMOUR
 
@@ -42,7 +42,7 @@ class CheckpointInfo:
   `which` is 'latest' (kept for resume) or 'best' (by validation Dice); `val_dice` is the
   validation Dice measured at this step (None when the step was not evaluated); `chosen` marks
   the checkpoint the stage hands on: the one the next stage started from, or for the run's
-  last stage the one the run hands out (`inference.chosen_checkpoint`).
+  last stage the one the run hands out (`curriculum.handed_on`).
   """
 
   stage: str
@@ -191,7 +191,7 @@ class Run:
           path=os.fspath(store.directory / which / str(step))) for which, step, meta in found)
       stages.append(StageInfo(
           name=name, index=index, pipeline=str(cfg.pipeline),
-          task=str(stages_lib.stage_model_config(self.config, name).task), init=str(cfg.init),
+          task=str(curriculum.stage_model_config(self.config, name).task), init=str(cfg.init),
           steps=int(cfg.steps), start=int(starts[name]),
           steps_done=int(last_meta.get("step", 0)), completed=bool(last_meta.get("completed")),
           best_step=last_meta.get("best_step"), best_val_dice=last_meta.get("best_score"),
@@ -204,17 +204,13 @@ class Run:
     """(which, step) of the checkpoint stage `name` hands on, as the stage controller picks it."""
     if self.chosen is not None and self.chosen[0] == name:
       return self.chosen[1], self.chosen[2]
-    names = self.curriculum
-    if not completed or index + 1 >= len(names):
+    wants = curriculum.taker_wants(self.config, name)
+    if not completed or index + 1 >= len(self.curriculum) or wants is None:
       return None
-    nxt = self.config.stages[names[index + 1]]
-    if nxt.init == "scratch":
-      return None
-    best = [s for w, s, _ in found if w == ckpt_lib.BEST]
-    latest = [s for w, s, _ in found if w == ckpt_lib.LATEST]
-    if nxt.init == "best" and best:
-      return ckpt_lib.BEST, best[-1]
-    return (ckpt_lib.LATEST, latest[-1]) if latest else None
+    steps = {which: [s for w, s, _ in found if w == which]
+             for which in (ckpt_lib.BEST, ckpt_lib.LATEST)}
+    which = curriculum.handed_on(wants, bool(steps[ckpt_lib.BEST]))
+    return (which, steps[which][-1]) if steps[which] else None
 
   def series(self, key: str, stage: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
     """(global steps, values) of one logged quantity (e.g. 'loss', 'val_dice'), optionally of

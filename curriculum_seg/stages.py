@@ -1,19 +1,17 @@
 """The stage controller: runs a curriculum (an ordered list of stages from the config).
 
-For each stage it builds the stage's pipeline, model and optimiser, starts from scratch or from
-the previous stage's best or last checkpoint, trains, evaluates on validation slices, and
-checkpoints with Orbax (state + JSON metadata: stage, step, data position, best score). Progress
-lives in the checkpoints alone, so `run` on an existing workdir resumes at the exact stage, step
-and data position; with the same seed and devices it ends with the same parameters as an
-uninterrupted run. SIGTERM (a Cloud TPU preemption) checkpoints and exits; SIGKILL loses at most
-the steps since the last checkpoint.
+`train` checks the config and the workdir and hands them to a `Controller`, whose `run` goes
+through the stages in order. Each stage (`_run_stage`) is found complete, or resumed from its
+latest checkpoint, or started (from scratch or from the checkpoint the previous stage hands on,
+`curriculum.handed_on`); then trained, validated and checkpointed to its last step
+(`_StageRun`); then it hands on. Progress lives in the checkpoints alone (state + JSON metadata:
+stage, step, data position, best score), so a rerun resumes at the exact stage, step and data
+position and ends with the parameters of an uninterrupted run. SIGTERM (a Cloud TPU
+preemption) checkpoints and exits; SIGKILL loses at most the steps since the last checkpoint.
 
-A stage may override fields of `config.model` (`config.stages.<name>.model`, e.g. task='liver'),
-so one run can train different networks in turn, as the cascade baseline does (a liver network,
-then a tumour network on liver crops; `config.cascade` names the two stages). A stage whose
-network differs from the previous stage's starts from scratch, and its validation Dice (which
-picks its best checkpoint) is that of its own task, on its own pipeline's view of the validation
-cases (whole slices, or liver crops for a 'liver_crop' stage).
+A stage may train its own network (`config.stages.<name>.model` overrides of `config.model`, as
+the cascade's liver and tumour stages); such a stage starts from scratch and is validated on
+its own task and pipeline's view of the validation cases.
 """
 
 from __future__ import annotations
@@ -35,12 +33,14 @@ import optax
 from etils import epath
 
 from curriculum_seg import checkpoints as ckpt_lib
-from curriculum_seg import device_feed, optim, rundir, sharding, tasks, train_step, validation
+from curriculum_seg import curriculum, device_feed, optim, rundir, sharding, tasks, train_step
+from curriculum_seg import validation
+from curriculum_seg.curriculum import (  # noqa: F401  (their names here, as callers know them)
+    INITS, PIPELINES, StageError, check_run_lengths, input_shape, input_size, stage_model_config,
+    validate)
 from curriculum_seg.models import build_model
 from data_pipelines import intensity, lits_tfds, pipelines
 
-PIPELINES = pipelines.PIPELINES  # 'whole', 'patch', 'liver_crop'
-TUMOUR_TASKS = tasks.TUMOUR_TASKS
 # A finished run's summary: {"stages": [StageResult as a dict, ...], "checkpoints": [{network,
 # stage, which, step, path}, ...]}, the latter the checkpoints evaluate and predict use.
 SUMMARY_FILE = "summary.json"
@@ -59,11 +59,6 @@ def read_summary(workdir: epath.PathLike) -> Optional[dict]:
     return None
   summary = json.loads(path.read_text())
   return dict(stages=summary) if isinstance(summary, list) else summary
-INITS = ("scratch", "best", "last")
-
-
-class StageError(RuntimeError):
-  """A curriculum that cannot run as configured (the message names the config key)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -80,102 +75,10 @@ class StageResult:
   steps: int
   best_score: Optional[float]
   best_step: Optional[int]
-  # Which checkpoint the next stage starts from, 'best' or 'last'; for the final stage, the one
-  # evaluate and predict use (its best when validation saved one).
+  # The checkpoint the stage hands on ('best' or 'latest', `curriculum.handed_on`): what the
+  # next stage starts from, or for the last stage what evaluate and predict use.
   chosen: str
   task: str = "tumour"  # the stage network's task: best_score is that task's validation Dice
-
-
-def stage_model_config(config: ml_collections.ConfigDict,
-                       stage: str | ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """`config.model` with the stage's `model` overrides (if any) applied; `stage` is a stage
-  name or a stage ConfigDict. Unknown override keys are a StageError."""
-  if isinstance(stage, str):
-    name, stage = stage, config.stages[stage]
-  else:
-    name = next((n for n in config.stages.keys() if config.stages[n] is stage), "<stage>")
-  model = ml_collections.ConfigDict(config.model.to_dict())
-  overrides = stage.get("model", None)
-  if overrides:
-    for key, value in overrides.items():
-      if key not in model:
-        raise StageError(f"config.stages.{name}.model.{key} is not a field of config.model "
-                         f"(fields: {', '.join(model.keys())})")
-      with model.ignore_type():
-        model[key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
-  return model
-
-
-def _model_key(model_cfg: ml_collections.ConfigDict) -> str:
-  return json.dumps(model_cfg.to_dict(), sort_keys=True, default=str)
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks the curriculum part of a config, naming the offending key."""
-  if not config.get("curriculum"):
-    raise StageError("config.curriculum must name at least one stage")
-  for name in config.curriculum:
-    if name not in config.stages:
-      raise StageError(f"config.curriculum names stage {name!r}, but config.stages has no such "
-                       f"stage (stages: {', '.join(config.stages.keys())})")
-  if len(set(config.curriculum)) != len(config.curriculum):
-    raise StageError(f"config.curriculum repeats a stage name: {list(config.curriculum)}")
-  for k, name in enumerate(config.curriculum):
-    s = config.stages[name]
-    key = f"config.stages.{name}"
-    if s.pipeline not in PIPELINES:
-      raise StageError(f"{key}.pipeline={s.pipeline!r} is not one of {list(PIPELINES)}")
-    if s.init not in INITS:
-      raise StageError(f"{key}.init={s.init!r} is not one of {list(INITS)}")
-    if int(s.steps) < 1:
-      raise StageError(f"{key}.steps={s.steps} must be >= 1")
-    if int(s.batch_size) < 1:
-      raise StageError(f"{key}.batch_size={s.batch_size} must be >= 1")
-    for field in ("eval_every", "checkpoint_every", "log_every"):
-      if int(s[field]) < 0:
-        raise StageError(f"{key}.{field}={s[field]} must be >= 0")
-    model = stage_model_config(config, name)
-    if model.task not in tasks.TASKS:
-      raise StageError(f"{key}.model.task (or config.model.task)={model.task!r} is not one of "
-                       f"{list(tasks.TASKS)}")
-    if s.pipeline == "patch" and model.task == "liver":
-      raise StageError(f"{key}.pipeline='patch' (tumour-centred patches) cannot train a liver "
-                       f"network (model.task='liver'): use pipeline='whole'")
-    if k > 0:
-      prev_name = config.curriculum[k - 1]
-      prev = config.stages[prev_name]
-      if s.init != "scratch" and _model_key(model) != _model_key(
-          stage_model_config(config, prev_name)):
-        raise StageError(
-            f"{key}.init={s.init!r}: stage {name!r} trains a different network than stage "
-            f"{prev_name!r} (config.stages.{name}.model differs), so it cannot start from "
-            f"{prev_name!r}'s weights; set {key}.init='scratch'")
-      if s.carry_optimizer and prev.optimizer.name != s.optimizer.name:
-        raise StageError(f"{key}.carry_optimizer needs the previous stage's optimiser type, "
-                         f"got {prev.optimizer.name!r} then {s.optimizer.name!r}")
-  _validate_cascade(config)
-
-
-def _validate_cascade(config: ml_collections.ConfigDict) -> None:
-  """`config.cascade` (liver_stage, tumour_stage) names a liver stage and a liver-crop stage."""
-  cascade = config.get("cascade", None)
-  if not cascade:
-    return
-  for field in ("liver_stage", "tumour_stage"):
-    name = cascade.get(field, None)
-    if name not in config.curriculum:
-      raise StageError(f"config.cascade.{field}={name!r} is not a stage of config.curriculum "
-                       f"({', '.join(config.curriculum)})")
-  liver, tumour = cascade.liver_stage, cascade.tumour_stage
-  if stage_model_config(config, liver).task != "liver":
-    raise StageError(f"config.cascade.liver_stage={liver!r} must train a liver network: set "
-                     f"config.stages.{liver}.model.task='liver'")
-  if config.stages[tumour].pipeline != "liver_crop":
-    raise StageError(f"config.cascade.tumour_stage={tumour!r} must train on liver crops: set "
-                     f"config.stages.{tumour}.pipeline='liver_crop'")
-  if stage_model_config(config, tumour).task not in TUMOUR_TASKS:
-    raise StageError(f"config.cascade.tumour_stage={tumour!r} must train a tumour network: "
-                     f"config.stages.{tumour}.model.task must be one of {list(TUMOUR_TASKS)}")
 
 
 def _every(step: int, interval: int, last: int) -> bool:
@@ -260,7 +163,7 @@ class Controller:
     self.log = log if jax.process_index() == 0 else (lambda s: None)
     self.mesh = mesh if mesh is not None else sharding.make_mesh()
     self.model = build_model(config.model, int(config.data.context_slices))  # config.model's
-    self._models: dict[str, Any] = {_model_key(config.model): self.model}
+    self._models: dict[str, Any] = {curriculum.model_key(config.model): self.model}
     self.metrics_log = rundir.MetricsLog(self.workdir)
     self._clock = _RunClock()
     self._compiled: dict[str, Any] = {}
@@ -277,7 +180,7 @@ class Controller:
   def model_for(self, stage: Optional[ml_collections.ConfigDict]):
     """The network a stage trains (config.model with the stage's overrides)."""
     cfg = self._model_cfg(stage)
-    key = _model_key(cfg)
+    key = curriculum.model_key(cfg)
     if key not in self._models:
       self._models[key] = build_model(cfg, int(self.config.data.context_slices))
     return self._models[key]
@@ -290,7 +193,8 @@ class Controller:
     """The compiled step, shared by stages whose optimiser, schedule and length match."""
     model_cfg = self._model_cfg(stage)
     key = json.dumps(dict(opt=stage.optimizer.to_dict(), sched=stage.schedule.to_dict(),
-                          steps=int(stage.steps), model=_model_key(model_cfg)), sort_keys=True)
+                          steps=int(stage.steps), model=curriculum.model_key(model_cfg)),
+                     sort_keys=True)
     if key not in self._compiled:
       self._compiled[key] = (tx, train_step.make_train_step(
           self.model_for(stage), tx, self.config.loss, model_cfg.task, self.mesh))
@@ -325,13 +229,30 @@ class Controller:
     the loss. `stage` None: config.model on whole slices."""
     model_cfg = self._model_cfg(stage)
     return self.validator.scores(state, self.model_for(stage), model_cfg, stage,
-                                 _model_key(model_cfg))
+                                 curriculum.model_key(model_cfg))
 
   # --- the run ---------------------------------------------------------------------------
 
   def run(self) -> list[StageResult]:
-    """Runs (or resumes) every stage in order; returns what each stage chose."""
-    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+    """Runs (or resumes) every stage in order; returns what each stage hands on."""
+    self._open_data()
+    self._open_outputs()
+    results: list[StageResult] = []
+    previous: Optional[tuple[ckpt_lib.StageCheckpoints, StageResult, Any]] = None
+    global_offset = 0
+    with _SigtermFlag() as sigterm:
+      for index, name in enumerate(self.config.curriculum):
+        stage = self.config.stages[name]
+        result, state_ckpts, tx = self._run_stage(index, name, stage, previous, global_offset,
+                                                  sigterm)
+        results.append(result)
+        previous = (state_ckpts, result, tx)
+        global_offset += int(stage.steps)
+    self._write_summary(results)
+    return results
+
+  def _open_data(self) -> None:
+    """The prepared dataset (prepared first where needed), its input normaliser, validation."""
     lead = jax.process_index() == 0
     # Process 0 synthesises and prepares the data while the others wait; then they open it
     # (a folder that only process 0 sees stops every process, not just the others).
@@ -344,30 +265,24 @@ class Controller:
     self.normaliser = intensity.normaliser_for(self.config.data, self.builder.info.metadata)
     self.log(f"input: {self.normaliser.describe()}")
     self.validator = validation.Validator(self.config, self.builder, self.mesh, self.normaliser)
-    if lead:
+
+  def _open_outputs(self) -> None:
+    """Process 0's TensorBoard writer; a finished run's summary goes while the run runs."""
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+    if jax.process_index() == 0:
       self.writer = metric_writers.SummaryWriter(os.fspath(self.workdir / "tensorboard"))
       # A finished run's summary stays only while the run is finished (it may be extended).
       if (self.workdir / SUMMARY_FILE).exists():
         (self.workdir / SUMMARY_FILE).unlink()
-    results: list[StageResult] = []
-    previous: Optional[tuple[ckpt_lib.StageCheckpoints, StageResult, Any]] = None
-    global_offset = 0
-    with _SigtermFlag() as sigterm:
-      for index, name in enumerate(self.config.curriculum):
-        stage = self.config.stages[name]
-        result, state_ckpts, tx = self._run_stage(index, name, stage, previous, global_offset,
-                                                  sigterm)
-        results.append(result)
-        previous = (state_ckpts, result, tx)
-        global_offset += int(stage.steps)
+
+  def _write_summary(self, results: list[StageResult]) -> None:
     if self.writer is not None:
       self.writer.flush()
     # Every process opens the checkpoints (Orbax's managers synchronise the processes).
     used = self.used_checkpoints()
-    if lead:
+    if jax.process_index() == 0:
       summary = dict(stages=[dataclasses.asdict(r) for r in results], checkpoints=used)
       rundir.write_atomically(self.workdir / SUMMARY_FILE, json.dumps(summary, indent=1))
-    return results
 
   def used_checkpoints(self) -> list[dict]:
     """The checkpoints `evaluate` and `predict` use by default (`inference.chosen_checkpoint`):
@@ -399,8 +314,7 @@ class Controller:
       self.log(f"[{name}] starts from scratch")
       return fresh, None
     prev_ckpts, prev_result, prev_tx = previous
-    which = ckpt_lib.BEST if (stage.init == "best" and prev_ckpts.steps(ckpt_lib.BEST)) \
-        else ckpt_lib.LATEST
+    which = curriculum.handed_on(stage.init, bool(prev_ckpts.steps(ckpt_lib.BEST)))
     prev_stage = self.config.stages[prev_result.name]
     restored, meta = prev_ckpts.restore(self._abstract_state(prev_stage, prev_tx), which)
     self.log(f"[{name}] starts from {prev_result.name}'s {which} checkpoint (step {meta['step']}"
@@ -409,129 +323,74 @@ class Controller:
     if stage.carry_optimizer:
       opt_state = _reset_schedule_counts(restored.opt_state)
     scores = None
-    if "val_dice" in meta and _same_validation(prev_stage, stage):
+    if "val_dice" in meta and curriculum.same_validation(prev_stage, stage):
       scores = {k: meta[k] for k in ("val_dice", "val_dice_mean", "val_loss", "val_slices")
                 if k in meta}
     return fresh.replace(params=restored.params, batch_stats=restored.batch_stats,
                          opt_state=opt_state), scores
 
   def _run_stage(self, index, name, stage, previous, global_offset, sigterm):
-    steps = int(stage.steps)
+    """One stage: found complete, or resumed, or started; trained to its last step; and what it
+    hands on. Returns (its StageResult, its checkpoints, its optimiser) for the next stage."""
     ckpts = self._stage_checkpoints(name)
     tx, step_fn = self._train_step(name, stage, self._tx(stage))
-    last_meta = ckpts.meta()
-    if last_meta is not None and last_meta.get("completed"):
-      done = int(last_meta["step"])
-      if done == steps:
-        self.log(f"[{name}] already complete ({done} steps, best val dice "
-                 f"{_fmt(last_meta.get('best_score'))})")
-        self._clock.restart(last_meta.get("elapsed_s"))
-        return self._result(name, stage, last_meta), ckpts, tx
-      check_run_lengths(self.config, self.workdir)
-      self.log(f"[{name}] extending the finished stage from {done} to {steps} steps (its "
-               "schedule is now that of the longer stage)")
-
-    from_checkpoint = False
-    if last_meta is not None:  # resume mid-stage
-      state, meta = ckpts.restore(self._abstract_state(stage, tx), ckpt_lib.LATEST)
-      step, position = int(meta["step"]), meta["position"]
-      best_score, best_step = meta.get("best_score"), meta.get("best_step")
-      self._clock.restart(meta.get("elapsed_s"))
-      self.log(f"[{name}] resuming at step {step}/{steps}")
+    saved = ckpts.meta()  # the stage's latest checkpoint's metadata (None before the first)
+    if self._complete(name, stage, saved):
+      return self._result(name, stage, saved), ckpts, tx
+    if saved is not None:
+      progress, start_scores = self._resume(name, stage, tx, ckpts), None
     else:
-      state, start_scores = self._initial_state(index, name, stage, tx, previous)
-      step, position, best_score, best_step = 0, 0, None, None
-      from_checkpoint = index > 0 and stage.init != "scratch"
-      warmup = int(stage.schedule.get("warmup_steps", 0))
-      if optim.effective_warmup(stage.schedule, steps) < warmup:
-        self.log(f"[{name}] warm-up of {warmup} steps clamped to {steps - 1} (the stage has "
-                 f"{steps} steps)")
-    if jax.process_index() == 0:
-      self.metrics_log.truncate_to(name, step, global_offset + step,
-                                   resumed=last_meta is not None)
-
-    host = pipelines.make_train_pipeline(
-        self.builder, self.config.data, self.config.augment, stage, int(self.config.seed) + index,
-        jax.process_index(), jax.process_count(), start=position)
-    feed = device_feed.DeviceFeed(host, self.mesh)
-    rng = jax.random.fold_in(jax.random.PRNGKey(int(self.config.seed)), index)
-    skipped_before = int(jax.device_get(state.skipped))
-    t_last, step_last = time.perf_counter(), step
-    t_stage = time.perf_counter()
-
-    def checkpoint(completed=False, best=False, scores=None):
-      meta = dict(stage=name, stage_index=index, step=step, global_step=global_offset + step,
-                  position=feed.position, best_score=best_score, best_step=best_step,
-                  completed=completed, elapsed_s=self._clock.seconds(),
-                  normaliser=self.normaliser.to_dict(), **(scores or {}))
-      ckpts.save(step, state, meta, best=best)
-
+      progress, start_scores = self._start(index, name, stage, tx, previous)
+    run = _StageRun(self, index, name, stage, ckpts, progress, global_offset,
+                    resumed=saved is not None)
     try:
-      if from_checkpoint:
-        # The starting point is a candidate: a stage that only gets worse hands on (and a run
-        # hands out) the weights it started from, not its best bad checkpoint. Its scores are
-        # those the previous stage recorded for these weights where it validated alike.
-        scores = start_scores if start_scores is not None else self.evaluate(state, stage)
-        best_score, best_step = scores["val_dice"], 0
-        self._log_row(dict(stage=name, step=0, global_step=global_offset, **scores,
-                           best_val_dice=best_score, elapsed_s=self._clock.seconds()), steps)
-        checkpoint(best=True, scores=scores)
-      while step < steps:
-        batch = next(feed)
-        state, metrics = step_fn(state, batch, rng)
-        step += 1
-        row = None
-        if _every(step, int(stage.log_every), steps):
-          metrics = jax.device_get(metrics)
-          skipped = int(jax.device_get(state.skipped))
-          if skipped > skipped_before or not math.isfinite(float(metrics["loss"])):
-            raise NonFiniteLossError(
-                f"[{name}] non-finite loss or gradient at step {step} (stage {name}); the "
-                f"update was not applied and the last good checkpoint is kept. Lower "
-                f"config.stages.{name}.optimizer.learning_rate or check the data.")
-          now = time.perf_counter()
-          rate = (step - step_last) / max(now - t_last, 1e-9)
-          t_last, step_last = now, step
-          row = dict(stage=name, step=step, global_step=global_offset + step,
-                     loss=float(metrics["loss"]), dice=float(metrics["dice"]),
-                     grad_norm=float(metrics["grad_norm"]), lr=float(metrics.get("lr", np.nan)),
-                     steps_per_s=rate, batch_size=int(stage.batch_size),
-                     input_size=input_size(self.config, stage))
-        best = False
-        scores = None
-        if _every(step, int(stage.eval_every), steps):
-          scores = self.evaluate(state, stage)
-          if best_score is None or scores["val_dice"] > best_score:
-            best_score, best_step, best = scores["val_dice"], step, True
-          row = dict(row or dict(stage=name, step=step, global_step=global_offset + step),
-                     **scores, best_val_dice=best_score)
-        if row is not None:
-          self._log_row(dict(row, elapsed_s=self._clock.seconds()), steps)
-        stop = sigterm.stop(step)
-        if step == steps:
-          checkpoint(completed=True, best=best, scores=scores)
-        elif best or _every(step, int(stage.checkpoint_every), steps) or stop:
-          checkpoint(best=best, scores=scores)
-        if stop and step < steps:
-          raise Preempted(f"[{name}] SIGTERM: checkpoint saved at step {step}/{steps}; run the "
-                          "same command to resume")
+      if progress.from_checkpoint:
+        run.score_start(start_scores)
+      run.train(step_fn, sigterm)
     finally:
-      feed.close()
-      ckpts.close()
-    task = self._model_cfg(stage).task
-    self.log(f"[{name}] done: {steps} steps in {time.perf_counter() - t_stage:.1f} s, best val "
-             f"{'' if task in TUMOUR_TASKS else task + ' '}dice {_fmt(best_score)} at step "
-             f"{best_step}")
-    return self._result(name, stage, dict(step=steps, best_score=best_score,
-                                          best_step=best_step)), ckpts, tx
+      run.close()
+    run.log_done()
+    return self._result(name, stage, progress.meta()), ckpts, tx
+
+  def _complete(self, name, stage, saved: Optional[dict]) -> bool:
+    """Whether the stage finished at its configured length; a finished stage given more steps
+    is extended (when `check_run_lengths` allows) and is not complete."""
+    if saved is None or not saved.get("completed"):
+      return False
+    done, steps = int(saved["step"]), int(stage.steps)
+    if done == steps:
+      self.log(f"[{name}] already complete ({done} steps, best val dice "
+               f"{_fmt(saved.get('best_score'))})")
+      self._clock.restart(saved.get("elapsed_s"))
+      return True
+    check_run_lengths(self.config, self.workdir)
+    self.log(f"[{name}] extending the finished stage from {done} to {steps} steps (its "
+             "schedule is now that of the longer stage)")
+    return False
+
+  def _resume(self, name, stage, tx, ckpts) -> "_Progress":
+    """The stage's progress at its latest checkpoint."""
+    state, meta = ckpts.restore(self._abstract_state(stage, tx), ckpt_lib.LATEST)
+    self._clock.restart(meta.get("elapsed_s"))
+    self.log(f"[{name}] resuming at step {int(meta['step'])}/{int(stage.steps)}")
+    return _Progress(state=state, step=int(meta["step"]), position=meta["position"],
+                     best_score=meta.get("best_score"), best_step=meta.get("best_step"))
+
+  def _start(self, index, name, stage, tx, previous) -> tuple["_Progress", Optional[dict]]:
+    """A new stage's progress at step 0 (`_initial_state`), and the starting weights' scores
+    when the previous stage recorded them."""
+    state, start_scores = self._initial_state(index, name, stage, tx, previous)
+    steps, warmup = int(stage.steps), int(stage.schedule.get("warmup_steps", 0))
+    if optim.effective_warmup(stage.schedule, steps) < warmup:
+      self.log(f"[{name}] warm-up of {warmup} steps clamped to {steps - 1} (the stage has "
+               f"{steps} steps)")
+    return _Progress(state=state, step=0, position=0,
+                     from_checkpoint=index > 0 and stage.init != "scratch"), start_scores
 
   def _result(self, name, stage, meta) -> StageResult:
-    next_index = list(self.config.curriculum).index(name) + 1
-    if next_index < len(self.config.curriculum):  # what the next stage starts from
-      nxt = self.config.stages[self.config.curriculum[next_index]]
-      chosen = "best" if nxt.init == "best" and meta.get("best_score") is not None else "last"
-    else:  # what evaluate and predict use: the best checkpoint when one was saved
-      chosen = "best" if meta.get("best_score") is not None else "last"
+    """What stage `name` hands on, given its last checkpoint's metadata."""
+    chosen = curriculum.handed_on(curriculum.taker_wants(self.config, name),
+                                  meta.get("best_score") is not None)
     return StageResult(name=name, steps=int(meta["step"]), best_score=meta.get("best_score"),
                        best_step=meta.get("best_step"), chosen=chosen,
                        task=str(self._model_cfg(stage).task))
@@ -551,71 +410,136 @@ class Controller:
                    f"{row['steps_per_s']:.1f} steps/s ETA {eta:.0f}s")
     if "val_dice" in row:
       task = self._model_cfg(self.config.stages[row["stage"]]).task
-      label = "val dice" if task in TUMOUR_TASKS else f"val {task} dice"
+      label = "val dice" if task in tasks.TUMOUR_TASKS else f"val {task} dice"
       parts.append(f"{label} {row['val_dice']:.4f} (best {row['best_val_dice']:.4f})")
     self.log("  ".join(parts))
 
 
-def _same_validation(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict) -> bool:
-  """Whether two stages of one network are validated on the same view of the data (liver-crop
-  stages on their crops, every other stage alike)."""
-  if "liver_crop" not in (a.pipeline, b.pipeline):
-    return True
-  return (a.pipeline == b.pipeline and a.get("crop_size") == b.get("crop_size")
-          and a.get("crop_margin") == b.get("crop_margin"))
+@dataclasses.dataclass
+class _Progress:
+  """Where a stage is: its train state, its step and data position, its best validation Dice
+  and that step; `from_checkpoint` for a new stage that starts from the previous one's."""
+
+  state: Any
+  step: int
+  position: int
+  best_score: Optional[float] = None
+  best_step: Optional[int] = None
+  from_checkpoint: bool = False
+
+  def record(self, score: float) -> bool:
+    """Takes a validation Dice; whether it is a new best (ties keep the earlier step)."""
+    if self.best_score is None or score > self.best_score:
+      self.best_score, self.best_step = score, self.step
+      return True
+    return False
+
+  def meta(self) -> dict:
+    return dict(step=self.step, best_score=self.best_score, best_step=self.best_step)
 
 
-def input_shape(config: ml_collections.ConfigDict,
-                stage: ml_collections.ConfigDict) -> tuple[int, ...]:
-  """The spatial shape of a stage's inputs: its patch, crop or block shape ((rows, cols), or
-  (slices, rows, cols) for 3-D), or the dataset's slice size (whole slices)."""
-  if stage.pipeline == "patch":
-    return pipelines.patch_shape(stage)
-  if stage.pipeline == "liver_crop":
-    size = pipelines.crop_settings(stage, config.data.get("image_size", None))[0]
-    return (size, size)
-  block = pipelines.block_size(stage)
-  if block is not None:
-    return block
-  size = config.data.get("image_size", None)
-  if size is None:
-    raise StageError("a whole stage needs stage.block_size when data.spacing_mm is set")
-  return (int(size), int(size))
+class _StageRun:
+  """One stage's training from its start or resume point to its last step: the batches and
+  steps, the log rows, validation and the best score, the checkpoints."""
 
+  def __init__(self, controller: Controller, index: int, name: str,
+               stage: ml_collections.ConfigDict, ckpts: ckpt_lib.StageCheckpoints,
+               progress: _Progress, global_offset: int, resumed: bool):
+    self.c, self.index, self.name, self.stage, self.ckpts = controller, index, name, stage, ckpts
+    self.progress, self.offset, self.steps = progress, global_offset, int(stage.steps)
+    config = controller.config
+    if jax.process_index() == 0:
+      controller.metrics_log.truncate_to(name, progress.step, global_offset + progress.step,
+                                         resumed=resumed)
+    host = pipelines.make_train_pipeline(
+        controller.builder, config.data, config.augment, stage, int(config.seed) + index,
+        jax.process_index(), jax.process_count(), start=progress.position)
+    self.feed = device_feed.DeviceFeed(host, controller.mesh)
+    self.rng = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), index)
+    self.skipped_before = int(jax.device_get(progress.state.skipped))
+    self.t_last, self.step_last = time.perf_counter(), progress.step
+    self.t_stage = time.perf_counter()
 
-def input_size(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict):
-  """What the metrics log says of a stage's inputs: the side of its square inputs, or the
-  [slices, rows, cols] of 3-D ones."""
-  shape = input_shape(config, stage)
-  return shape[-1] if len(shape) == 2 else list(shape)
+  def _due(self, interval) -> bool:
+    return _every(self.progress.step, int(interval), self.steps)
 
+  def _row(self) -> dict:
+    step = self.progress.step
+    return dict(stage=self.name, step=step, global_step=self.offset + step)
 
-def check_run_lengths(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
-  """Refuses steps that a run's finished stages cannot take: fewer than a finished stage
-  trained, or more for a finished stage that a later stage already trained from (only the last
-  trained stage can be extended). Raises StageError naming the key."""
-  root = epath.Path(workdir) / "checkpoints"
-  if not root.is_dir():
-    return
-  names = list(config.curriculum)
-  metas = {}
-  for name in names:
-    ckpts = ckpt_lib.StageCheckpoints(root, name, read_only=True)
-    metas[name] = ckpts.meta()
-    ckpts.close()
-  for index, name in enumerate(names):
-    meta, steps = metas[name], int(config.stages[name].steps)
-    if meta is None or not meta.get("completed") or int(meta["step"]) == steps:
-      continue
-    done, key = int(meta["step"]), f"config.stages.{name}.steps"
-    if steps < done:
-      raise StageError(f"{key}={steps}, but the stage already trained {done} steps in "
-                       f"{workdir}; give {key}={done} or more, or use a new --workdir")
-    for later in names[index + 1:]:
-      if metas[later] is not None:
-        raise StageError(f"{key}={steps} extends stage {name} ({done} steps), but stage "
-                         f"{later} already trained from it; only the last trained stage can "
-                         "be extended: use a new --workdir")
+  def score_start(self, scores: Optional[dict]) -> None:
+    """The starting weights (the previous stage's checkpoint) are a candidate: a stage that only
+    gets worse hands on (and a run hands out) the weights it started from, not its best bad
+    checkpoint. Their scores are those the previous stage recorded where it validated alike."""
+    if scores is None:
+      scores = self.c.evaluate(self.progress.state, self.stage)
+    self.progress.record(scores["val_dice"])
+    self.c._log_row(dict(self._row(), **scores, best_val_dice=self.progress.best_score,
+                         elapsed_s=self.c._clock.seconds()), self.steps)
+    self.checkpoint(best=True, scores=scores)
+
+  def train(self, step_fn, sigterm: "_SigtermFlag") -> None:
+    """Steps to the stage's end: logs, validates and checkpoints at their intervals; stops
+    with Preempted after checkpointing when SIGTERM arrived."""
+    progress = self.progress
+    while progress.step < self.steps:
+      progress.state, metrics = step_fn(progress.state, next(self.feed), self.rng)
+      progress.step += 1
+      row = self._train_row(metrics) if self._due(self.stage.log_every) else None
+      best, scores = False, None
+      if self._due(self.stage.eval_every):
+        scores = self.c.evaluate(progress.state, self.stage)
+        best = progress.record(scores["val_dice"])
+        row = dict(row or self._row(), **scores, best_val_dice=progress.best_score)
+      if row is not None:
+        self.c._log_row(dict(row, elapsed_s=self.c._clock.seconds()), self.steps)
+      stop = sigterm.stop(progress.step)
+      if progress.step == self.steps:
+        self.checkpoint(completed=True, best=best, scores=scores)
+      elif best or self._due(self.stage.checkpoint_every) or stop:
+        self.checkpoint(best=best, scores=scores)
+      if stop and progress.step < self.steps:
+        raise Preempted(f"[{self.name}] SIGTERM: checkpoint saved at step {progress.step}/"
+                        f"{self.steps}; run the same command to resume")
+
+  def _train_row(self, metrics) -> dict:
+    """The metrics log's row of this step; NonFiniteLossError where the step was skipped."""
+    step = self.progress.step
+    metrics = jax.device_get(metrics)
+    skipped = int(jax.device_get(self.progress.state.skipped))
+    if skipped > self.skipped_before or not math.isfinite(float(metrics["loss"])):
+      raise NonFiniteLossError(
+          f"[{self.name}] non-finite loss or gradient at step {step} (stage {self.name}); the "
+          f"update was not applied and the last good checkpoint is kept. Lower "
+          f"config.stages.{self.name}.optimizer.learning_rate or check the data.")
+    now = time.perf_counter()
+    rate = (step - self.step_last) / max(now - self.t_last, 1e-9)
+    self.t_last, self.step_last = now, step
+    return dict(self._row(), loss=float(metrics["loss"]), dice=float(metrics["dice"]),
+                grad_norm=float(metrics["grad_norm"]), lr=float(metrics.get("lr", np.nan)),
+                steps_per_s=rate, batch_size=int(self.stage.batch_size),
+                input_size=input_size(self.c.config, self.stage))
+
+  def checkpoint(self, completed: bool = False, best: bool = False,
+                 scores: Optional[dict] = None) -> None:
+    progress = self.progress
+    meta = dict(stage=self.name, stage_index=self.index, step=progress.step,
+                global_step=self.offset + progress.step, position=self.feed.position,
+                best_score=progress.best_score, best_step=progress.best_step,
+                completed=completed, elapsed_s=self.c._clock.seconds(),
+                normaliser=self.c.normaliser.to_dict(), **(scores or {}))
+    self.ckpts.save(progress.step, progress.state, meta, best=best)
+
+  def close(self) -> None:
+    self.feed.close()
+    self.ckpts.close()
+
+  def log_done(self) -> None:
+    task = self.c._model_cfg(self.stage).task
+    self.c.log(f"[{self.name}] done: {self.steps} steps in "
+               f"{time.perf_counter() - self.t_stage:.1f} s, best val "
+               f"{'' if task in tasks.TUMOUR_TASKS else task + ' '}dice "
+               f"{_fmt(self.progress.best_score)} at step {self.progress.best_step}")
 
 
 def _fmt(value: Optional[float]) -> str:
