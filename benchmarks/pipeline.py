@@ -2,30 +2,21 @@
 processes, CPU per item and host memory.
 
 Prepares (once, cached under --data_dir) a synthetic dataset of 8 cases of 64 slices stored as
---image_size slices (default 256) with 3 context slices, then measures, each job in a fresh
-process pinned to the given cores (so every thread pool and the Grain worker processes, which
-inherit the pinning, stay on them):
+--image_size slices (default 256) with 3 context slices, then times each job in a fresh process
+pinned to the given cores (its thread pools and Grain workers inherit the pinning):
 
-  whole_1core                     whole-slice host pipeline on 1 core (2 read threads): the
-                                  per-core figure
-  whole_w{0,1,2}                  the same on all cores with 0, 1 or 2 worker processes (read
-                                  threads: the cores shared out over the processes)
-  patch_w{0,1,2}                  128x128 tumour patches (half of them on tumour parts) on all
-                                  cores
-  transfer_1core                  what a batch of whole slices costs to cross from a worker
-                                  process (Grain's shared memory: copy in, open, free) against
-                                  a plain copy, per slice
+  whole_1core      whole-slice host pipeline on 1 core (2 read threads): the per-core figure
+  whole_w{0,1,2}   the same on all cores with 0, 1 or 2 worker processes
+  patch_w{0,1,2}   128x128 tumour patches (half of them on tumour parts) on all cores
+  transfer_1core   a batch of whole slices crossing from a worker process (Grain's shared
+                   memory) against a plain copy, per slice
 
-The pipelines draw the augmentation parameters on the host and leave the warp to the device
-(augment.on_device=True, the design), so these are host figures. (The comparison with the
-pipelines Grain replaced, and its figures, are in the git history.) Figures are medians
-over repeats after warm-up; each job also reports CPU seconds per item summed over its process
-and its worker processes (less sensitive to other load on a shared machine than wall-clock
-rates), and resident memory (RSS) of the process and of its workers. The machine description
-(benchmarks/machine_info.py) and the load average before and after go into the JSON.
-
-With --warp, two more jobs measure the host-side warp alternatives per 256x256x3 slice on 1 core
-(TF ImageProjectiveTransformV3 and XLA:CPU), the measurement behind warping on the device.
+The augmentation warp runs on the device (augment.on_device=True), so these are host figures.
+Figures are medians over repeats after warm-up, with CPU seconds per item over the process and
+its workers (less sensitive to other load than wall-clock rates), resident memory, the machine
+(benchmarks/machine_info.py) and the load average before and after, all in the JSON. --warp
+adds the host-side warp alternatives per 256x256x3 slice on 1 core (TF
+ImageProjectiveTransformV3 and XLA:CPU).
 
   python benchmarks/pipeline.py [--data_dir /tmp/curriculum_seg_bench] [--out FILE] [--quick]
 """

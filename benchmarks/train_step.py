@@ -68,7 +68,7 @@ FALLBACK_MODELS = {
                  compute_dtype='float32', **ORIGINAL_LAYOUT),
 }
 MODEL_CONFIGS = {'default': 'synthetic', 'lits': 'lits_three_stage'}
-# Cheaper U-Net variants (issue 13): config.model overrides of a model above. The PyTorch twin
+# Cheaper U-Net variants: config.model overrides of a model above. The PyTorch twin
 # builds only the original layout, so models with other layouts are timed in JAX alone.
 MODEL_VARIANTS = {
     'default+strided': ('default', dict(downsample='strided')),

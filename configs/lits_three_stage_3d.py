@@ -8,8 +8,8 @@ residual U-Net with widths 8-16-32-64-128, instance norm and 2x2x2 transposed up
 the soft Dice of tumour against everything else, Adam with weight decay 1e-4 at lr 1e-5 (whole,
 batch 1) and 1e-6 (patches, batch 4), the -60..140 HU window scaled to [0, 1], and each stage
 starting from the previous stage's best checkpoint by validation tumour Dice. Sized for one
-accelerator of about 40 GB or more (the train step needs 3.5-4 GB per 64 x 256 x 256 sample in
-float32, docs/3d_convolutions.md); bfloat16 compute.
+accelerator of about 40 GB or more (the train step's memory: docs/3d_convolutions.md); bfloat16
+compute.
 
   curriculum-seg train --config configs/lits_three_stage_3d.py \
       --config.data.lits_dir=gs://BUCKET/lits --config.data.tfds_dir=gs://BUCKET/tfds \

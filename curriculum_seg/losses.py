@@ -15,7 +15,7 @@ alone, where nnU-Net would average liver and tumour). On a batch without foregro
 target the Dice term can only push the foreground probabilities down (smooth > 0) or is a
 constant (smooth = 0), while the cross-entropy keeps its per-pixel gradient p_fg / N on every
 real pixel: on tumour-free batches Dice alone (the paper's loss) only pulls predictions towards
-empty, while with CE every pixel keeps a calibrated signal (issue 13).
+empty, while with CE every pixel keeps a calibrated signal.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The run directory (`--workdir`): its lock, its saved config, and its metrics log.
 
-Layout (DESIGN.md): `config.json` (the resolved config), `metrics.jsonl` (one JSON object per
+Layout: `config.json` (the resolved config), `metrics.jsonl` (one JSON object per
 logged step), `checkpoints/`, `tensorboard/`, `eval/`. Paths may be local or `gs://` (etils.epath);
 the lock is an OS file lock where the workdir is local, which the kernel releases when the owner
 dies (kill -9 included), so a crashed run never blocks its own restart.

@@ -2,9 +2,10 @@
 
 A reference folder and a prediction folder of {0, 1, 2} label masks are paired by file name, each
 pair is read on its own file grid (no resampling, no reorientation) and scored with
-`metrics.score_case` at the reference header's voxel size (LITS.md), and the cases are aggregated
-and written as `evaluate` writes them (`metrics.json`, `metrics.md`), so a model of this project
-and any other tool are compared by one scorer. Neither input folder is ever written to.
+`metrics.score_case` at the reference header's voxel size (as the LiTS scorer), and the cases
+are aggregated and written as `evaluate` writes them (`metrics.json`, `metrics.md`), so a model
+of this project and any other tool are compared by one scorer. Neither input folder is ever
+written to.
 """
 
 from __future__ import annotations

@@ -20,30 +20,8 @@ CRIT: "iou" (the lesion's group has IoU > 0.5 with its prediction) or "any" (any
 metrics.DIAMETER_BINS of the reference lesion's `diameter_mm`. A ratio with a zero denominator
 is nan (no lesion of that bin). These equal `metrics.aggregate`'s figures for the same cases.
 
-Paired difference A − B of a score (`compare`). The seeds S that both regimes ran (and where
-both scores are defined) and the n test cases are crossed: every seed's run is scored on every
-case, so a difference varies with the seeds drawn, with the cases drawn and with their
-interaction. The estimate is the mean over S of d_s = score(A, s) − score(B, s). Its interval is
-a variance-components (two-way random effects) t interval:
-  1. Pseudo-values (linearisation): y_sc = R_s + (num_sc − R_s den_sc) / mean_c(den_sc), R_s a
-     run's ratio, so mean_c y_sc = R_s exactly and y is the per-case score itself for per-case
-     means; Y_sc = y_sc(A) − y_sc(B) (a ratio of sums thus counts every lesion once per case).
-  2. Two-way ANOVA without replication of Y: mean squares of seeds MS_s (|S| − 1 df), of cases
-     MS_c (n − 1 df) and of their interaction MS_e ((|S| − 1)(n − 1) df). The variance of the
-     grand mean under crossed random seed, case and interaction effects,
-     σ_s²/|S| + σ_c²/n + σ_e²/(|S| n), is estimated without bias by
-     V = (MS_s + MS_c − MS_e) / (|S| n), with Satterthwaite's degrees of freedom
-     ν = (MS_s + MS_c − MS_e)² / (MS_s²/(|S|−1) + MS_c²/(n−1) + MS_e²/((|S|−1)(n−1))).
-     V is never taken below max(MS_s, MS_c) / (|S| n) (each is at most V in expectation; then ν is
-     that mean square's df), so it is never negative.
-  3. Interval: estimate ± t(0.975, ν) √V. `excludes_zero`: it lies above or below 0.
-With one seed (or one case) the seed (case) variation cannot be measured: the interval is then
-the one-way t interval over the cases (seeds) and `seed_variation` says so.
-Why not resample: with a handful of seeds a bootstrap over seeds, alone or crossed with cases,
-reads its percentiles off a few distinct seed draws and undercovers when seeds matter; the t
-quantile with few degrees of freedom is what corrects that. tests/test_stats.py simulates null
-data sets with seed, case and interaction effects, for per-case means and lesion ratios, and
-checks that the interval covers about 95 % of them.
+Paired differences between regimes (`compare`) have variance-components t intervals over seeds
+and test cases together (`crossed_interval` says how and why).
 """
 
 from __future__ import annotations
@@ -239,10 +217,36 @@ def pseudo_values(num: np.ndarray, den: np.ndarray, empty: float = math.nan) -> 
 # --------------------------------------------------------------------------- intervals
 
 def crossed_interval(y: np.ndarray, level: float = LEVEL) -> dict[str, np.ndarray]:
-  """The variance-components t interval of the grand mean of y (..., seeds, cases) (the module
-  docstring gives the method), vectorised over the leading axes. Returns arrays: estimate,
-  low, high, se, df, and the estimated parts of the mean's variance var_seed (σ_s²/S),
-  var_case (σ_c²/n) and var_interaction (σ_e²/(S n)), each clipped at 0."""
+  """The variance-components t interval of the grand mean of y (..., seeds, cases), vectorised
+  over the leading axes. Returns arrays: estimate, low, high, se, df, and the estimated parts of
+  the mean's variance var_seed (σ_s²/S), var_case (σ_c²/n) and var_interaction (σ_e²/(S n)),
+  each clipped at 0.
+
+  Paired difference A − B of a score (`compare`). The seeds S that both regimes ran (and where
+  both scores are defined) and the n test cases are crossed: every seed's run is scored on every
+  case, so a difference varies with the seeds drawn, with the cases drawn and with their
+  interaction. The estimate is the mean over S of d_s = score(A, s) − score(B, s). Its interval is
+  a variance-components (two-way random effects) t interval:
+    1. Pseudo-values (linearisation): y_sc = R_s + (num_sc − R_s den_sc) / mean_c(den_sc), R_s a
+       run's ratio, so mean_c y_sc = R_s exactly and y is the per-case score itself for per-case
+       means; Y_sc = y_sc(A) − y_sc(B) (a ratio of sums thus counts every lesion once per case).
+    2. Two-way ANOVA without replication of Y: mean squares of seeds MS_s (|S| − 1 df), of cases
+       MS_c (n − 1 df) and of their interaction MS_e ((|S| − 1)(n − 1) df). The variance of the
+       grand mean under crossed random seed, case and interaction effects,
+       σ_s²/|S| + σ_c²/n + σ_e²/(|S| n), is estimated without bias by
+       V = (MS_s + MS_c − MS_e) / (|S| n), with Satterthwaite's degrees of freedom
+       ν = (MS_s + MS_c − MS_e)² / (MS_s²/(|S|−1) + MS_c²/(n−1) + MS_e²/((|S|−1)(n−1))).
+       V is never taken below max(MS_s, MS_c) / (|S| n) (each is at most V in expectation; then ν is
+       that mean square's df), so it is never negative.
+    3. Interval: estimate ± t(0.975, ν) √V. `excludes_zero`: it lies above or below 0.
+  With one seed (or one case) the seed (case) variation cannot be measured: the interval is then
+  the one-way t interval over the cases (seeds) and `seed_variation` says so.
+  Why not resample: with a handful of seeds a bootstrap over seeds, alone or crossed with cases,
+  reads its percentiles off a few distinct seed draws and undercovers when seeds matter; the t
+  quantile with few degrees of freedom is what corrects that. tests/test_stats.py simulates null
+  data sets with seed, case and interaction effects, for per-case means and lesion ratios, and
+  checks that the interval covers about 95 % of them.
+  """
   y = np.asarray(y, np.float64)
   s, n = y.shape[-2:]
   mean = y.mean((-2, -1))

@@ -1,30 +1,8 @@
 """`curriculum-seg sweep`: every run of the ablation sweep a config file declares, at equal
 optimiser steps, each scored on held-out cases and kept as a small record for `compare`.
 
-A config file declares its sweep beside `get_config`, as big_vision declares sweeps beside its
-configs:
-
-  def get_sweep(arg=None):
-    return dict(
-        runs=[dict(regime=r, seed=s) for s in (0, 1, 2) for r in ("three_stage", "whole_only")],
-        total_steps=1200,          # every run's optimiser steps (None: each as configured)
-        reference="three_stage",   # the regime every other one is compared with
-        overrides={"data.test_fraction": 0.3},  # for every run (optional)
-        held_out=None)  # or dict(num_cases=45, seed=1, max_tumours=16): synthetic cases
-                        # made into OUT/data/held_out and scored instead of a test split
-
-A run is `regime` (the `get_config` arg) and `seed` (config.seed), with optional `name`
-(default REGIME-seedSEED), `overrides` (its own) and `config` (another config file FILE[:ARG],
-relative to the declaring file's folder, for a regime with a config of its own). Overrides are
-{key: value}, a value as Python or as command-line text; `stages.*.FIELD` sets FIELD of every
-stage that has it; `{out}` in a text value is the sweep's --out folder (a synthetic data set of
-its own, for example). Runs are trained in the order listed (seed by seed pairs regimes early).
-
-A run's config: get_config(regime), then the sweep's overrides, the run's, the command line's
---config.KEY=VALUE, config.seed = seed, and its stages' steps scaled to `total_steps` in their
-configured proportions. Every run must read the same data. Each is scored with `evaluate_run` on
-the prepared dataset's test split (config.data.test_fraction > 0) or on every case of a LiTS
-folder (`score_dir`).
+A config file declares its sweep beside `get_config` (`get_sweep`, see `load_sweep`), as
+big_vision declares sweeps beside its configs.
 
 OUT (a new or empty folder, or one the sweep made: it writes nowhere else):
   sweep.json         the plan: config, runs, reference, where the runs are scored, the command
@@ -202,7 +180,32 @@ def _relative_spec(spec: str, declaring_file: str) -> str:
 
 
 def load_sweep(spec: str) -> Sweep:
-  """The sweep config file FILE[:ARG] declares with `get_sweep(ARG)`, checked."""
+  """The sweep config file FILE[:ARG] declares with `get_sweep(ARG)`, checked.
+
+  The declaration:
+
+    def get_sweep(arg=None):
+      return dict(
+          runs=[dict(regime=r, seed=s) for s in (0, 1, 2) for r in ("three_stage", "whole_only")],
+          total_steps=1200,          # every run's optimiser steps (None: each as configured)
+          reference="three_stage",   # the regime every other one is compared with
+          overrides={"data.test_fraction": 0.3},  # for every run (optional)
+          held_out=None)  # or dict(num_cases=45, seed=1, max_tumours=16): synthetic cases
+                          # made into OUT/data/held_out and scored instead of a test split
+
+  A run is `regime` (the `get_config` arg) and `seed` (config.seed), with optional `name`
+  (default REGIME-seedSEED), `overrides` (its own) and `config` (another config file FILE[:ARG],
+  relative to the declaring file's folder, for a regime with a config of its own). Overrides are
+  {key: value}, a value as Python or as command-line text; `stages.*.FIELD` sets FIELD of every
+  stage that has it; `{out}` in a text value is the sweep's --out folder (a synthetic data set of
+  its own, for example). Runs are trained in the order listed (seed by seed pairs regimes early).
+
+  A run's config: get_config(regime), then the sweep's overrides, the run's, the command line's
+  --config.KEY=VALUE, config.seed = seed, and its stages' steps scaled to `total_steps` in their
+  configured proportions. Every run must read the same data. Each is scored with `evaluate_run` on
+  the prepared dataset's test split (config.data.test_fraction > 0) or on every case of a LiTS
+  folder (`score_dir`).
+  """
   file, _, arg = spec.partition(":")
   module = config_loading.load_config_module(file)
   path = module.__file__

@@ -8,10 +8,9 @@ patch and pads with air where it leaves the slice.
 
 The warp is a jitted JAX function (`make_finish`), run on the accelerator by
 `curriculum_seg.device_feed` or, with `augment.on_device=False`, on the host CPU inside the
-pipeline. Measured (benchmarks/pipeline.py --warp, 2-core Xeon @ 2.5 GHz): one 256x256x3 slice costs
-~6.5 ms per core with TF's ImageProjectiveTransformV3 and ~3.5 ms with XLA:CPU, against a budget
-of 1 ms per slice for the whole host pipeline, while an accelerator warps a batch in
-microseconds. So the host only draws parameters and the device does the pixel work.
+pipeline. A host warp costs several times the whole host pipeline's budget per slice, while an
+accelerator warps a batch in microseconds (benchmarks/pipeline.py --warp), so the host only
+draws parameters and the device does the pixel work.
 
 Lesion contrast (`lesion_scale`, `lesion_invert`) is label-guided: inside the (warped) tumour
 label, each voxel's difference from the slice's mean liver HU is multiplied by a factor whose

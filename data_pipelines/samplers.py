@@ -7,8 +7,8 @@ workers, threads or devices, and a resumed run draws the plan it would have draw
 are per batch (which rows of a batch are tumour rows is a ranking of the batch's positions),
 so `row(position)` takes its row from the plan of its global batch (cached per process).
 
-The plans are those of the pipelines before Grain (commit 916f90b), bit for bit
-(tests/test_samplers.py compares them with plans recorded from that code).
+The plans are those of the pipelines before Grain, bit for bit (tests/test_samplers.py compares
+them with plans recorded from that code by tests/data/make_sampler_plans.py).
 """
 
 from __future__ import annotations

@@ -1,29 +1,18 @@
 """The pipelines' named transforms, each one step of turning a global position into a batch row.
 
 Element transforms (one batch row) run in Grain's read threads and worker processes:
-
-  ProcessRows       this process's k-th row -> its global position (rows [p*B/P, (p+1)*B/P) of
-                    every global batch of B rows)
-  SelectSlice       position -> the sampler's plan of that row (`example`, patch `centre`, ...)
-  ReadSlice         + `image` int16 [H, W, C] and `label` uint8 [H, W] of the planned example
-  PlaceBlock        + the `centre` of a whole stage's block, placed on the label
-  ReadDepth         a 3-D row: the block's or patch's slices of the case around `centre_z`
-  PlacePatch        + the `centre` of a negative patch, a liver pixel of the label
-  CropPatch         image and label -> the footprint around the patch or block centre (air
-                    outside)
-  PadSlice          image and label padded (air, background) to the split's largest slice
-
+  ProcessRows (this process's k-th row -> its global position), SelectSlice (position -> the
+  sampler's plan of the row), ReadSlice (+ image and label of the planned example), PlaceBlock
+  and PlacePatch (+ the `centre` of a block or negative patch), ReadDepth (a 3-D row's slices
+  around `centre_z`), CropPatch (the footprint around the centre, air outside), PadSlice (pad to
+  the split's largest slice).
 Batch transforms (after `MapDataset.batch`; a dict of arrays with a leading row axis):
-
-  DrawAugmentation  + per-row `affine` [2, 3] and `intensity` (scale, shift) from the positions
-  MapIntoLiverBox   the affine composed with the map into each row's case liver box
-  TrainRows         the training batch's keys: image, label, mask, affine, intensity
-  EvalRows          + `mask` (1 real, 0 padding), `case_number`, `slice_index` (-1 padding)
-  Normalise         image HU -> float32 model input (the run's normaliser), label int32
-
+  DrawAugmentation (+ per-row `affine` and `intensity`), MapIntoLiverBox (the affine composed
+  with the map into each row's case liver box), TrainRows and EvalRows (the batch's keys),
+  Normalise (HU -> float32 model input, label int32);
 and, in the training process only (they run JAX on the host CPU, which worker processes do not
-load): `CropToLiverBox` (evaluation of a liver-crop stage) and `FinishOnHost` (augment.
-on_device=False: the augmentation warp on the host).
+load): CropToLiverBox (evaluation of a liver-crop stage) and FinishOnHost (the augmentation warp
+on the host, augment.on_device=False).
 
 Every random quantity is drawn from a counter-based hash of (seed, global position) by the
 sampler or augment.sample_params, never from Grain's per-element seeds, so a row is a pure

@@ -11,24 +11,14 @@ steps, and writes
                       plateau step, seconds to reach Dice 0.3 / 0.5 / 0.7, steps per second
   OUT/learning.png    the curves against steps and against wall seconds
 
-Recipes:
-  new   the defaults (configs/synthetic.py): see the README's "training recipe" section
-  stride2  the defaults with the half-resolution U-Net (input_stride 2, a quarter of the
-        FLOPs): the architecture the recipe first used
-  old   the recipe before issue 13: plain soft Dice (smoothing 1, no cross-entropy), uniform
-        liver-range slices,
-        constant learning rate, the full-resolution U-Net (input_stride 1), no prior
-
 Wall seconds are the run's clock (`elapsed_s` in metrics.jsonl: training and validation,
-compilation included), on whatever else the machine was doing: the table records the load.
-Each run is a workdir under OUT/runs/RECIPE/seedK; an interrupted invocation resumes every
-unfinished run at its exact step and skips finished ones (refusing a finished one of another
-`--steps`). Run from the repository root:
+compilation included), with the machine's load recorded. Each run is a workdir under
+OUT/runs/RECIPE/seedK; an interrupted invocation resumes every unfinished run at its exact step
+and skips finished ones (refusing a finished one of another `--steps`). From the repository
+root (`--config.KEY=VALUE` overrides apply to every recipe, after its own):
 
-  .venv/bin/python experiments/learning.py --out docs/learning --recipes old,new --seeds 0,1,2 \\
+  .venv/bin/python experiments/learning.py --out docs/learning --recipes old,new --seeds 0,1,2 \
       --steps 3000 --eval_every 100
-
-`--config.KEY=VALUE` overrides apply to every recipe (after the recipe's own).
 """
 
 from __future__ import annotations
@@ -51,7 +41,10 @@ from curriculum_seg import machine as machine_info  # noqa: E402
 from curriculum_seg import sweep  # noqa: E402  step scaling
 
 # name -> config overrides on top of configs/synthetic.py:REGIME (applied to every stage that
-# has the field for `stages.*.FIELD`).
+# has the field for `stages.*.FIELD`): new, the defaults (the README's training recipe);
+# stride2, with the half-resolution U-Net (input_stride 2, a quarter of the FLOPs) the recipe
+# first used; old, the recipe before Dice + cross-entropy: plain soft Dice (smoothing 1),
+# uniform liver-range slices, a constant learning rate, the full-resolution U-Net, no prior.
 RECIPES = {
     "new": (),
     "stride2": (("model.input_stride", "2"),),

@@ -1,63 +1,26 @@
 """An independent PyTorch/MONAI baseline trained on our prepared data, for a wall-time budget.
 
-Issue 13: the training recipe is checked against an independent PyTorch implementation trained
-on the same cases for the same wall time; the recipe must reach a higher validation Dice. This
-script is that implementation. It runs in two steps, because torch lives in its own virtualenv
-(never in .venv):
+The training recipe is checked against an independent implementation trained on the same cases
+for the same wall time: this script. It shares with the JAX side only the data access and the
+yardstick (the prepared dataset, the HU window, the training and validation slices, global
+tumour Dice) and nothing of the model, loss, optimiser or samplers (`train` lists both). It runs
+in two steps, because torch lives in its own virtualenv (never in .venv):
 
   # 1. export (the project's .venv): the prepared dataset's slices as .npy + index.json;
   #    prepares the TFDS dataset first if `config.data` names one that is not prepared yet
-  .venv/bin/python experiments/torch_baseline.py export --config configs/synthetic.py \\
+  .venv/bin/python experiments/torch_baseline.py export --config configs/synthetic.py \
       [--config.data.lits_dir=DIR --config.data.tfds_dir=DIR ...] --out EXPORT_DIR
 
-  # 2. train (a torch virtualenv: python3 -m venv /work/torchenv &&
-  #    /work/torchenv/bin/pip install torch==2.13.0 monai==1.6.1 numpy scipy)
-  /work/torchenv/bin/python experiments/torch_baseline.py train --data EXPORT_DIR \\
-      --seconds 300 --seed 0 [--eval_every_s 30 | --eval_every_steps N] \\
+  # 2. train (a torch virtualenv TORCH_VENV: python3 -m venv TORCH_VENV &&
+  #    TORCH_VENV/bin/pip install torch==2.13.0 monai==1.6.1 numpy scipy)
+  TORCH_VENV/bin/python experiments/torch_baseline.py train --data EXPORT_DIR \
+      --seconds 300 --seed 0 [--eval_every_s 30 | --eval_every_steps N] \
       --out experiments/results/torch_baseline.json
 
-`train` writes the curve (step, train_seconds, val_dice, the mean per-slice Dice, the predicted
-and reference tumour pixels, the mean training loss and hard training-batch Dice since the last
-evaluation, the load average) and the machine (CPU model, cores, torch and MONAI versions, torch
-threads, load averages) as JSON and prints a table.
-
-Shared with the JAX side (data access and the yardstick, not the recipe):
-  - the data: the prepared TFDS dataset `config.data` names, read with data_pipelines'
-    SplitIndex and SplitRecords: the same cases, splits, in-plane size and context slices
-    (`data.context_slices` neighbouring slices as channels);
-  - the intensity window: pipelines.hu_window + transforms.window_into (HU -> [0, 1] float32,
-    clipped), exactly as our evaluation windows slices;
-  - the training slices: SplitIndex.select(data.slice_selection, data.liver_margin), the slices
-    our whole-slice training draws from (the liver z-range +- margin by default), and which of
-    them hold a visible tumour part (SplitIndex.tumour_slices, as our `tumour_fraction` uses);
-  - the validation slices: every slice of the validation split, as our validation evaluates;
-  - the metric: global tumour Dice 2*sum|A & B| / sum(|A| + |B|) over all validation slices,
-    A the argmax prediction's tumour class, B label == 2 (1 when both are empty, LiTS's rule),
-    as curriculum_seg.train_step's eval step; the mean per-slice Dice is reported too.
-
-Independent (PyTorch/MONAI, nothing from curriculum_seg's model, loss, optimiser or samplers):
-  - model: monai.networks.nets.UNet(spatial_dims=2, in_channels=C, out_channels=2,
-    channels=(8, 16, 32, 64), strides=(2, 2, 2), num_res_units=2, norm=INSTANCE): the widths
-    of our default model (configs/synthetic.py: depth 3, base width 8, residual blocks,
-    instance norm, levels at half resolution), in MONAI's own layout (strided convs, its
-    residual units, its bottleneck at 1/8 instead of our 1/16 of the input); default init;
-  - loss: monai.losses.DiceCELoss(softmax=True, to_onehot_y=True, batch=True): MONAI's defaults
-    otherwise (Dice over both classes, background included; smoothing 1e-5), target tumour
-    (label 2) vs everything else;
-  - optimiser: torch.optim.Adam, lr 1e-3, no weight decay, no schedule, no clipping;
-  - sampling: batches of 8 whole slices, round(f * 8) of them (f = --tumour_fraction, 0.5)
-    from epoch-wise shuffles of the tumour-bearing training slices and the rest from
-    epoch-wise shuffles of all selected training slices (numpy Generator, seeded);
-  - augmentation: random left-right and up-down flips (p 0.5 each, per slice), nothing else;
-  - evaluation: model.eval(), torch.no_grad, batches of 32.
-
-The budget is training wall time (batch assembly, forward, backward, update); evaluation runs
-outside it and is timed separately. torch uses one thread per available core (--threads);
-seeds: torch, numpy and random via monai.utils.set_determinism(seed). Run from the repository
-root. OMP_WAIT_POLICY defaults to PASSIVE here (OpenMP's spinning waits made steps 7-8x
-slower on a loaded machine; set it to ACTIVE in the environment to measure the default). The
-machine is usually shared: each evaluation records the load average; read the steps per second
-with it.
+`train` writes the curve (step, train seconds, validation Dice, mean per-slice Dice, predicted
+and reference tumour pixels, training loss and batch Dice, load average) and the machine as
+JSON and prints a table. The budget is training wall time (evaluation is timed apart); the
+machine is usually shared, so read the steps per second with the recorded load.
 """
 
 from __future__ import annotations
@@ -255,9 +218,23 @@ def evaluate(model, images, targets, batch_size: int = 32) -> dict:
 
 
 def train(args) -> dict:
+  """Trains the baseline on an export for `args.seconds` of training wall time.
+
+  Shared with the JAX side (data access and the yardstick, not the recipe): the export's cases,
+  splits, in-plane size and context slices; the HU window (transforms.window_into); the training
+  slices (SplitIndex.select) and which hold tumour; every validation slice; global tumour Dice
+  over the validation slices (1 when both masks are empty), as the eval step computes it.
+
+  Independent (PyTorch/MONAI): monai UNet(spatial_dims=2, channels=(8, 16, 32, 64), strides
+  (2, 2, 2), num_res_units=2, instance norm), our default model's widths in MONAI's layout;
+  DiceCELoss(softmax, to_onehot_y, batch=True), tumour vs everything else; Adam at 1e-3 without
+  decay, schedule or clipping; batches of 8 slices, round(--tumour_fraction * 8) from shuffles
+  of the tumour slices; random flips only; seeds via monai.utils.set_determinism. torch uses
+  one thread per available core (--threads).
+  """
   # OpenMP's worker threads spin while they wait (libgomp's default): on a shared machine a
-  # spinning thread starves a descheduled sibling and a step took 2.4 s instead of 0.3 s
-  # (2 threads, load average 9 on 2 cores). Passive waiting must be set before torch loads.
+  # spinning thread starves a descheduled sibling. Passive waiting (set OMP_WAIT_POLICY=ACTIVE
+  # to measure the default) must be set before torch loads.
   os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
   import monai  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel

@@ -134,7 +134,7 @@ def test_unknown_loss_name_is_an_error_naming_the_key():
     losses.make_loss_fn(loss_config('focal'), 'tumour')
 
 
-# Dice + cross-entropy (issue 13): weights, smoothing, and batches without foreground.
+# Dice + cross-entropy: weights, smoothing, and batches without foreground.
 
 def dice_ce_config(smooth=1.0, dice_weight=1.0, ce_weight=1.0, name='dice_ce'):
   return ml_collections.ConfigDict({'name': name, 'class_weights': None, 'dice_smooth': smooth,

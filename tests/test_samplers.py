@@ -10,7 +10,7 @@ from data_pipelines import samplers
 from data_pipelines.index import SplitIndex
 from tests.data import make_sampler_plans as recorded
 
-PLANS = np.load(recorded.OUT)  # written from the code of commit 916f90b
+PLANS = np.load(recorded.OUT)  # recorded from the pipelines before Grain
 
 
 def _patch_index():
@@ -18,7 +18,7 @@ def _patch_index():
   return SplitIndex(split="train", cases=cases, tumours=tumours, num_examples=num_examples)
 
 
-# ---- the plans of commit 916f90b ---------------------------------------------------------------
+# ---- the plans of the pipelines before Grain -------------------------------------------
 
 @pytest.mark.parametrize("case", range(len(recorded.WHOLE_CASES)))
 def test_whole_slice_plans_are_those_of_the_pipelines_before_grain(case):

@@ -217,7 +217,7 @@ def test_pytorch_twin_in_the_benchmark_computes_the_same_function():
   np.testing.assert_allclose(got, apply(model, variables, x), rtol=1e-4, atol=1e-4)
 
 
-# Cheaper variants and the foreground prior (issue 13).
+# Cheaper variants and the foreground prior.
 
 def _block(cin, cout, convs=2, projection=True):
   """Expected parameter shapes of one ConvBlock (instance norm, residual)."""

@@ -1,5 +1,5 @@
-"""Writes tests/data/sampler_plans_916f90b.npz: sampler plans as the pipelines before Grain
-(commit 916f90b, data_pipelines/pipelines.py) drew them, for tests/test_samplers.py.
+"""Writes tests/data/sampler_plans_COMMIT.npz: sampler plans as the pipelines before Grain
+(data_pipelines/pipelines.py at COMMIT) drew them, for tests/test_samplers.py.
 
 Run once from the repository root (it reads the old module with `git show`):
 
