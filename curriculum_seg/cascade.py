@@ -111,11 +111,7 @@ class CascadePredictor(inference.Predictor):
     """
     image = inference._check_image(image)  # pylint: disable=protected-access
     if liver is not None:
-      liver = np.asarray(liver).astype(bool)
-      if liver.shape != image.shape:
-        raise ValueError(f"liver mask of shape {liver.shape} does not match the volume "
-                         f"{image.shape}")
-      organ = liver
+      liver = organ = inference.check_liver_mask(liver, image.shape)
     else:
       organ = self.predict_liver(image, spacing)
     labels = organ.astype(np.uint8) * np.uint8(LIVER)

@@ -131,11 +131,7 @@ def build_results(plan: Optional[dict], records: dict[str, dict],
 
 # --------------------------------------------------------------------------- the tables
 
-def _num(value) -> float:
-  try:
-    return float(value)
-  except (TypeError, ValueError):
-    return math.nan
+_num = stats.as_float  # a JSON value as a float ("nan" and "inf" strings included)
 
 
 def _cell(stat: dict, digits: int) -> str:

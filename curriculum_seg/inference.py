@@ -390,6 +390,15 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
   return components == int(sizes.argmax())
 
 
+def check_liver_mask(liver: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  """A given liver mask as booleans; ValueError unless it has the volume's `shape`."""
+  liver = np.asarray(liver).astype(bool)
+  if liver.shape != tuple(shape):
+    raise ValueError(f"liver mask of shape {liver.shape} does not match the volume "
+                     f"{tuple(shape)}")
+  return liver
+
+
 def postprocess(labels: np.ndarray, spacing, *, predicts_liver: bool,
                 options: InferenceOptions = InferenceOptions(),
                 liver: Optional[np.ndarray] = None) -> np.ndarray:
@@ -400,10 +409,7 @@ def postprocess(labels: np.ndarray, spacing, *, predicts_liver: bool,
   bounds its own tumour.
   """
   if liver is not None:
-    liver = np.asarray(liver).astype(bool)
-    if liver.shape != labels.shape:
-      raise ValueError(f"liver mask of shape {liver.shape} does not match the volume "
-                       f"{labels.shape}")
+    liver = check_liver_mask(liver, labels.shape)
   elif predicts_liver and options.largest_liver_component:
     organ = labels >= LIVER
     if organ.any():

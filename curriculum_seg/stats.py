@@ -64,7 +64,7 @@ METRICS = _metric_list()
 METRIC_KEYS = tuple(m[0] for m in METRICS)
 
 
-def _float(value) -> float:
+def as_float(value) -> float:
   """A JSON value as a float ("inf"/"nan" strings, as metrics.json_safe writes them, included)."""
   try:
     return float(value)
@@ -83,22 +83,22 @@ def case_record(case: Mapping[str, Any]) -> dict:
   tumour, det = case["tumour"], case["detection"]
   fps = {crit: {b: 0 for b in BINS} for crit in CRITERIA}
   for rec in det["predicted_lesions"]:
-    b = metrics.diameter_bin(_float(rec["diameter_mm"]))
+    b = metrics.diameter_bin(as_float(rec["diameter_mm"]))
     for crit in CRITERIA:
       if not rec[f"tp_{crit}"]:
         fps[crit][b] += 1
-  lesions = [dict(diameter_mm=_float(r["diameter_mm"]), volume_mm3=_float(r["volume_mm3"]),
-                  iou=_float(r["iou"]), detected_iou=bool(r["detected_iou"]),
+  lesions = [dict(diameter_mm=as_float(r["diameter_mm"]), volume_mm3=as_float(r["volume_mm3"]),
+                  iou=as_float(r["iou"]), detected_iou=bool(r["detected_iou"]),
                   detected_any=bool(r["detected_any"])) for r in det["reference_lesions"]]
   counts = tumour["counts"]
   number = case.get("case_number")
   if number is None:  # "case-N"
     number = int(str(case["case_id"]).rsplit("-", 1)[-1])
   liver = case.get("liver")
-  return dict(case_number=int(number), dice=_float(tumour["dice"]),
+  return dict(case_number=int(number), dice=as_float(tumour["dice"]),
               intersection=int(counts["intersection"]), prediction=int(counts["prediction"]),
-              reference=int(counts["reference"]), assd=_float(tumour["assd"]),
-              liver_dice=None if liver is None else _float(liver["dice"]),
+              reference=int(counts["reference"]), assd=as_float(tumour["assd"]),
+              liver_dice=None if liver is None else as_float(liver["dice"]),
               reference_lesions=lesions, num_predicted=int(det["num_predicted"]),
               false_positives=fps)
 
@@ -147,12 +147,12 @@ def case_table(records: Iterable[Mapping[str, Any]]) -> CaseTable:
   fp = {c: np.zeros((n, k), np.int64) for c in CRITERIA}
   for i, r in enumerate(records):
     for lesion in r["reference_lesions"]:
-      j = BINS.index(metrics.diameter_bin(_float(lesion["diameter_mm"])))
+      j = BINS.index(metrics.diameter_bin(as_float(lesion["diameter_mm"])))
       for c in CRITERIA:
         (tp if lesion[f"detected_{c}"] else fn)[c][i, j] += 1
     for c in CRITERIA:
       fp[c][i] = [int(r["false_positives"][c][b]) for b in BINS]
-  col = lambda key: np.array([_float(r[key]) for r in records], np.float64)  # noqa: E731
+  col = lambda key: np.array([as_float(r[key]) for r in records], np.float64)  # noqa: E731
   count = lambda key: np.array([int(r[key]) for r in records], np.int64)  # noqa: E731
   return CaseTable(numbers, col("dice"), count("intersection"), count("prediction"),
                    count("reference"), col("assd"), tp, fn, fp)
