@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from curriculum_seg import metrics, rundir, stats
+from curriculum_seg import metrics, rundir, stats, sweep_folder
 
 BINS = stats.BINS
 LABELS = {k: label for k, label, _, _ in stats.METRICS}
@@ -184,8 +184,7 @@ def markdown(results: dict) -> str:
   data = results["data"]
   numbers, lesions = data["case_numbers"], data["lesions_per_bin"]
   scored_on = data["scored_on"] or {}
-  from curriculum_seg import sweep  # pylint: disable=g-import-not-at-top  (sweep imports this)
-  where = sweep.describe_scored_on(scored_on)
+  where = sweep_folder.describe_scored_on(scored_on)
   steps = results["total_steps"]
   lines += [
       "",
@@ -342,20 +341,20 @@ def compare_dir(folder: str, reference: Optional[str] = None,
                 log: Callable[[str], Any] = print) -> dict:
   """The `compare` command: rebuilds the results of the sweep folder `folder` from its
   records (and plan), with `reference` (default: the plan's) against every other regime."""
-  from curriculum_seg import sweep  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(folder):
     raise CompareError(f"{folder}: no such folder")
   try:
-    plan = sweep.read_plan(folder)
-    records = sweep.read_records(folder)
-  except sweep.SweepError as e:
+    plan = sweep_folder.read_plan(folder)
+    records = sweep_folder.read_records(folder)
+  except sweep_folder.SweepError as e:
     raise CompareError(str(e)) from e
   if not records:
-    raise CompareError(f"{folder} holds no finished run's record ({sweep.RECORDS_DIR}/*.json): "
-                       "run `curriculum-seg sweep --config FILE --out DIR` first")
+    raise CompareError(f"{folder} holds no finished run's record "
+                       f"({sweep_folder.RECORDS_DIR}/*.json): run `curriculum-seg sweep "
+                       "--config FILE --out DIR` first")
   if plan is not None:
     extra = sorted(set(records) - {r["name"] for r in plan["runs"]})
     if extra:
-      log(f"records of runs the plan ({sweep.PLAN_FILE}) does not list are left out: "
+      log(f"records of runs the plan ({sweep_folder.PLAN_FILE}) does not list are left out: "
           + ", ".join(extra))
   return write_results(folder, plan, records, reference, log)

@@ -32,11 +32,12 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import ml_collections
 
 from curriculum_seg import config_loading, machine, metrics, rundir, stats, tasks
+from curriculum_seg.sweep_folder import (  # noqa: F401  (also read here as sweep.*)
+    PLAN_FILE, RECORDS_DIR, SweepError, describe_scored_on, read_plan, read_records,
+    record_path)
 
-PLAN_FILE = "sweep.json"
 MARK_FILE = ".curriculum_seg_sweep"  # marks a folder the sweep made
 RUNS_DIR = "runs"
-RECORDS_DIR = "records"
 RECORD_FORMAT = 1
 # Keys that do not change a run's result (where the data and the caches lie, how batches are
 # made): left out of the config digest and of the check of a finished run against its config.
@@ -46,10 +47,6 @@ _SWEEP_KEYS = ("runs", "total_steps", "reference", "overrides", "held_out")
 HELD_OUT_DIR = "held_out"  # OUT/data/held_out: a declared synthetic held-out set
 _HELD_OUT_KEYS = ("num_cases", "seed", "max_tumours")
 _RUN_KEYS = ("regime", "seed", "name", "overrides", "config")
-
-
-class SweepError(Exception):
-  """A sweep that cannot run as asked; the one-line message says why."""
 
 
 class SweepStopped(Exception):
@@ -317,17 +314,6 @@ def held_out_settings(sweep: Sweep, config: ml_collections.ConfigDict, out: str)
       settings["num_cases"]), seed=int(seed), generator=dataclasses.asdict(generator))
 
 
-def describe_scored_on(source: dict) -> str:
-  """Where a sweep's runs were scored, in words."""
-  if "held_out" in source:
-    h = source["held_out"]
-    return (f"{h['num_cases']} synthetic held-out cases (generator seed {h['seed']}, up to "
-            f"{h['max_tumours']} tumours a case)")
-  if "folder" in source:
-    return f"every case of {source['folder']}"
-  return "the prepared dataset's test split"
-
-
 def make_held_out(held_out: dict, log: Callable[[str], Any]) -> None:
   """Synthesises the declared held-out set into its folder (reused when complete)."""
   from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
@@ -399,41 +385,6 @@ def _claim_out(out: str) -> None:
   if not os.path.exists(mark):
     rundir.write_atomically(mark, json.dumps(dict(made_by="curriculum-seg sweep")) + "\n")
   os.makedirs(os.path.join(out, RECORDS_DIR), exist_ok=True)
-
-
-def record_path(out: str, name: str) -> str:
-  return os.path.join(out, RECORDS_DIR, f"{name}.json")
-
-
-def read_plan(out: str) -> Optional[dict]:
-  """sweep.json of a sweep folder (None when there is none)."""
-  path = os.path.join(out, PLAN_FILE)
-  if not os.path.exists(path):
-    return None
-  return _read_json(path)
-
-
-def read_records(out: str) -> dict[str, dict]:
-  """The finished runs' records of a sweep folder, by run name."""
-  folder = os.path.join(out, RECORDS_DIR)
-  if not os.path.isdir(folder):
-    return {}
-  records = {}
-  for name in sorted(os.listdir(folder)):
-    if name.endswith(".json"):
-      record = _read_json(os.path.join(folder, name))
-      if not isinstance(record, dict) or "name" not in record or "cases" not in record:
-        raise SweepError(f"{folder}/{name}: not a sweep record")
-      records[record["name"]] = record
-  return records
-
-
-def _read_json(path: str) -> Any:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise SweepError(f"{path}: cannot read it ({e})") from e
 
 
 def _check_finished(record: dict, run: Run, config_json: dict, source: dict,
