@@ -46,6 +46,7 @@ def prepare_tiny(tmp_path_factory, name, **synth):
   cfg.data.synthetic.update(synth)
   with cfg.data.unlocked():
     cfg.data.hu_window = (-60.0, 140.0)
+    cfg.data.normalisation = "window"  # these tests read window units (intensity: its own tests)
     cfg.data.slice_selection = "all"
     cfg.data.liver_margin = 2
     cfg.data.host_threads = 2
