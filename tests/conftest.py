@@ -67,6 +67,7 @@ def prepare_tiny_dataset(tmp_path_factory, name, **synth):
   cfg.data.synthetic.update(synth)
   with cfg.data.unlocked():
     cfg.data.hu_window = (-60.0, 140.0)
+    cfg.data.normalisation = "window"  # tests read window units (intensity: its own tests)
     cfg.data.slice_selection = "all"
     cfg.data.liver_margin = 2
     cfg.data.host_threads = 2

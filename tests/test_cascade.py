@@ -158,8 +158,8 @@ def test_the_tumour_network_sees_the_liver_box_and_maps_back_into_it(run, case):
   net.slice_probabilities = constant(0.0)
   np.testing.assert_array_equal(predictor.predict_case(case, liver=liver), liver.astype(np.uint8))
 
-  lo, hi = net.hu_window
-  threshold = (100.0 - lo) / (hi - lo)  # "tumour" wherever the crop is brighter than 100 HU
+  # "tumour" wherever the crop is brighter than 100 HU, in the network's own input units
+  threshold = float(net.normaliser(np.array([100.0], np.float32))[0])
 
   def echo(stacks, options=None):
     bright = (stacks[..., stacks.shape[-1] // 2] > threshold).astype(np.float32)

@@ -182,6 +182,11 @@ def test_worker_processes_do_not_change_the_batches(data):
   with make(2, start=2) as two:  # batches 2, 3, 4: workers make batches 2 + w, 2 + w + 2, ...
     assert_batches_equal([next(two) for _ in range(3)], reference[2:])
     assert two.position == 5
+  # Blocks (placed once the label is read, in the worker) and 3-D blocks alike.
+  for block in ((16, 16), (4, 16, 16)):
+    reference = take(make(0, pipeline="blocks", block_size=block), 3)
+    with make(2, pipeline="blocks", block_size=block) as two:
+      assert_batches_equal([next(two) for _ in range(3)], reference)
 
 
 _KILLED_TRAINER = textwrap.dedent("""
