@@ -13,6 +13,8 @@ import pytest
 from curriculum_seg import inference, rundir
 from data_pipelines import lits, lits_tfds, slices
 
+pytestmark = pytest.mark.slow  # trains runs in its fixtures
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_3D = {
     "data.synthetic.num_cases": "4", "data.synthetic.size": "64", "data.synthetic.slices": "24",

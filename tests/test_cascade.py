@@ -10,6 +10,8 @@ from curriculum_seg import (cascade, checkpoints, config_loading, inference, run
                             trained_run)
 from data_pipelines import crops, lits, lits_tfds, pipelines
 
+pytestmark = pytest.mark.slow  # trains runs in its fixtures
+
 STEPS = 6
 
 

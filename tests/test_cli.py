@@ -25,6 +25,7 @@ def test_synth_writes_cases_and_manifest(tmp_path):
   assert (out / "segmentation-1.nii.gz").exists()
 
 
+@pytest.mark.slow
 def test_prepare_synthesises_then_reuses(tmp_path):
   args = ["prepare", "--config", "configs/synthetic.py",
           f"--config.data.lits_dir={tmp_path / 'lits'}", f"--config.data.tfds_dir={tmp_path / 't'}",

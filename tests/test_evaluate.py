@@ -85,6 +85,7 @@ def test_picture_shows_ct_and_both_contours():
   assert ax.xaxis_inverted()
 
 
+@pytest.mark.slow
 def test_cli_evaluate_a_named_checkpoint_and_refuse_a_missing_split(tiny_run, tmp_path):
   workdir, _ = tiny_run
   out = tmp_path / "e2"
@@ -102,6 +103,7 @@ def test_cli_evaluate_a_named_checkpoint_and_refuse_a_missing_split(tiny_run, tm
   assert bad.returncode == 2 and "'whole9' is not in the run's curriculum" in bad.stderr
 
 
+@pytest.mark.slow
 def test_cli_predict_file_and_folder(tiny_run, tmp_path):
   workdir, config = tiny_run
   cases = lits.find_cases(config.data.lits_dir)

@@ -21,6 +21,8 @@ import pytest  # noqa: E402
 from curriculum_seg import inference, inspect  # noqa: E402
 from data_pipelines import lits, lits_tfds, pipelines  # noqa: E402
 
+pytestmark = pytest.mark.slow  # trains runs in its fixtures
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 4
 STAGES = ("whole1", "patch", "whole2")

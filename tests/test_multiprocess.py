@@ -18,6 +18,8 @@ from etils import epath
 
 from curriculum_seg import checkpoints, config_loading, rundir, stages
 
+pytestmark = pytest.mark.slow  # trains runs in its fixtures
+
 STAGES = ("whole1", "patch", "whole2")
 STEPS = 5  # per stage: patch is killed after its step 3 (checkpointed at 2)
 TIMEOUT_S = 300  # per launch; a hang fails the test instead of hanging CI

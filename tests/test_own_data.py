@@ -13,6 +13,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # trains runs in its fixtures
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -162,6 +162,7 @@ def test_threads_do_not_change_the_batches(data):
   assert_batches_equal(*results)
 
 
+@pytest.mark.slow
 def test_worker_processes_do_not_change_the_batches(data):
   """Batches made in 1 or 2 Grain worker processes (spawned; the pipeline pickled into them)
   are those made in the training process, bitwise, and a stream with workers resumes at a
@@ -202,6 +203,7 @@ _KILLED_TRAINER = textwrap.dedent("""
     """)
 
 
+@pytest.mark.slow
 def test_worker_processes_leave_when_the_trainer_is_killed(data):
   """kill -9 of the training process does not leave its worker processes behind."""
   _, data_cfg = data

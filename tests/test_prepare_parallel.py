@@ -95,6 +95,7 @@ def _build_without_checks(config, **options):
   return builder
 
 
+@pytest.mark.slow
 def test_a_bad_case_is_named_from_a_worker_process(lits_dir, tmp_path):
   bad_dir, path = _bad_labels(lits_dir, tmp_path)
   config = _config(bad_dir, tmp_path / "tfds")
@@ -190,6 +191,7 @@ def bigger_lits_dir(tmp_path_factory):
   return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["workers", "beam"])
 def test_kill_9_leaves_nothing_complete_and_a_rerun_finishes(bigger_lits_dir, tmp_path, how):
   extra = ["--workers=2"]

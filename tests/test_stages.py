@@ -16,6 +16,8 @@ from etils import epath
 
 from curriculum_seg import checkpoints, config_loading, rundir, stages
 
+pytestmark = pytest.mark.slow  # trains runs in its fixtures
+
 # A training subprocess that can kill itself (SIGKILL) at an exact point, `mode:stage:step`:
 #   batch:<stage>:<n>       when the stage's n-th batch is requested (mid-stage, between saves)
 #   and at each write boundary of one checkpoint save of <stage> (StageCheckpoints' protocol:

@@ -16,6 +16,8 @@ import pytest
 from curriculum_seg import config_loading, rundir, stats, sweep
 from data_pipelines import lits_tfds
 
+pytestmark = pytest.mark.slow  # trains sweeps
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SWEEP = '''
 """A tiny sweep: two regimes x two seeds of the synthetic default, 6 optimiser steps each."""

@@ -126,6 +126,7 @@ def test_tiny_model_overfits_one_batch():
   assert int(state.step) == 80 and int(state.skipped) == 0
 
 
+@pytest.mark.slow
 def test_eight_devices_give_the_same_trajectory_as_one():
   # Batch norm (statistics over the global batch) and dropout (random bits independent of the
   # sharding) are the parts most likely to differ across device counts. SGD with momentum keeps
@@ -294,6 +295,7 @@ def test_metrics_report_the_scheduled_learning_rate_and_state_is_plain_arrays():
   assert int(state.step) == 4
 
 
+@pytest.mark.slow
 def test_benchmark_quick_run_writes_its_figures(tmp_path):
   out = tmp_path / 'train_step.json'
   result = subprocess.run(
@@ -352,6 +354,7 @@ def make_batch_3d(batch=4, shape=(8, 16, 16), seed=0):
   return {'image': image, 'label': label, 'mask': np.ones((batch,), np.float32)}
 
 
+@pytest.mark.slow
 def test_3d_steps_on_eight_devices_match_one_device():
   # As the 2-D test: batch norm and dropout are the parts most likely to differ.
   out = subprocess.run(
