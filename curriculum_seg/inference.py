@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 from typing import Any, Iterator, Optional
 
 import jax
@@ -550,38 +549,21 @@ def check_probabilities_path(path: epath.PathLike) -> None:
     raise InferenceError(f"{path}: is a folder, expected a .npz file name")
 
 
-def _umask() -> int:
-  mask = os.umask(0o022)
-  os.umask(mask)
-  return mask
-
-
 def save_probabilities(path: epath.PathLike, probabilities: np.ndarray,
                        classes: np.ndarray) -> None:
   """Writes `path` (.npz, zip-deflated as nnU-Net's): `probabilities` float16 (K, *the mask
   file's array shape*), `classes` (uint8 LiTS label of each class) and `class_names`.
 
-  Atomic: a temporary file in the same folder renamed into place, with the permissions the
-  process umask gives a new file (not mkstemp's 0600). `probabilities` may be a strided view:
-  numpy writes it in buffered pieces, without a contiguous copy.
+  Atomic (lits.write_atomically), with the permissions the process umask gives a new file.
+  `probabilities` may be a strided view: numpy writes it in buffered pieces, without a copy.
   """
-  path = epath.Path(path)
-  local = "://" not in os.fspath(path)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
-                             dir=os.fspath(path.parent) if local else None)
-  try:
-    with os.fdopen(fd, "wb") as f:
+  def write(tmp: str) -> None:
+    with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a name
       np.savez_compressed(f, probabilities=probabilities.astype(np.float16, copy=False),
                           classes=np.asarray(classes, np.uint8),
                           class_names=np.array([LABEL_NAMES[int(c)] for c in classes]))
-    os.chmod(tmp, 0o666 & ~_umask())
-    if local:
-      os.replace(tmp, path)
-    else:
-      epath.Path(tmp).copy(path, overwrite=True)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+
+  lits.write_atomically(path, write, ".npz")
 
 
 def load_liver_mask(path: epath.PathLike, case: lits.Case) -> np.ndarray:

@@ -89,14 +89,20 @@ class Case:
 
 def write_nifti_atomically(image: nib.Nifti1Image, path: str | os.PathLike) -> None:
   """Saves a NIfTI image so that `path` is either absent or complete (never half-written)."""
+  suffix = ".nii.gz" if os.fspath(path).endswith(".gz") else ".nii"
+  write_atomically(path, lambda tmp: nib.save(image, tmp), suffix)
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[str], None],
+                     suffix: str = "") -> None:
+  """Calls `write(name)` on a temporary local file, then moves it to `path` (local or gs://):
+  `path` is either absent or complete. The file gets the permissions the process umask gives
+  any file the user writes (a name of our own, not mkstemp's 0600)."""
   path = epath.Path(path)
-  suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
-  # A temporary name of our own rather than mkstemp's: open() applies the process umask, so
-  # the mask gets the permissions of any other file the user writes (mkstemp's are 0600).
   folder = _local_dir_for(path) or tempfile.gettempdir()
   tmp = os.path.join(folder, f".tmp-{os.getpid()}-{threading.get_ident()}{suffix}")
   try:
-    nib.save(image, tmp)
+    write(tmp)
     if _is_local(path):
       os.replace(tmp, path)
     else:
