@@ -534,6 +534,10 @@ def cmd_sweep(argv: list[str]) -> int:
   parser.add_argument("--score_dir", default=None,
                       help="score the runs on every case of this LiTS folder (default: the "
                            "prepared dataset's test split, config.data.test_fraction > 0)")
+  parser.add_argument("--records", default=None, metavar="DIR",
+                      help="take the finished runs in DIR (a copy of a sweep's records/, e.g. "
+                           "docs/experiment/records) as finished, each checked against its "
+                           "run's config and scored cases, and continue with the rest")
   args = parser.parse_args(argv)
   _quiet_tensorflow(progress_bars=True)
   import shlex  # pylint: disable=g-import-not-at-top
@@ -541,7 +545,7 @@ def cmd_sweep(argv: list[str]) -> int:
   command = "curriculum-seg sweep " + " ".join(shlex.quote(a) for a in raw)
   try:
     results = sweep.run_sweep(args.config, args.out, score_dir=args.score_dir,
-                              overrides=overrides, command=command,
+                              overrides=overrides, command=command, records_from=args.records,
                               log=lambda m: print(m, flush=True))
   except (sweep.SweepError, compare.CompareError, stages.StageError) as e:
     raise UsageError(str(e)) from e

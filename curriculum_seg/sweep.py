@@ -14,7 +14,8 @@ OUT (a new or empty folder, or one the sweep made: it writes nowhere else):
   results.*          compare's results (curriculum_seg/compare.py), after every finished run
 A finished run (its record) is skipped; an interrupted one resumes at its exact step. SIGTERM
 stops the current run at a checkpoint (or its scoring) and raises SweepStopped; the same command
-continues.
+continues. `records_from` (--records) takes finished runs from a copy of another folder's
+records (a committed sweep's), each checked as a finished run is, so a new OUT continues it.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ import ml_collections
 
 from curriculum_seg import config_loading, machine, metrics, rundir, stats, tasks
 from curriculum_seg.sweep_folder import (  # noqa: F401  (also read here as sweep.*)
-    PLAN_FILE, RECORDS_DIR, SweepError, describe_scored_on, read_plan, read_records,
-    record_path)
+    PLAN_FILE, RECORDS_DIR, SweepError, describe_scored_on, read_plan, read_record_folder,
+    read_records, record_path)
 
 MARK_FILE = ".curriculum_seg_sweep"  # marks a folder the sweep made
 RUNS_DIR = "runs"
@@ -489,8 +490,30 @@ def _headline(record: dict) -> str:
           f"lesion recall (IoU > 0.5) {s['recall_iou']:.2f}, precision {s['precision_iou']:.2f}")
 
 
+def _given_records(records_from: Optional[str], finished: dict[str, dict],
+                   runs: dict[str, Run]) -> dict[str, dict]:
+  """The records of `records_from` that OUT lacks (one of another sweep, or one that differs
+  from OUT's record of the same run, is refused)."""
+  if records_from is None:
+    return {}
+  if not os.path.isdir(records_from):
+    raise SweepError(f"--records {records_from} is not a folder")
+  given = read_record_folder(records_from)
+  if not given:
+    raise SweepError(f"--records {records_from} holds no record (NAME.json)")
+  for name, record in given.items():
+    if name not in runs:
+      raise SweepError(f"--records {records_from}: {name}.json is not a run of this sweep "
+                       f"(its runs: {', '.join(list(runs)[:6])}{' ...' if len(runs) > 6 else ''})")
+    if name in finished and finished[name] != record:
+      raise SweepError(f"--records {records_from}: {name}.json differs from "
+                       f"{RECORDS_DIR}/{name}.json of --out; delete one of them")
+  return {n: r for n, r in given.items() if n not in finished}
+
+
 def run_sweep(spec: str, out: str, *, score_dir: Optional[str] = None,
               overrides: Iterable[tuple[str, str]] = (), command: Optional[str] = None,
+              records_from: Optional[str] = None,
               log: Callable[[str], Any] = print) -> dict:
   """Runs the sweep `spec` (FILE[:ARG]) declares into `out`; returns compare's results.
 
@@ -517,11 +540,15 @@ def run_sweep(spec: str, out: str, *, score_dir: Optional[str] = None,
     raise SweepError("no held-out case to score the runs on")
   check_out(out)
   finished = read_records(out)
+  given = _given_records(records_from, finished, {r.name: r for r in sweep.runs})
   jsons = {name: rundir.config_to_json(c) for name, c in configs.items()}
   for run in sweep.runs:
     if run.name in finished:
       _check_finished(finished[run.name], run, jsons[run.name], source, numbers,
                       record_path(out, run.name))
+    elif run.name in given:
+      _check_finished(given[run.name], run, jsons[run.name], source, numbers,
+                      os.path.join(records_from, f"{run.name}.json"))
   command = command or f"curriculum-seg sweep --config {spec} --out {out}"
   plan = dict(
       format=RECORD_FORMAT, config=spec, command=command, reference=sweep.reference,
@@ -530,6 +557,10 @@ def run_sweep(spec: str, out: str, *, score_dir: Optional[str] = None,
       runs=[dict(name=r.name, regime=r.regime, seed=r.seed, config_file=run_spec(sweep, r),
                  config_digest=config_digest(jsons[r.name])) for r in sweep.runs])
   _claim_out(out)
+  for name, record in given.items():
+    rundir.write_atomically(record_path(out, name),
+                            json.dumps(record, indent=1, allow_nan=False) + "\n")
+  finished.update(given)
   if held_out is not None:
     make_held_out(held_out, log)
   rundir.write_atomically(os.path.join(out, PLAN_FILE), json.dumps(plan, indent=1) + "\n")

@@ -40,7 +40,11 @@ def read_plan(out: str) -> Optional[dict]:
 
 def read_records(out: str) -> dict[str, dict]:
   """The finished runs' records of a sweep folder, by run name."""
-  folder = os.path.join(out, RECORDS_DIR)
+  return read_record_folder(os.path.join(out, RECORDS_DIR))
+
+
+def read_record_folder(folder: str) -> dict[str, dict]:
+  """The records (NAME.json) in `folder`, by run name ({} when there is no folder)."""
   if not os.path.isdir(folder):
     return {}
   records = {}

@@ -261,6 +261,49 @@ def test_a_run_stopped_by_sigterm_resumes_at_its_step_and_records_the_same(first
   assert _json(stopped / "records" / "whole_only-seed0.json")["resumed"]
 
 
+def test_records_of_a_committed_sweep_continue_in_a_new_folder(first, sweep_file, tmp_path):
+  """--records DIR: a copy of another folder's records counts as finished runs (checked as
+  such and copied into OUT/records), so a new folder continues a committed sweep; a record of
+  another run, of another config or differing from OUT's own is refused before any work."""
+  out, _ = first
+  spec = f"{sweep_file}:whole_only"
+  given = tmp_path / "committed"
+  given.mkdir()
+  for name in ("whole_only-seed0", "whole_only-seed1"):
+    shutil.copy(out / "records" / f"{name}.json", given / f"{name}.json")
+  new = tmp_path / "new"
+  result = run_cli("sweep", "--config", spec, "--out", str(new), "--records", str(given))
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert result.stdout.count("finished before: skipped") == 2 and " training (" not in result.stdout
+  for name in ("whole_only-seed0", "whole_only-seed1"):
+    assert _json(new / "records" / f"{name}.json") == _json(given / f"{name}.json")
+  assert _json(new / "results.json")["finished_runs"] == 2
+  assert not (new / "runs").exists(), "nothing trained"
+
+  refused = tmp_path / "refused"
+  wrong = tmp_path / "wrong"
+  wrong.mkdir()
+  shutil.copy(out / "records" / "cascade-seed0.json", wrong / "cascade-seed0.json")
+  one_line_error(run_cli("sweep", "--config", spec, "--out", str(refused), "--records",
+                         str(wrong)),
+                 f"--records {wrong}: cascade-seed0.json is not a run of this sweep (its runs: "
+                 "whole_only-seed0, whole_only-seed1)")
+  os.remove(wrong / "cascade-seed0.json")
+  record = _json(given / "whole_only-seed1.json")
+  record["config"]["model"]["base_width"] = 8
+  (wrong / "whole_only-seed1.json").write_text(json.dumps(record))
+  one_line_error(run_cli("sweep", "--config", spec, "--out", str(refused), "--records",
+                         str(wrong)),
+                 f"{wrong}/whole_only-seed1.json is a finished run of another config "
+                 "(differing: model.base_width)")
+  assert not refused.exists()
+  one_line_error(run_cli("sweep", "--config", spec, "--out", str(new), "--records", str(wrong)),
+                 f"--records {wrong}: whole_only-seed1.json differs from "
+                 "records/whole_only-seed1.json of --out")
+  one_line_error(run_cli("sweep", "--config", spec, "--out", str(refused), "--records",
+                         str(tmp_path / "none")), "is not a folder")
+
+
 def test_refusals_are_one_line_with_exit_2_and_write_nothing(sweep_file, tmp_path):
   out = tmp_path / "out"
   one_line_error(run_cli("sweep", "--config", "configs/lits_local.py", "--out", str(out)),
