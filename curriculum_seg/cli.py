@@ -524,9 +524,9 @@ def cmd_sweep(argv: list[str]) -> int:
                                "(get_sweep beside get_config: regimes x seeds at equal "
                                "optimiser steps), score each run's chosen checkpoint on held-out "
                                "cases, and write one record per run and the paired results "
-                               "(results.json, .md, .png, val_dice.png) after every finished "
-                               "run. Finished runs are skipped and an interrupted one resumes "
-                               "at its exact step: run the same command again.")
+                               "(results.json, .md, .png, differences.png, val_dice.png) after "
+                               "every finished run. Finished runs are skipped and an interrupted "
+                               "one resumes at its exact step: run the same command again.")
   parser.add_argument("--config", required=True,
                       help="config file declaring a sweep, e.g. configs/synthetic.py")
   parser.add_argument("--out", required=True,
@@ -563,8 +563,9 @@ def cmd_sweep(argv: list[str]) -> int:
 def cmd_compare(argv: list[str]) -> int:
   parser = _Parser(prog="curriculum-seg compare",
                    description="Rebuild a sweep's results (results.json, .md, .png, "
-                               "val_dice.png) in DIR from its finished runs' records alone "
-                               "(DIR/records/*.json and DIR/sweep.json): scores per regime and "
+                               "differences.png, val_dice.png) in DIR from its finished runs' "
+                               "records alone (DIR/records/*.json and DIR/sweep.json): scores "
+                               "per regime and "
                                "the paired differences of the reference regime against every "
                                "other one, with intervals over seeds and test cases.")
   parser.add_argument("dir", metavar="DIR", help="a sweep's --out folder, or a copy of its "

@@ -8,6 +8,8 @@ Reads DIR/records/*.json and DIR/sweep.json (the plan; without it every record i
                 reference lesions per size; each run's scores
   results.md    the tables
   results.png   scores per regime (bars: mean ± std over seeds; dots: seeds)
+  differences.png  the paired differences of the reference and every other regime with their
+                intervals (the headline picture: one panel a score, one row a regime)
   val_dice.png  validation tumour Dice against the global step per regime (mean over seeds,
                 band: min-max)
 Nothing of the invocation (time, machine, folder) goes in, so the same records give the same
@@ -40,7 +42,10 @@ DIFF_METRICS = ("dice_per_case", "dice_global", "recall_iou", *[f"recall_iou_{b}
                 "recall_any", *[f"recall_any_{b}" for b in BINS], "precision_iou",
                 "fp_per_case_iou", "precision_any", "fp_per_case_any", "assd_mm",
                 "assd_inf_fraction")
-RESULT_FILES = ("results.json", "results.md", "results.png", "val_dice.png")
+RESULT_FILES = ("results.json", "results.md", "results.png", "differences.png", "val_dice.png")
+# The panels of differences.png: Dice, lesion recall per size bin, precision, FP per case.
+PLOT_DIFFERENCES = ("dice_per_case", "dice_global", *[f"recall_iou_{b}" for b in BINS],
+                    "precision_iou", "fp_per_case_iou")
 
 
 class CompareError(Exception):
@@ -261,11 +266,47 @@ def plot_scores(results: dict) -> bytes:
   ax.set_xticklabels([LABELS[k].replace(" (", "\n(") for k in keys], fontsize=8)
   ax.set_ylim(0, 1.05)
   ax.set_ylabel("score")
-  seeds = max((len(summary[r]["seeds"]) for r in regimes), default=0)
+  counts = sorted({len(summary[r]["seeds"]) for r in regimes})
+  seeds = (f"{counts[0]} seed{'s' if counts[0] != 1 else ''}" if len(counts) == 1 else
+           f"the seeds each regime finished ({counts[0]}-{counts[-1]})")
   ax.set_title(f"{results.get('config') or 'sweep'}, held-out cases: {results['total_steps']} "
-               f"steps per run, mean ± std over {seeds} seeds (dots: seeds)", fontsize=10)
+               f"steps per run, mean ± std over {seeds} (dots: seeds)", fontsize=10)
   ax.legend(fontsize=8, ncol=len(regimes))
   ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  return _png(fig)
+
+
+def plot_differences(results: dict) -> bytes:
+  """The paired differences (reference minus each other regime) of PLOT_DIFFERENCES: a panel a
+  score, a row a regime; dot: the estimate, bar: its interval (filled: it excludes 0)."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  pairs = list(results["comparisons"].items())
+  fig = Figure(figsize=(2.0 * len(PLOT_DIFFERENCES) + 1.6, 0.45 * len(pairs) + 1.6), dpi=110)
+  axes = fig.subplots(1, len(PLOT_DIFFERENCES), sharey=True, squeeze=False)[0]
+  rows = np.arange(len(pairs))[::-1]
+  for ax, key in zip(axes, PLOT_DIFFERENCES):
+    for row, (_, entry) in zip(rows, pairs):
+      d = entry[key]
+      est, low, high = (_num(d["estimate"]), _num(d["interval"]["low"]),
+                        _num(d["interval"]["high"]))
+      if not math.isfinite(est):
+        continue
+      ax.plot([low, high], [row, row], "-", color="k", linewidth=1.2)
+      ax.plot([est], [row], "o", color="k", markersize=5,
+              markerfacecolor="k" if d["interval"]["excludes_zero"] else "white")
+    ax.axvline(0.0, color="grey", linewidth=0.8, linestyle="--")
+    better = "higher" if HIGHER_IS_BETTER[key] else "lower"
+    ax.set_title(f"{LABELS[key]}\n({better} favours {results['reference']})", fontsize=8)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.grid(axis="x", alpha=0.3)
+  axes[0].set_yticks(rows)
+  axes[0].set_yticklabels([f"{name.split(' - ', 1)[1]} ({len(e['seeds'])} seed"
+                           f"{'s' if len(e['seeds']) != 1 else ''})" for name, e in pairs],
+                          fontsize=8)
+  level = int(round(100 * float(results["statistics"]["level"])))
+  fig.suptitle(f"{results['reference']} minus each regime on the held-out cases: estimate and "
+               f"{level} % interval over seeds and cases (filled: excludes 0)", fontsize=9)
   fig.tight_layout()
   return _png(fig)
 
@@ -317,7 +358,7 @@ def plot_curves(records: list[dict], regimes: list[str]) -> bytes:
 def write_results(out: str, plan: Optional[dict], records: dict[str, dict],
                   reference: Optional[str] = None,
                   log: Callable[[str], Any] = print) -> dict:
-  """Writes results.json, results.md, results.png and val_dice.png of `records` into `out`
+  """Writes RESULT_FILES (results.json, .md, .png, differences.png, val_dice.png) into `out`
   (each atomically); returns the results."""
   plan = json.loads(json.dumps(plan)) if plan is not None else None
   records = json.loads(json.dumps(records))  # as read back from the files: the same figures
@@ -330,6 +371,7 @@ def write_results(out: str, plan: Optional[dict], records: dict[str, dict],
   rundir.write_atomically(os.path.join(out, "results.md"), markdown(results))
   finished = [r for r in records.values() if r["name"] in {x["name"] for x in results["runs"]}]
   rundir.write_atomically(os.path.join(out, "results.png"), plot_scores(results))
+  rundir.write_atomically(os.path.join(out, "differences.png"), plot_differences(results))
   rundir.write_atomically(os.path.join(out, "val_dice.png"),
                           plot_curves(finished, results["regimes"]))
   log(f"{'' if results['complete'] else 'partial '}results of {results['finished_runs']} of "

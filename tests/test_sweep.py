@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from curriculum_seg import config_loading, rundir, stats, sweep
+from curriculum_seg import compare, config_loading, rundir, stats, sweep
 from data_pipelines import lits_tfds
 
 pytestmark = pytest.mark.slow  # trains sweeps
@@ -156,7 +156,7 @@ def test_every_run_is_trained_scored_and_recorded_with_results(first):
   table = (out / "results.md").read_text()
   assert "tumour Dice per case" in table.splitlines()[0] and "(partial" not in table
   assert f"Command: `curriculum-seg sweep --config {run.args[5]}" in table
-  for name in ("results.png", "val_dice.png"):
+  for name in ("results.png", "differences.png", "val_dice.png"):
     assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -191,7 +191,7 @@ def test_compare_rebuilds_the_same_results_from_the_records_alone(first, tmp_pat
   shutil.copytree(out / "records", copy / "records")
   result = run_cli("compare", str(copy))
   assert result.returncode == 0, result.stderr[-3000:]
-  for name in ("results.json", "results.md", "results.png", "val_dice.png"):
+  for name in compare.RESULT_FILES:
     assert (copy / name).read_bytes() == (out / name).read_bytes(), name
   # A known difference written into the records is found; --reference turns it round.
   for regime, dice in (("whole_only", 0.6), ("cascade", 0.35)):
