@@ -85,14 +85,32 @@ def _every(step: int, interval: int, last: int) -> bool:
   return step == last or (interval > 0 and step % interval == 0)
 
 
-def _reset_schedule_counts(opt_state: Any) -> Any:
-  """Restarts injected schedules (their `count`) while keeping moment estimates."""
-  def reset(node):
-    if isinstance(node, optax.InjectHyperparamsState):
-      return node._replace(count=jnp.zeros_like(node.count))
-    return node
-  return jax.tree.map(reset, opt_state,
-                      is_leaf=lambda n: isinstance(n, optax.InjectHyperparamsState))
+_INJECTED = tuple(getattr(optax, name) for name in (
+    "InjectHyperparamsState", "InjectStatefulHyperparamsState") if hasattr(optax, name))
+
+
+def _reset_schedule_counts(carried: Any, fresh: Any) -> Any:
+  """The carried optimiser state with its injected schedules started again (taken from the new
+  stage's `fresh` state) and everything else kept: moment estimates and Adam's own count.
+
+  optax.inject_hyperparams keeps a schedule's position in its state's `count` and, in current
+  optax (InjectStatefulHyperparamsState), also in `hyperparams_states`: both restart. A
+  carried state with no injected schedule is an error rather than a stage trained on at the
+  previous stage's schedule position.
+  """
+  found = []
+
+  def restart(old, new):
+    if isinstance(old, _INJECTED):
+      found.append(old)
+      return new._replace(inner_state=old.inner_state)
+    return old
+  out = jax.tree.map(restart, carried, fresh, is_leaf=lambda n: isinstance(n, _INJECTED))
+  if not found:
+    raise StageError("carry_optimizer: the carried optimiser state has no injected schedule "
+                     f"to restart (optax {optax.__version__}); the stage would go on at the "
+                     "previous stage's schedule position")
+  return out
 
 
 class _SigtermFlag:
@@ -321,7 +339,7 @@ class Controller:
              + (f", val dice {meta['best_score']:.4f})" if which == ckpt_lib.BEST else ")"))
     opt_state = fresh.opt_state
     if stage.carry_optimizer:
-      opt_state = _reset_schedule_counts(restored.opt_state)
+      opt_state = _reset_schedule_counts(restored.opt_state, fresh.opt_state)
     scores = None
     if "val_dice" in meta and curriculum.same_validation(prev_stage, stage):
       scores = {k: meta[k] for k in ("val_dice", "val_dice_mean", "val_loss", "val_slices")

@@ -11,6 +11,7 @@ import time
 
 import jax
 import numpy as np
+import optax
 import pytest
 from etils import epath
 
@@ -166,6 +167,20 @@ def test_next_stage_starts_from_exactly_the_chosen_checkpoint(reference, tmp_pat
                                          controller._tx(patch), previous)
   for a, b in zip(moments(best), moments(carried)):
     np.testing.assert_array_equal(a, b)
+  # The moments are carried, the schedule starts again: the stage's own learning-rate schedule
+  # runs from its step 0 (not from where the previous stage's left off).
+  def nodes(state, kind):
+    return [n for n in jax.tree.leaves(state.opt_state, is_leaf=lambda n: isinstance(n, kind))
+            if isinstance(n, kind)]
+
+  def schedule_counts(state):  # an injected schedule's position (count, hyperparams_states)
+    return [int(c) for n in nodes(state, stages._INJECTED)  # pylint: disable=protected-access
+            for c in jax.tree.leaves((n.count, getattr(n, "hyperparams_states", ())))]
+  assert schedule_counts(best) and min(schedule_counts(best)) > 0
+  assert schedule_counts(carried) == [0] * len(schedule_counts(best)), "the schedule restarts"
+  adam = [int(n.count) for n in nodes(best, optax.ScaleByAdamState)]
+  assert adam and adam[0] > 0, "Adam's bias correction goes on with its moments"
+  assert [int(n.count) for n in nodes(carried, optax.ScaleByAdamState)] == adam
   last = config_loading.apply_overrides(config, [("stages.patch.init", "last")])
   from_last, _ = controller._initial_state(1, "patch", last.stages.patch,
                                            controller._tx(patch), previous)
@@ -448,3 +463,9 @@ def test_pgps_grows_the_block_and_logs_each_stage_s_block_and_batch(tmp_path, ti
     mine = [r for r in rows if r["stage"] == name]
     assert len(mine) == 3 and {(r["input_size"], r["batch_size"]) for r in mine} == {(side,
                                                                                        batch)}
+  # Weights, moments and the optimiser's step count go on; each stage's schedule starts at its
+  # own step 0: constant 1e-3 in the first two, cosine from 1e-3 in the last (never 0 there).
+  lrs = {name: [r["lr"] for r in rows if r["stage"] == name] for name in sizes}
+  assert lrs["grow64"] == lrs["grow96"] == [pytest.approx(1e-3)] * 3
+  assert lrs["grow128"][0] == pytest.approx(1e-3) and all(lr > 0 for lr in lrs["grow128"])
+  assert lrs["grow128"] == sorted(lrs["grow128"], reverse=True)
