@@ -89,7 +89,7 @@ _INJECTED = tuple(getattr(optax, name) for name in (
     "InjectHyperparamsState", "InjectStatefulHyperparamsState") if hasattr(optax, name))
 
 
-def _reset_schedule_counts(carried: Any, fresh: Any) -> Any:
+def _restart_schedules(carried: Any, fresh: Any) -> Any:
   """The carried optimiser state with its injected schedules started again (taken from the new
   stage's `fresh` state) and everything else kept: moment estimates and Adam's own count.
 
@@ -339,7 +339,7 @@ class Controller:
              + (f", val dice {meta['best_score']:.4f})" if which == ckpt_lib.BEST else ")"))
     opt_state = fresh.opt_state
     if stage.carry_optimizer:
-      opt_state = _reset_schedule_counts(restored.opt_state, fresh.opt_state)
+      opt_state = _restart_schedules(restored.opt_state, fresh.opt_state)
     scores = None
     if "val_dice" in meta and curriculum.same_validation(prev_stage, stage):
       scores = {k: meta[k] for k in ("val_dice", "val_dice_mean", "val_loss", "val_slices")

@@ -450,9 +450,13 @@ def train_and_score(sweep: Sweep, run: Run, config: ml_collections.ConfigDict, o
       resumed=resumed, train_seconds=None if resumed else train_s, eval_seconds=eval_s,
       machine=machine.describe("jax", "jaxlib", "flax"))
   record = metrics.json_safe(record)
-  rundir.write_atomically(record_path(out, run.name),
-                          json.dumps(record, indent=1, allow_nan=False) + "\n")
+  _write_record(out, run.name, record)
   return record
+
+
+def _write_record(out: str, name: str, record: dict) -> None:
+  rundir.write_atomically(record_path(out, name),
+                          json.dumps(record, indent=1, allow_nan=False) + "\n")
 
 
 class _StopOnSigterm:
@@ -558,8 +562,7 @@ def run_sweep(spec: str, out: str, *, score_dir: Optional[str] = None,
                  config_digest=config_digest(jsons[r.name])) for r in sweep.runs])
   _claim_out(out)
   for name, record in given.items():
-    rundir.write_atomically(record_path(out, name),
-                            json.dumps(record, indent=1, allow_nan=False) + "\n")
+    _write_record(out, name, record)
   finished.update(given)
   if held_out is not None:
     make_held_out(held_out, log)
